@@ -1,0 +1,28 @@
+"""Chat with Open-Orca/Mistral-7B-OpenOrca in the browser.
+
+    python app.py                 # the real model, fp16 on a CUDA GPU
+    python app.py --demo          # offline preview with a tiny random-weight model
+    python app.py --help          # every option (each also an environment variable)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from orca_space.server import launch
+from orca_space.settings import parse_settings
+from orca_space.startup import start_local_runtime
+from orca_space.ui import build_ui
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = parse_settings(argv, os.environ)
+    runtime = start_local_runtime(settings)
+    launch(build_ui(runtime), runtime, settings)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,157 @@
+"""The chat service: from what the browser sends to a stream of reply text.
+
+It checks every input (nothing from the browser is trusted, history included), fits the
+history to the context by whole turns, and streams the reply from a `ChatBackend`: the local
+engine or a remote server. It knows nothing of gradio; `ui.py` maps its errors to the page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from .chatml import ChatEncoder
+from .detokenizer import StreamingDetokenizer
+from .history import Message, fit_history
+from .params import SamplingParams
+from .requests import Engine, EngineError
+
+MAX_MESSAGE_CHARS = 16_000
+MAX_SYSTEM_CHARS = 8_000
+MAX_HISTORY_MESSAGES = 1_000
+
+
+@dataclass(frozen=True)
+class ChatLimits:
+    context_length: int = 8192
+    max_message_chars: int = MAX_MESSAGE_CHARS
+    max_system_chars: int = MAX_SYSTEM_CHARS
+
+
+@dataclass(frozen=True)
+class PreparedChat:
+    messages: list[Message]
+    params: SamplingParams
+    prompt_tokens: int
+    dropped_turns: int
+
+
+class ChatBackend(Protocol):
+    """Where replies come from. `stream_reply` yields text deltas and raises `EngineError`."""
+
+    def stream_reply(self, messages: list[Message], params: SamplingParams) -> AsyncIterator[str]: ...
+
+
+class ChatService:
+    def __init__(self, backend: ChatBackend, encoder: ChatEncoder, limits: ChatLimits) -> None:
+        self.backend = backend
+        self.encoder = encoder
+        self.limits = limits
+        self._fixed_cost = len(encoder.prefix) + len(encoder.reply_header)
+
+    def prepare(
+        self,
+        message: object,
+        history: object,
+        system_message: object,
+        raw_params: Mapping[str, object],
+    ) -> PreparedChat:
+        """Validate everything and fit the history; raises ValueError naming the problem."""
+        text = check_text("message", message, self.limits.max_message_chars, allow_empty=False)
+        system = check_text("system message", system_message, self.limits.max_system_chars)
+        params = SamplingParams.from_raw(**raw_params)
+        past = normalize_history(history, self.limits.max_message_chars)
+        budget = self.limits.context_length - params.max_new_tokens
+        fitted = fit_history(
+            system={"role": "system", "content": system} if system.strip() else None,
+            history=past,
+            new_user={"role": "user", "content": text},
+            budget=budget,
+            message_cost=self._message_cost,
+            fixed_cost=self._fixed_cost,
+        )
+        return PreparedChat(fitted.messages, params, fitted.prompt_tokens, fitted.dropped_turns)
+
+    def _message_cost(self, message: Message) -> int:
+        return len(self.encoder.encode_message(message["role"], message["content"]))
+
+    async def stream(self, chat: PreparedChat) -> AsyncIterator[str]:
+        """The reply so far, growing with each item (what a chat window shows)."""
+        reply = ""
+        async for delta in self.backend.stream_reply(chat.messages, chat.params):
+            if delta:
+                reply += delta
+                yield reply
+
+
+def check_text(name: str, value: object, max_chars: int, allow_empty: bool = True) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be text, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise ValueError(f"{name} is empty")
+    if len(value) > max_chars:
+        raise ValueError(f"{name} is {len(value):,} characters; the limit is {max_chars:,}")
+    if "\x00" in value:
+        raise ValueError(f"{name} contains a NUL character")
+    return value
+
+
+def normalize_history(history: object, max_chars: int) -> list[Message]:
+    """Check history from the browser: user and assistant turns of text, nothing else."""
+    if history is None:
+        return []
+    if not isinstance(history, Sequence) or isinstance(history, (str, bytes)):
+        raise ValueError("history must be a list of messages")
+    if len(history) > MAX_HISTORY_MESSAGES:
+        raise ValueError(f"history has {len(history)} messages; the limit is {MAX_HISTORY_MESSAGES}")
+    messages = []
+    for index, item in enumerate(history):
+        if not isinstance(item, Mapping) or "role" not in item or "content" not in item:
+            raise ValueError(f"history[{index}] must be a message with a role and a content")
+        role = item["role"]
+        if role not in ("user", "assistant"):
+            # The system turn comes only from the system-message box, never from history.
+            raise ValueError(f"history[{index}] has role {role!r}; only 'user' and 'assistant' are allowed")
+        content = message_text(item["content"], f"history[{index}]")
+        messages.append({"role": role, "content": check_text(f"history[{index}]", content, max_chars)})
+    return messages
+
+
+def message_text(content: object, where: str) -> str:
+    """Gradio sends content as a string or as a list of typed parts; keep the text parts."""
+    if isinstance(content, str):
+        return content
+    parts = content if isinstance(content, list) else [content]
+    texts = []
+    for part in parts:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        else:
+            raise ValueError(f"{where} has content this chat cannot read (only text is supported)")
+    return "".join(texts)
+
+
+class LocalBackend:
+    """Replies from an in-process `Engine`: ChatML ids in, detokenized text out."""
+
+    def __init__(self, engine: Engine, encoder: ChatEncoder, tokenizer) -> None:
+        self.engine = engine
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+
+    async def stream_reply(self, messages: list[Message], params: SamplingParams) -> AsyncIterator[str]:
+        handle = self.engine.submit(self.encoder.encode_chat(messages), params)
+        detokenizer = StreamingDetokenizer(self.tokenizer)
+        try:
+            async for event in handle:
+                if event.token is not None:
+                    yield detokenizer.add_token(event.token)
+                elif event.finish_reason == "error":
+                    raise EngineError(event.error or "generation failed")
+            yield detokenizer.finalize()
+        finally:
+            # Runs on stop, on a closed tab (gradio closes the generator) and on errors alike.
+            handle.cancel()

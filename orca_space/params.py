@@ -1,0 +1,81 @@
+"""Sampling parameters: defaults, limits, and validation that names the bad parameter.
+
+Values arrive from sliders, from gradio's API and from raw HTTP, so anything can show up:
+strings, NaN, infinities, booleans. `SamplingParams.from_raw` accepts only finite numbers of
+the right kind within range and raises `ValueError` naming the parameter otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+
+
+@dataclass(frozen=True)
+class Limit:
+    name: str
+    label: str
+    default: float
+    low: float
+    high: float
+    integer: bool = False
+    low_inclusive: bool = True
+
+
+# The model card's suggestions for a chat; 0 temperature means greedy decoding.
+LIMITS = {
+    limit.name: limit
+    for limit in (
+        Limit("max_new_tokens", "Max new tokens", 500, 1, 4096, integer=True),
+        Limit("temperature", "Temperature", 0.4, 0.0, 2.0),
+        Limit("top_p", "Top-p", 0.95, 0.0, 1.0, low_inclusive=False),
+        Limit("top_k", "Top-k (0 = off)", 40, 0, 1000, integer=True),
+        Limit("repetition_penalty", "Repetition penalty", 1.1, 1.0, 2.0),
+    )
+}
+PARAMETER_ORDER = tuple(LIMITS)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = int(LIMITS["max_new_tokens"].default)
+    temperature: float = LIMITS["temperature"].default
+    top_p: float = LIMITS["top_p"].default
+    top_k: int = int(LIMITS["top_k"].default)
+    repetition_penalty: float = LIMITS["repetition_penalty"].default
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def from_raw(cls, seed: int | None = None, **raw: object) -> SamplingParams:
+        unknown = set(raw) - set(LIMITS)
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
+        values = {name: check_value(LIMITS[name], value) for name, value in raw.items()}
+        return cls(seed=seed, **values)
+
+
+def check_value(limit: Limit, value: object) -> int | float:
+    """Return `value` as the limit's type, or raise ValueError naming the parameter."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{limit.name} must be a number, got {type(value).__name__} {value!r:.40}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{limit.name} must be a finite number, got {value}")
+    if limit.integer:
+        if not (isinstance(value, Integral) or number.is_integer()):
+            raise ValueError(f"{limit.name} must be a whole number, got {value}")
+    too_low = number < limit.low or (number == limit.low and not limit.low_inclusive)
+    if too_low or number > limit.high:
+        opening = "[" if limit.low_inclusive else "("
+        bounds = f"{opening}{_fmt(limit.low)}, {_fmt(limit.high)}]"
+        raise ValueError(f"{limit.name} must be in {bounds}, got {value}")
+    return int(number) if limit.integer else number
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)

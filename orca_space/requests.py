@@ -1,0 +1,124 @@
+"""What passes between callers and an engine: a request handle streaming token events.
+
+The engine knows token ids only. A caller submits prompt ids with `SamplingParams` and gets a
+`RequestHandle`; it iterates the handle (sync or async) for `TokenEvent`s and may `cancel()` it
+at any time. Errors come back as a final event, never as an exception on the engine's thread.
+Any engine (the one-at-a-time CPU engine, a batched GPU engine) implements `Engine`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from .params import SamplingParams
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token: int | None = None  # a generated token; stop tokens are never sent
+    finish_reason: FinishReason | None = None  # set on the last event only
+    error: str | None = None  # why, when finish_reason == "error"
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    alive: bool
+    active: int  # requests generating now
+    queued: int  # requests waiting for a slot
+    capacity: int  # requests that can generate at once
+    failure: str | None = None  # why the engine thread died, if it did
+
+
+class EngineError(RuntimeError):
+    """A request ended with an error; the message is meant for the user."""
+
+
+_request_ids = itertools.count(1)
+
+
+class RequestHandle:
+    """One request's stream of events, filled by the engine thread, read by one caller."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.id = next(_request_ids)
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self._events: queue.SimpleQueue[TokenEvent] = queue.SimpleQueue()
+        self._cancelled = threading.Event()
+        self._done = False  # set by the engine after the final event
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
+
+    # -- caller side --
+    def cancel(self) -> None:
+        """Ask the engine to stop; it finishes the request within one step."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while True:
+            event = self._events.get()
+            yield event
+            if event.finished:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        # Register the loop before the first look at the queue, so an event the engine puts
+        # after that look always wakes us (see `deliver`).
+        self._wakeup = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        while True:
+            self._wakeup.clear()
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                await self._wakeup.wait()
+                continue
+            yield event
+            if event.finished:
+                return
+
+    # -- engine side --
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def deliver(self, event: TokenEvent) -> None:
+        assert not self._done, "no events after the final one"
+        self._done = event.finished
+        self._events.put(event)
+        loop, wakeup = self._loop, self._wakeup
+        if loop is not None and wakeup is not None:
+            try:
+                loop.call_soon_threadsafe(wakeup.set)
+            except RuntimeError:  # the caller's loop is closed: nobody is listening
+                pass
+
+    def finish(self, reason: FinishReason, error: str | None = None) -> None:
+        if not self._done:
+            self.deliver(TokenEvent(finish_reason=reason, error=error))
+
+
+class Engine(Protocol):
+    context_length: int
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def close(self) -> None: ...

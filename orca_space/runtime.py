@@ -1,0 +1,23 @@
+"""What the UI needs from the running app: the load status and, once ready, the chat service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .chat import ChatService
+from .loading import LoadStatus
+from .requests import EngineStats
+
+
+@dataclass
+class ChatRuntime:
+    model_name: str
+    context_length: int
+    demo: bool = False
+    concurrency: int = 1  # requests the backend can serve at once
+    status: LoadStatus = field(default_factory=LoadStatus)
+    service: ChatService | None = None
+    engine: object | None = None  # anything with `stats() -> EngineStats`
+
+    def engine_stats(self) -> EngineStats | None:
+        return self.engine.stats() if self.engine is not None else None

@@ -1,0 +1,104 @@
+"""Settings from command-line flags and environment variables (flags win).
+
+Only `app.py` calls `parse_settings`; every other module takes explicit arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .chat import MAX_MESSAGE_CHARS
+from .tiny import MODEL_ID
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    env: str
+    help: str
+    default: object = None
+    kind: type = str
+
+
+OPTIONS = (
+    Option("--model", "ORCA_MODEL", "Hub id or local directory of the model", MODEL_ID),
+    Option("--host", "ORCA_HOST", "address to listen on (0.0.0.0 for all)", "127.0.0.1"),
+    Option("--port", "ORCA_PORT", "port to listen on", 7860, int),
+    Option("--share", "ORCA_SHARE", "create a public gradio.live link", False, bool),
+    Option("--auth", "ORCA_AUTH", "require a login, as user:password", None),
+    Option("--demo", "ORCA_DEMO", "offline preview with a tiny random-weight model", False, bool),
+    Option("--context-length", "ORCA_CONTEXT_LENGTH", "prompt plus reply token limit", 8192, int),
+    Option("--max-message-chars", "ORCA_MAX_MESSAGE_CHARS", "longest message accepted", MAX_MESSAGE_CHARS, int),
+)
+# Spaces and gradio deployments set these; honour them when ours are unset.
+FALLBACK_ENV = {"ORCA_HOST": "GRADIO_SERVER_NAME", "ORCA_PORT": "GRADIO_SERVER_PORT"}
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = MODEL_ID
+    host: str = "127.0.0.1"
+    port: int = 7860
+    share: bool = False
+    auth: tuple[str, str] | None = None
+    demo: bool = False
+    context_length: int = 8192
+    max_message_chars: int = MAX_MESSAGE_CHARS
+    hf_token: str | None = None
+
+
+def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values = {}
+    for option in OPTIONS:
+        name = option.flag[2:].replace("-", "_")
+        raw = getattr(args, name)
+        if raw is None:
+            raw = environ.get(option.env, environ.get(FALLBACK_ENV.get(option.env, ""), None))
+        try:
+            values[name] = option.default if raw is None else convert(option, raw)
+        except ValueError as exc:
+            parser.error(f"{option.flag} / {option.env}: {exc}")
+    if values["context_length"] < 256:
+        parser.error("--context-length must be at least 256")
+    return Settings(**values, hf_token=environ.get("HF_TOKEN") or None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="app.py", description="Chat with Mistral-7B-OpenOrca in the browser."
+    )
+    for option in OPTIONS:
+        help_text = f"{option.help} (env {option.env}; default {option.default})"
+        if option.kind is bool:
+            parser.add_argument(option.flag, action="store_const", const=True, default=None, help=help_text)
+        else:
+            parser.add_argument(option.flag, default=None, help=help_text)
+    return parser
+
+
+def convert(option: Option, raw: object):
+    if option.kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        word = str(raw).strip().lower()
+        if word in TRUE_WORDS | FALSE_WORDS:
+            return word in TRUE_WORDS
+        raise ValueError(f"expected true or false, got {raw!r}")
+    if option.kind is int:
+        return int(raw)
+    if option.flag == "--auth":
+        return parse_auth(str(raw))
+    return str(raw)
+
+
+def parse_auth(raw: str) -> tuple[str, str]:
+    user, sep, password = raw.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("expected user:password")
+    return user, password

@@ -1,0 +1,59 @@
+"""Wiring: settings -> (background) model loading -> engine -> chat service -> runtime."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .chat import ChatLimits, ChatService, LocalBackend
+from .chatml import ChatEncoder
+from .engine import LocalEngine
+from .loading import (
+    LoadStatus,
+    load_in_background,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    resolve_checkpoint,
+)
+from .runtime import ChatRuntime
+from .settings import Settings
+from .tiny import is_tiny_checkpoint, write_tiny_checkpoint
+
+log = logging.getLogger(__name__)
+DEMO_DIR = Path.home() / ".cache" / "orca-space" / "tiny"
+
+
+def chat_limits(settings: Settings) -> ChatLimits:
+    return ChatLimits(context_length=settings.context_length, max_message_chars=settings.max_message_chars)
+
+
+def start_local_runtime(settings: Settings) -> ChatRuntime:
+    """Return at once; the model loads in the background and `runtime.service` appears when ready."""
+    demo = settings.demo or is_tiny_checkpoint(settings.model)
+    name = "tiny random-weight demo model" if settings.demo else settings.model
+    runtime = ChatRuntime(model_name=name, context_length=settings.context_length, demo=demo)
+
+    def load(status: LoadStatus) -> None:
+        checkpoint = demo_checkpoint(status) if settings.demo else resolve_checkpoint(
+            settings.model, status, settings.hf_token
+        )
+        device = pick_device(require_cuda=not is_tiny_checkpoint(checkpoint))
+        status.update("loading", f"Loading the weights onto the {device.upper()}…")
+        tokenizer = load_tokenizer(checkpoint)
+        model = load_model(checkpoint, device)
+        encoder = ChatEncoder(tokenizer)
+        engine = LocalEngine(model, encoder.controls.stop_ids, settings.context_length)
+        runtime.engine = engine
+        runtime.service = ChatService(LocalBackend(engine, encoder, tokenizer), encoder, chat_limits(settings))
+        status.update("ready", f"Ready: {runtime.model_name} on {device.upper()}.")
+
+    load_in_background(load, runtime.status)
+    return runtime
+
+
+def demo_checkpoint(status: LoadStatus, directory: Path = DEMO_DIR) -> Path:
+    if not is_tiny_checkpoint(directory):
+        status.update("loading", "Building the tiny demo checkpoint…")
+        write_tiny_checkpoint(directory)
+    return directory

@@ -1,0 +1,151 @@
+"""The gradio page. The only module that imports gradio.
+
+A `gr.ChatInterface` (history per browser session, retry, undo, edit, saved conversations,
+stop) around an async generator, so that a stop or a closed tab closes the generator and the
+backend request is cancelled in its `finally`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import gradio as gr
+
+from .params import LIMITS, PARAMETER_ORDER
+from .requests import EngineError
+from .runtime import ChatRuntime
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM_MESSAGE = (
+    "You are MistralOrca, a large language model trained by Alignment Lab AI. "
+    "Write out your reasoning step-by-step to be sure you get the right answers!"
+)
+EXAMPLES = [
+    "Please tell me about how mistral winds have attracted super-orcas.",
+    "Write a Python function that checks whether a string is a palindrome, with tests.",
+    "Explain the Pythagorean theorem and write it in LaTeX.",
+    "I have 3 apples, eat one and buy 5 more. How many do I have? Think step by step.",
+]
+LATEX_DELIMITERS = [
+    {"left": "$$", "right": "$$", "display": True},
+    {"left": "\\[", "right": "\\]", "display": True},
+    {"left": "\\(", "right": "\\)", "display": False},
+    {"left": "$", "right": "$", "display": False},
+]
+SLIDER_STEPS = {"max_new_tokens": 1, "temperature": 0.05, "top_p": 0.01, "top_k": 1, "repetition_penalty": 0.01}
+DEMO_BANNER = (
+    "⚠️ **Demo mode: a tiny model with random weights.** Replies are gibberish; this preview is "
+    "for trying the interface without a GPU or a download."
+)
+
+
+def build_ui(runtime: ChatRuntime) -> gr.Blocks:
+    with gr.Blocks(title="Mistral-7B-OpenOrca chat", fill_height=True) as demo:
+        gr.Markdown(header_markdown(runtime))
+        if runtime.demo:
+            gr.Markdown(DEMO_BANNER, elem_id="demo-banner")
+        status = gr.Markdown(status_markdown(runtime), elem_id="load-status")
+        system_box = gr.Textbox(
+            DEFAULT_SYSTEM_MESSAGE, label="System message", lines=2, max_lines=8, render=False
+        )
+        gr.ChatInterface(
+            make_respond(runtime),
+            chatbot=gr.Chatbot(
+                label="Mistral-7B-OpenOrca",
+                latex_delimiters=LATEX_DELIMITERS,
+                buttons=["copy", "copy_all"],
+                placeholder="Ask MistralOrca anything.",
+                scale=1,
+                height="60vh",
+            ),
+            textbox=gr.Textbox(placeholder="Type a message…", submit_btn=True, stop_btn=True),
+            additional_inputs=[system_box, *parameter_sliders()],
+            additional_inputs_accordion=gr.Accordion("System message and generation settings", open=False),
+            examples=[[example] for example in EXAMPLES],
+            save_history=True,
+            editable=True,
+            api_name="chat",
+            concurrency_limit=runtime.concurrency,
+            fill_height=True,
+        )
+        timer = gr.Timer(1.0, active=not runtime.status.ready)
+        timer.tick(lambda: refresh_status(runtime), None, [status, timer], api_visibility="private")
+    return demo
+
+
+def header_markdown(runtime: ChatRuntime) -> str:
+    return (
+        f"# 🐋 Chat with {runtime.model_name}\n"
+        "ChatML prompts, streamed tokens, a real stop button. "
+        f"Context: {runtime.context_length:,} tokens; the oldest turns are left out when it is full."
+    )
+
+
+def status_markdown(runtime: ChatRuntime) -> str:
+    status = runtime.status
+    if status.ready:
+        return ""
+    if status.failed:
+        return f"❌ **The model could not be loaded.** {status.message}"
+    bar = "" if status.fraction is None else f" `{'█' * int(status.fraction * 20):░<20}` {status.fraction:.0%}"
+    return f"⏳ {status.message}{bar}"
+
+
+def refresh_status(runtime: ChatRuntime):
+    done = runtime.status.ready or runtime.status.failed
+    return status_markdown(runtime), gr.Timer(active=not done)
+
+
+def parameter_sliders() -> list[gr.Slider]:
+    return [
+        gr.Slider(
+            minimum=LIMITS[name].low,
+            maximum=LIMITS[name].high,
+            value=LIMITS[name].default,
+            step=SLIDER_STEPS[name],
+            label=LIMITS[name].label,
+            render=False,
+        )
+        for name in PARAMETER_ORDER
+    ]
+
+
+def make_respond(runtime: ChatRuntime):
+    # Named parameters, in PARAMETER_ORDER, so the API documents them by name.
+    async def respond(
+        message, history, system_message, max_new_tokens, temperature, top_p, top_k, repetition_penalty
+    ):
+        service = runtime.service
+        if service is None:
+            raise gr.Error(not_ready_message(runtime))
+        raw = dict(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            repetition_penalty=repetition_penalty,
+        )
+        assert tuple(raw) == PARAMETER_ORDER
+        try:
+            chat = service.prepare(message, history, system_message, raw)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        if chat.dropped_turns:
+            gr.Warning(
+                f"Left out the {chat.dropped_turns} oldest turn(s): the conversation no longer fits "
+                f"the {runtime.context_length:,}-token context with {chat.params.max_new_tokens} new tokens."
+            )
+        try:
+            async for text in service.stream(chat):
+                yield text
+        except EngineError as exc:
+            raise gr.Error(str(exc)) from None
+
+    return respond
+
+
+def not_ready_message(runtime: ChatRuntime) -> str:
+    if runtime.status.failed:
+        return f"The model could not be loaded: {runtime.status.message}"
+    return f"The model is not ready yet: {runtime.status.message} Try again in a moment."
