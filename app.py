@@ -13,14 +13,14 @@ import sys
 
 from orca_space.server import launch
 from orca_space.settings import parse_settings
-from orca_space.startup import start_local_runtime
+from orca_space.startup import start_runtime
 from orca_space.ui import build_ui
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = parse_settings(argv, os.environ)
-    runtime = start_local_runtime(settings)
+    runtime = start_runtime(settings)
     launch(build_ui(runtime), runtime, settings)
 
 

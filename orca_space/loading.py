@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 Phase = Literal["starting", "downloading", "loading", "ready", "failed"]
 # The files a checkpoint needs; skipping the rest avoids fetching a second copy of the weights.
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+# A remote backend needs only the tokenizer (for the context budget), never the weights.
+TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "*.jinja", "*.txt", "config.json"]
 FULL_MODEL_GB = 14.5
 
 
@@ -61,17 +63,20 @@ def pick_device(require_cuda: bool) -> str:
     return "cpu"
 
 
-def resolve_checkpoint(source: str, status: LoadStatus, token: str | None = None) -> Path:
+def resolve_checkpoint(
+    source: str, status: LoadStatus, token: str | None = None, tokenizer_only: bool = False
+) -> Path:
     """A local directory as is; a Hub id downloaded (or found in the cache) with progress."""
     if Path(source).is_dir():
         return Path(source)
     from huggingface_hub import snapshot_download
 
-    status.update("downloading", f"Downloading {source} ({FULL_MODEL_GB} GB the first time)…", 0.0)
+    what = "the tokenizer" if tokenizer_only else f"the weights ({FULL_MODEL_GB} GB the first time)"
+    status.update("downloading", f"Downloading {what} of {source}…", 0.0)
     try:
         path = snapshot_download(
             source,
-            allow_patterns=CHECKPOINT_FILES,
+            allow_patterns=TOKENIZER_FILES if tokenizer_only else CHECKPOINT_FILES,
             token=token,
             tqdm_class=_progress_bar_class(status, source),
         )

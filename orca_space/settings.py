@@ -31,9 +31,15 @@ OPTIONS = (
     Option("--demo", "ORCA_DEMO", "offline preview with a tiny random-weight model", False, bool),
     Option("--context-length", "ORCA_CONTEXT_LENGTH", "prompt plus reply token limit", 8192, int),
     Option("--max-message-chars", "ORCA_MAX_MESSAGE_CHARS", "longest message accepted", MAX_MESSAGE_CHARS, int),
+    Option("--backend", "ORCA_BACKEND", "where replies come from: local or remote", "local"),
+    Option("--endpoint", "ORCA_ENDPOINT", "remote OpenAI-compatible server URL (with --backend remote)", None),
+    Option("--api-key", "ORCA_API_KEY", "token for the remote server (default: HF_TOKEN)", None),
+    Option("--request-timeout", "ORCA_REQUEST_TIMEOUT", "seconds to wait for the remote server", 60.0, float),
+    Option("--remote-concurrency", "ORCA_REMOTE_CONCURRENCY", "chats streamed from the remote server at once", 16, int),
 )
 # Spaces and gradio deployments set these; honour them when ours are unset.
 FALLBACK_ENV = {"ORCA_HOST": "GRADIO_SERVER_NAME", "ORCA_PORT": "GRADIO_SERVER_PORT"}
+BACKENDS = ("local", "remote")
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
 
@@ -48,6 +54,11 @@ class Settings:
     demo: bool = False
     context_length: int = 8192
     max_message_chars: int = MAX_MESSAGE_CHARS
+    backend: str = "local"
+    endpoint: str | None = None
+    api_key: str | None = None
+    request_timeout: float = 60.0
+    remote_concurrency: int = 16
     hf_token: str | None = None
 
 
@@ -66,6 +77,12 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
             parser.error(f"{option.flag} / {option.env}: {exc}")
     if values["context_length"] < 256:
         parser.error("--context-length must be at least 256")
+    if values["backend"] not in BACKENDS:
+        parser.error(f"--backend must be one of {', '.join(BACKENDS)}")
+    if values["backend"] == "remote" and not values["endpoint"]:
+        parser.error("--backend remote needs --endpoint URL (or ORCA_ENDPOINT)")
+    if values["request_timeout"] <= 0 or values["remote_concurrency"] < 1:
+        parser.error("--request-timeout and --remote-concurrency must be positive")
     return Settings(**values, hf_token=environ.get("HF_TOKEN") or None)
 
 
@@ -90,8 +107,8 @@ def convert(option: Option, raw: object):
         if word in TRUE_WORDS | FALSE_WORDS:
             return word in TRUE_WORDS
         raise ValueError(f"expected true or false, got {raw!r}")
-    if option.kind is int:
-        return int(raw)
+    if option.kind in (int, float):
+        return option.kind(raw)
     if option.flag == "--auth":
         return parse_auth(str(raw))
     return str(raw)

@@ -52,6 +52,41 @@ def start_local_runtime(settings: Settings) -> ChatRuntime:
     return runtime
 
 
+def start_remote_runtime(settings: Settings) -> ChatRuntime:
+    """Stream from an OpenAI-compatible server; only the tokenizer is loaded here."""
+    from .remote import RemoteBackend
+
+    runtime = ChatRuntime(
+        model_name=settings.model,
+        context_length=settings.context_length,
+        demo=is_tiny_checkpoint(settings.model),
+        concurrency=settings.remote_concurrency,
+    )
+
+    def load(status: LoadStatus) -> None:
+        checkpoint = resolve_checkpoint(settings.model, status, settings.hf_token, tokenizer_only=True)
+        status.update("loading", "Loading the tokenizer…")
+        encoder = ChatEncoder(load_tokenizer(checkpoint))
+        backend = RemoteBackend(
+            endpoint=settings.endpoint,
+            model=settings.model,
+            api_key=settings.api_key or settings.hf_token,
+            timeout=settings.request_timeout,
+        )
+        runtime.engine = backend
+        runtime.service = ChatService(backend, encoder, chat_limits(settings))
+        status.update("ready", f"Ready: streaming {settings.model} from {settings.endpoint}.")
+
+    load_in_background(load, runtime.status)
+    return runtime
+
+
+def start_runtime(settings: Settings) -> ChatRuntime:
+    if settings.backend == "remote":
+        return start_remote_runtime(settings)
+    return start_local_runtime(settings)
+
+
 def demo_checkpoint(status: LoadStatus, directory: Path = DEMO_DIR) -> Path:
     if not is_tiny_checkpoint(directory):
         status.update("loading", "Building the tiny demo checkpoint…")
