@@ -1,0 +1,81 @@
+"""Helpers for tests that run the real app on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_url(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
+
+
+def wait_until_ready(base_url: str, timeout: float = 120.0) -> dict:
+    """Poll /healthz until the model is loaded; returns the last health body."""
+    import json
+
+    deadline = time.monotonic() + timeout
+    body: dict = {}
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base_url}/healthz", timeout=2) as response:
+                body = json.load(response)
+            if body.get("status") in ("ok", "error"):
+                return body
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{base_url} not ready within {timeout:.0f}s: {body}")
+
+
+@contextlib.contextmanager
+def running_app(*args: str, env: dict[str, str] | None = None, log_path: Path | None = None):
+    """Run `python app.py ARGS` on a free loopback port; yields its base URL."""
+    port = free_port()
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    log = open(log_path, "w") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port), *args],
+        cwd=ROOT,
+        env=full_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_url(f"{base_url}/healthz", proc=proc)
+        wait_until_ready(base_url)
+        yield base_url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if log_path:
+            log.close()
