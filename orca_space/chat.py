@@ -63,6 +63,11 @@ class ChatService:
         params = SamplingParams.from_raw(**raw_params)
         past = normalize_history(history, self.limits.max_message_chars)
         budget = self.limits.context_length - params.max_new_tokens
+        if budget <= 0:
+            raise ValueError(
+                f"max_new_tokens ({params.max_new_tokens}) must be below the context length "
+                f"({self.limits.context_length})"
+            )
         fitted = fit_history(
             system={"role": "system", "content": system} if system.strip() else None,
             history=past,

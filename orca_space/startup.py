@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 from pathlib import Path
 
@@ -44,6 +45,7 @@ def start_local_runtime(settings: Settings) -> ChatRuntime:
         model = load_model(checkpoint, device)
         encoder = ChatEncoder(tokenizer)
         engine = LocalEngine(model, encoder.controls.stop_ids, settings.context_length)
+        atexit.register(engine.close)  # stop the model thread before the interpreter tears down
         runtime.engine = engine
         runtime.service = ChatService(LocalBackend(engine, encoder, tokenizer), encoder, chat_limits(settings))
         status.update("ready", f"Ready: {runtime.model_name} on {device.upper()}.")

@@ -11,7 +11,7 @@ import logging
 
 import gradio as gr
 
-from .params import LIMITS, PARAMETER_ORDER
+from .params import LIMITS, PARAMETER_ORDER, check_value
 from .requests import EngineError
 from .runtime import ChatRuntime
 
@@ -97,15 +97,36 @@ def refresh_status(runtime: ChatRuntime):
     return status_markdown(runtime), gr.Timer(active=not done)
 
 
+def name_parameter_in_errors(slider: gr.Slider, parameter: str) -> gr.Slider:
+    """Make the slider's server-side check name its parameter.
+
+    gradio's own check says only "Value 5.0 is greater than maximum value 2.0" and lets NaN
+    through; API callers need to know which of the five numbers was wrong. (An instance
+    override rather than a subclass: gradio writes a .pyi stub beside any component subclass.)
+    """
+
+    def preprocess(payload: object) -> float:
+        try:
+            return check_value(LIMITS[parameter], payload)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+
+    slider.preprocess = preprocess
+    return slider
+
+
 def parameter_sliders() -> list[gr.Slider]:
     return [
-        gr.Slider(
-            minimum=LIMITS[name].low,
-            maximum=LIMITS[name].high,
-            value=LIMITS[name].default,
-            step=SLIDER_STEPS[name],
-            label=LIMITS[name].label,
-            render=False,
+        name_parameter_in_errors(
+            gr.Slider(
+                minimum=LIMITS[name].low,
+                maximum=LIMITS[name].high,
+                value=LIMITS[name].default,
+                step=SLIDER_STEPS[name],
+                label=LIMITS[name].label,
+                render=False,
+            ),
+            name,
         )
         for name in PARAMETER_ORDER
     ]

@@ -1,0 +1,160 @@
+"""The chat service: input checks, history fitting, and streaming through a backend."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+
+from orca_space.chat import ChatLimits, ChatService, LocalBackend, normalize_history
+from orca_space.engine import LocalEngine, wait_until_idle
+from orca_space.params import SamplingParams
+from orca_space.requests import EngineError
+
+DEFAULTS = dict(max_new_tokens=100, temperature=0.4, top_p=0.95, top_k=40, repetition_penalty=1.1)
+
+
+class RecordingBackend:
+    """A fake backend: remembers what it was asked and replies with fixed pieces."""
+
+    def __init__(self, pieces=("Hel", "lo", "", " there")):
+        self.pieces = pieces
+        self.calls = []
+
+    async def stream_reply(self, messages, params):
+        self.calls.append((messages, params))
+        for piece in self.pieces:
+            yield piece
+
+
+def make_service(encoder, backend=None, context_length=512, **limits):
+    return ChatService(backend or RecordingBackend(), encoder, ChatLimits(context_length=context_length, **limits))
+
+
+async def collect(service, chat):
+    return [text async for text in service.stream(chat)]
+
+
+def test_prepare_builds_system_history_and_new_message(encoder):
+    service = make_service(encoder)
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    chat = service.prepare("how are you?", history, "Be brief.", DEFAULTS)
+    assert [m["role"] for m in chat.messages] == ["system", "user", "assistant", "user"]
+    assert chat.messages[0]["content"] == "Be brief." and chat.messages[-1]["content"] == "how are you?"
+    assert chat.prompt_tokens == len(encoder.encode_chat(chat.messages))
+    assert chat.params == SamplingParams(**DEFAULTS)
+
+
+def test_blank_system_message_is_left_out(encoder):
+    chat = make_service(encoder).prepare("hi", [], "   ", DEFAULTS)
+    assert [m["role"] for m in chat.messages] == ["user"]
+
+
+@pytest.mark.parametrize(
+    "message, history, system, fragment",
+    [
+        ("", [], "s", "message is empty"),
+        ("   \n", [], "s", "message is empty"),
+        (None, [], "s", "message must be text"),
+        (42, [], "s", "message must be text"),
+        ("x" * 101, [], "s", "limit is 100"),
+        ("hi", [], "s" * 101, "system message is 101 characters"),
+        ("hi", "not a list", "s", "history must be a list"),
+        ("hi", [{"role": "system", "content": "evil"}], "s", "only 'user' and 'assistant'"),
+        ("hi", [{"role": "tool", "content": "x"}], "s", "history[0] has role 'tool'"),
+        ("hi", [{"content": "no role"}], "s", "history[0] must be a message"),
+        ("hi", [{"role": "user", "content": {"file": "/etc/passwd"}}], "s", "only text is supported"),
+        ("a\x00b", [], "s", "NUL"),
+    ],
+)
+def test_bad_input_gets_an_error_naming_the_problem(encoder, message, history, system, fragment):
+    service = make_service(encoder, max_message_chars=100, max_system_chars=100)
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        service.prepare(message, history, system, DEFAULTS)
+
+
+def test_bad_parameter_is_named(encoder):
+    with pytest.raises(ValueError, match="temperature"):
+        make_service(encoder).prepare("hi", [], "", {**DEFAULTS, "temperature": float("nan")})
+
+
+def test_history_in_gradio_parts_format_is_read():
+    history = [{"role": "user", "content": [{"type": "text", "text": "hi "}, "there"], "metadata": None}]
+    assert normalize_history(history, 100) == [{"role": "user", "content": "hi there"}]
+
+
+def test_long_history_drops_oldest_turns_and_reports_it(encoder):
+    service = make_service(encoder, context_length=300)
+    history = []
+    for i in range(10):
+        history += [{"role": "user", "content": f"question {i} " * 5}, {"role": "assistant", "content": "answer " * 5}]
+    chat = service.prepare("latest", history, "sys", {**DEFAULTS, "max_new_tokens": 100})
+    assert chat.dropped_turns > 0 and chat.prompt_tokens <= 200
+    assert chat.messages[1]["content"].startswith(f"question {10 - (10 - chat.dropped_turns)}")
+    assert chat.messages[-1]["content"] == "latest"
+
+
+def test_max_new_tokens_beyond_context_is_named(encoder):
+    with pytest.raises(ValueError, match=r"max_new_tokens \(600\) must be below the context length \(512\)"):
+        make_service(encoder).prepare("hi", [], "", {**DEFAULTS, "max_new_tokens": 600})
+
+
+def test_message_too_long_for_context(encoder):
+    service = make_service(encoder, context_length=300)
+    with pytest.raises(ValueError, match="shorten it or lower max new tokens"):
+        service.prepare("word " * 400, [], "", {**DEFAULTS, "max_new_tokens": 100})
+
+
+@pytest.mark.anyio
+async def test_stream_yields_growing_text(encoder):
+    service = make_service(encoder)
+    texts = await collect(service, service.prepare("hi", [], "", DEFAULTS))
+    assert texts == ["Hel", "Hello", "Hello there"], "each update extends the previous; empty pieces are skipped"
+
+
+@pytest.fixture()
+def local_service(tiny_model, tokenizer, encoder):
+    engine = LocalEngine(tiny_model, encoder.controls.stop_ids, context_length=1024)
+    service = ChatService(LocalBackend(engine, encoder, tokenizer), encoder, ChatLimits(context_length=1024))
+    yield service, engine
+    engine.close()
+
+
+@pytest.mark.anyio
+async def test_local_backend_streams_detokenized_text(local_service, tokenizer):
+    service, _ = local_service
+    chat = service.prepare("Hello!", [], "sys", {**DEFAULTS, "max_new_tokens": 40})
+    texts = await collect(service, chat)
+    assert len(texts) > 5, "a streamed, multi-chunk reply"
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:])), "streamed text only grows"
+    assert "\ufffd" not in texts[-1] and "<|im_" not in texts[-1]
+
+
+@pytest.mark.anyio
+async def test_closing_the_stream_cancels_the_engine_request(local_service):
+    """What gradio does on stop or a closed tab: close the async generator."""
+    service, engine = local_service
+    chat = service.prepare("Hello!", [], "", {**DEFAULTS, "max_new_tokens": 900, "temperature": 1.0})
+    stream = service.stream(chat)
+    await anext(stream)
+    assert engine.stats().active == 1
+    await stream.aclose()
+    assert await asyncio.to_thread(wait_until_idle, engine, 2.0), "the engine is idle right after the close"
+
+
+@pytest.mark.anyio
+async def test_engine_error_is_raised_as_engine_error(encoder, tokenizer):
+    class BrokenEngine:
+        context_length = 512
+
+        def submit(self, prompt_ids, params):
+            from orca_space.requests import RequestHandle
+
+            handle = RequestHandle(prompt_ids, params)
+            handle.finish("error", "the GPU ran out of memory")
+            return handle
+
+    service = ChatService(LocalBackend(BrokenEngine(), encoder, tokenizer), encoder, ChatLimits(512))
+    with pytest.raises(EngineError, match="ran out of memory"):
+        await collect(service, service.prepare("hi", [], "", DEFAULTS))

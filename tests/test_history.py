@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import pytest
+
+from orca_space.history import PromptTooLong, fit_history, group_turns
+
+
+def cost(message):  # one token per character keeps the arithmetic readable
+    return len(message["content"])
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def bot(text):
+    return {"role": "assistant", "content": text}
+
+
+SYSTEM = {"role": "system", "content": "sys"}  # 3
+HISTORY = [user("aaaa"), bot("bbbb"), user("cc"), bot("dd"), user("e"), bot("f")]  # turns of 8, 4, 2
+
+
+def test_everything_fits():
+    fitted = fit_history(SYSTEM, HISTORY, user("new"), budget=100, message_cost=cost, fixed_cost=2)
+    assert fitted.messages == [SYSTEM, *HISTORY, user("new")]
+    assert fitted.dropped_turns == 0 and fitted.prompt_tokens == 2 + 3 + 14 + 3
+
+
+def test_oldest_whole_turns_are_dropped_first():
+    # fixed 2 + system 3 + new 3 = 8; room for 6 more: the newest turns (2 and 4) fit, the oldest (8) not.
+    fitted = fit_history(SYSTEM, HISTORY, user("new"), budget=14, message_cost=cost, fixed_cost=2)
+    assert fitted.messages == [SYSTEM, user("cc"), bot("dd"), user("e"), bot("f"), user("new")]
+    assert fitted.dropped_turns == 1 and fitted.prompt_tokens == 14
+
+
+def test_never_half_a_turn():
+    # Room for 3: the newest turn costs 2, the next 4 does not fit, so it is dropped whole.
+    fitted = fit_history(SYSTEM, HISTORY, user("new"), budget=11, message_cost=cost, fixed_cost=2)
+    assert fitted.messages == [SYSTEM, user("e"), bot("f"), user("new")]
+    assert fitted.dropped_turns == 2
+
+
+def test_a_newer_turn_that_does_not_fit_stops_older_ones_too():
+    """Keeping an old turn after dropping a newer one would leave a hole in the conversation."""
+    history = [user("a"), bot("b"), user("x" * 50), bot("y")]
+    fitted = fit_history(None, history, user("n"), budget=10, message_cost=cost, fixed_cost=0)
+    assert fitted.messages == [user("n")] and fitted.dropped_turns == 2
+
+
+def test_message_too_long_for_budget_is_a_clear_error():
+    with pytest.raises(PromptTooLong, match="only 10 fit"):
+        fit_history(SYSTEM, [], user("x" * 20), budget=10, message_cost=cost, fixed_cost=0)
+
+
+def test_group_turns_handles_unanswered_user_messages():
+    turns = group_turns([user("a"), user("b"), bot("c")])
+    assert turns == [[user("a")], [user("b"), bot("c")]]

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from orca_space.params import LIMITS, PARAMETER_ORDER, SamplingParams
+
+
+def test_defaults_are_the_documented_ones():
+    p = SamplingParams()
+    assert (p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (500, 0.4, 0.95, 40, 1.1)
+    assert PARAMETER_ORDER == ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def test_valid_values_are_converted():
+    p = SamplingParams.from_raw(max_new_tokens=64.0, temperature=0, top_p=1, top_k=0, repetition_penalty=1)
+    assert p.max_new_tokens == 64 and isinstance(p.max_new_tokens, int)
+    assert p.greedy and p.top_k == 0
+
+
+@pytest.mark.parametrize(
+    "name, value, fragment",
+    [
+        ("temperature", math.nan, "finite"),
+        ("temperature", math.inf, "finite"),
+        ("temperature", -0.1, "in [0, 2]"),
+        ("temperature", 2.5, "in [0, 2]"),
+        ("top_p", 0.0, "in (0, 1]"),
+        ("top_p", 1.01, "in (0, 1]"),
+        ("top_k", -1, "in [0, 1000]"),
+        ("top_k", 3.5, "whole number"),
+        ("max_new_tokens", 0, "in [1, 4096]"),
+        ("max_new_tokens", 10**9, "in [1, 4096]"),
+        ("max_new_tokens", "500", "must be a number"),
+        ("repetition_penalty", None, "must be a number"),
+        ("repetition_penalty", 0.5, "in [1, 2]"),
+        ("temperature", True, "must be a number"),
+        ("top_p", [0.5], "must be a number"),
+    ],
+)
+def test_bad_values_name_the_parameter(name, value, fragment):
+    with pytest.raises(ValueError) as info:
+        SamplingParams.from_raw(**{name: value})
+    assert name in str(info.value) and fragment in str(info.value)
+
+
+def test_unknown_parameter_is_rejected():
+    with pytest.raises(ValueError, match="unknown sampling parameter"):
+        SamplingParams.from_raw(typical_p=0.5)
+
+
+def test_every_limit_default_is_valid():
+    for limit in LIMITS.values():
+        SamplingParams.from_raw(**{limit.name: limit.default})
