@@ -27,6 +27,7 @@ class ChatLimits:
     context_length: int = 8192
     max_message_chars: int = MAX_MESSAGE_CHARS
     max_system_chars: int = MAX_SYSTEM_CHARS
+    max_input_tokens: int = 4096
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class ChatService:
         system = check_text("system message", system_message, self.limits.max_system_chars)
         params = SamplingParams.from_raw(**raw_params)
         past = normalize_history(history, self.limits.max_message_chars)
+        new_user = {"role": "user", "content": text}
+        if (tokens := self._message_cost(new_user)) > self.limits.max_input_tokens:
+            raise ValueError(f"message is {tokens:,} tokens; the limit is {self.limits.max_input_tokens:,}")
         budget = self.limits.context_length - params.max_new_tokens
         if budget <= 0:
             raise ValueError(
@@ -71,7 +75,7 @@ class ChatService:
         fitted = fit_history(
             system={"role": "system", "content": system} if system.strip() else None,
             history=past,
-            new_user={"role": "user", "content": text},
+            new_user=new_user,
             budget=budget,
             message_cost=self._message_cost,
             fixed_cost=self._fixed_cost,

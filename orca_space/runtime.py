@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from .chat import ChatService
 from .loading import LoadStatus
+from .ratelimit import RateLimiter
 from .requests import EngineStats
 
 
@@ -18,6 +19,8 @@ class ChatRuntime:
     status: LoadStatus = field(default_factory=LoadStatus)
     service: ChatService | None = None
     engine: object | None = None  # anything with `stats() -> EngineStats`
+    limiter: RateLimiter | None = None  # per user or address; None = no limit
+    trusted_proxy_hops: int = 0
 
     def engine_stats(self) -> EngineStats | None:
         return self.engine.stats() if self.engine is not None else None

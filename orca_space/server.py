@@ -12,9 +12,6 @@ from .runtime import ChatRuntime
 from .settings import Settings
 
 log = logging.getLogger(__name__)
-# Waiting requests beyond this get an immediate "queue is full" from gradio instead of a hang.
-MAX_QUEUE = 64
-
 SHARE_WITHOUT_AUTH_WARNING = (
     "WARNING: --share makes a public link that anyone who has it can use (and spend your GPU on). "
     "Add --auth user:password to require a login."
@@ -55,7 +52,8 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
     if settings.share and settings.auth is None:
         log.warning(SHARE_WITHOUT_AUTH_WARNING)
         print(SHARE_WITHOUT_AUTH_WARNING, flush=True)
-    demo.queue(default_concurrency_limit=runtime.concurrency, max_size=MAX_QUEUE)
+    # Waiting chats beyond max_queue get an immediate "queue is full" from gradio, not a hang.
+    demo.queue(default_concurrency_limit=runtime.concurrency, max_size=settings.max_queue)
     options: dict[str, Any] = dict(
         server_name=settings.host,
         server_port=settings.port,

@@ -31,6 +31,16 @@ OPTIONS = (
     Option("--demo", "ORCA_DEMO", "offline preview with a tiny random-weight model", False, bool),
     Option("--context-length", "ORCA_CONTEXT_LENGTH", "prompt plus reply token limit", 8192, int),
     Option("--max-message-chars", "ORCA_MAX_MESSAGE_CHARS", "longest message accepted", MAX_MESSAGE_CHARS, int),
+    Option("--max-input-tokens", "ORCA_MAX_INPUT_TOKENS", "longest message accepted, in tokens", 4096, int),
+    Option("--rate-limit", "ORCA_RATE_LIMIT", "messages per minute per user or address (0 = off)", 30, int),
+    Option("--max-queue", "ORCA_MAX_QUEUE", "waiting chats; beyond it new ones are told to retry", 64, int),
+    Option(
+        "--trusted-proxy-hops",
+        "ORCA_TRUSTED_PROXY_HOPS",
+        "proxies in front of the app whose X-Forwarded-For is believed (1 on Spaces)",
+        0,
+        int,
+    ),
     Option("--backend", "ORCA_BACKEND", "where replies come from: local or remote", "local"),
     Option("--endpoint", "ORCA_ENDPOINT", "remote OpenAI-compatible server URL (with --backend remote)", None),
     Option("--api-key", "ORCA_API_KEY", "token for the remote server (default: HF_TOKEN)", None),
@@ -54,6 +64,10 @@ class Settings:
     demo: bool = False
     context_length: int = 8192
     max_message_chars: int = MAX_MESSAGE_CHARS
+    max_input_tokens: int = 4096
+    rate_limit: int = 30
+    max_queue: int = 64
+    trusted_proxy_hops: int = 0
     backend: str = "local"
     endpoint: str | None = None
     api_key: str | None = None
@@ -71,12 +85,19 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
         raw = getattr(args, name)
         if raw is None:
             raw = environ.get(option.env, environ.get(FALLBACK_ENV.get(option.env, ""), None))
+        if raw is None and option.env == "ORCA_TRUSTED_PROXY_HOPS" and environ.get("SPACE_ID"):
+            raw = 1  # a Space sits behind one proxy of Hugging Face's
         try:
             values[name] = option.default if raw is None else convert(option, raw)
         except ValueError as exc:
             parser.error(f"{option.flag} / {option.env}: {exc}")
     if values["context_length"] < 256:
         parser.error("--context-length must be at least 256")
+    for name in ("max_message_chars", "max_input_tokens", "max_queue"):
+        if values[name] < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if values["rate_limit"] < 0 or values["trusted_proxy_hops"] < 0:
+        parser.error("--rate-limit and --trusted-proxy-hops cannot be negative")
     if values["backend"] not in BACKENDS:
         parser.error(f"--backend must be one of {', '.join(BACKENDS)}")
     if values["backend"] == "remote" and not values["endpoint"]:

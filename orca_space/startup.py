@@ -17,6 +17,7 @@ from .loading import (
     pick_device,
     resolve_checkpoint,
 )
+from .ratelimit import RateLimiter
 from .runtime import ChatRuntime
 from .settings import Settings
 from .tiny import is_tiny_checkpoint, write_tiny_checkpoint
@@ -26,14 +27,29 @@ DEMO_DIR = Path.home() / ".cache" / "orca-space" / "tiny"
 
 
 def chat_limits(settings: Settings) -> ChatLimits:
-    return ChatLimits(context_length=settings.context_length, max_message_chars=settings.max_message_chars)
+    return ChatLimits(
+        context_length=settings.context_length,
+        max_message_chars=settings.max_message_chars,
+        max_input_tokens=settings.max_input_tokens,
+    )
+
+
+def new_runtime(settings: Settings, model_name: str, demo: bool, concurrency: int) -> ChatRuntime:
+    return ChatRuntime(
+        model_name=model_name,
+        context_length=settings.context_length,
+        demo=demo,
+        concurrency=concurrency,
+        limiter=RateLimiter(settings.rate_limit, window=60.0) if settings.rate_limit else None,
+        trusted_proxy_hops=settings.trusted_proxy_hops,
+    )
 
 
 def start_local_runtime(settings: Settings) -> ChatRuntime:
     """Return at once; the model loads in the background and `runtime.service` appears when ready."""
     demo = settings.demo or is_tiny_checkpoint(settings.model)
     name = "tiny random-weight demo model" if settings.demo else settings.model
-    runtime = ChatRuntime(model_name=name, context_length=settings.context_length, demo=demo)
+    runtime = new_runtime(settings, name, demo, concurrency=LocalEngine.capacity)
 
     def load(status: LoadStatus) -> None:
         checkpoint = demo_checkpoint(status) if settings.demo else resolve_checkpoint(
@@ -58,11 +74,8 @@ def start_remote_runtime(settings: Settings) -> ChatRuntime:
     """Stream from an OpenAI-compatible server; only the tokenizer is loaded here."""
     from .remote import RemoteBackend
 
-    runtime = ChatRuntime(
-        model_name=settings.model,
-        context_length=settings.context_length,
-        demo=is_tiny_checkpoint(settings.model),
-        concurrency=settings.remote_concurrency,
+    runtime = new_runtime(
+        settings, settings.model, is_tiny_checkpoint(settings.model), settings.remote_concurrency
     )
 
     def load(status: LoadStatus) -> None:

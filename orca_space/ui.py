@@ -12,6 +12,7 @@ import logging
 import gradio as gr
 
 from .params import LIMITS, PARAMETER_ORDER, check_value
+from .ratelimit import client_key
 from .requests import EngineError
 from .runtime import ChatRuntime
 
@@ -61,7 +62,7 @@ def build_ui(runtime: ChatRuntime) -> gr.Blocks:
             ),
             textbox=gr.Textbox(placeholder="Type a message…", submit_btn=True, stop_btn=True),
             additional_inputs=[system_box, *parameter_sliders()],
-            additional_inputs_accordion=gr.Accordion("System message and generation settings", open=False),
+            additional_inputs_accordion="System message and generation settings",
             examples=[[example] for example in EXAMPLES],
             save_history=True,
             editable=True,
@@ -135,8 +136,17 @@ def parameter_sliders() -> list[gr.Slider]:
 def make_respond(runtime: ChatRuntime):
     # Named parameters, in PARAMETER_ORDER, so the API documents them by name.
     async def respond(
-        message, history, system_message, max_new_tokens, temperature, top_p, top_k, repetition_penalty
+        message,
+        history,
+        system_message,
+        max_new_tokens,
+        temperature,
+        top_p,
+        top_k,
+        repetition_penalty,
+        request: gr.Request,
     ):
+        enforce_rate_limit(runtime, request)
         service = runtime.service
         if service is None:
             raise gr.Error(not_ready_message(runtime))
@@ -164,6 +174,19 @@ def make_respond(runtime: ChatRuntime):
             raise gr.Error(str(exc)) from None
 
     return respond
+
+
+def enforce_rate_limit(runtime: ChatRuntime, request: gr.Request | None) -> None:
+    if runtime.limiter is None or request is None:
+        return
+    peer = request.client.host if request.client else None
+    key = client_key(request.username, peer, request.headers.get("x-forwarded-for"), runtime.trusted_proxy_hops)
+    wait = runtime.limiter.acquire(key)
+    if wait > 0:
+        raise gr.Error(
+            f"Too many messages: the limit is {runtime.limiter.limit} per minute. "
+            f"Try again in {wait:.0f} s."
+        )
 
 
 def not_ready_message(runtime: ChatRuntime) -> str:

@@ -57,7 +57,8 @@ def wait_until_ready(base_url: str, timeout: float = 120.0) -> dict:
 def running_app(*args: str, env: dict[str, str] | None = None, log_path: Path | None = None):
     """Run `python app.py ARGS` on a free loopback port; yields its base URL."""
     port = free_port()
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # Tests send many messages from one address: no rate limit unless a test asks for one.
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "ORCA_RATE_LIMIT": "0", **(env or {})}
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port), *args],

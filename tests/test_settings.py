@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from orca_space.settings import OPTIONS, parse_settings
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_defaults():
+    s = parse_settings([], {})
+    assert (s.model, s.host, s.port, s.share, s.auth, s.demo) == (
+        "Open-Orca/Mistral-7B-OpenOrca", "127.0.0.1", 7860, False, None, False
+    )
+    assert s.context_length == 8192 and s.backend == "local" and s.trusted_proxy_hops == 0
+
+
+def test_environment_then_flags_win():
+    env = {"ORCA_PORT": "9000", "ORCA_SHARE": "true", "ORCA_MODEL": "/models/x", "HF_TOKEN": "hf_x"}
+    s = parse_settings(["--port", "9001"], env)
+    assert (s.port, s.share, s.model, s.hf_token) == (9001, True, "/models/x", "hf_x")
+
+
+def test_gradio_and_spaces_variables_are_honoured():
+    env = {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "7861", "SPACE_ID": "me/orca"}
+    s = parse_settings([], env)
+    assert (s.host, s.port, s.trusted_proxy_hops) == ("0.0.0.0", 7861, 1)
+
+
+def test_auth_is_user_and_password():
+    assert parse_settings(["--auth", "ann:s3:cret"], {}).auth == ("ann", "s3:cret")
+
+
+@pytest.mark.parametrize(
+    "argv, env, fragment",
+    [
+        (["--auth", "nopassword"], {}, "user:password"),
+        (["--port", "eighty"], {}, "--port"),
+        ([], {"ORCA_SHARE": "maybe"}, "ORCA_SHARE"),
+        (["--backend", "cloud"], {}, "--backend must be one of"),
+        (["--backend", "remote"], {}, "needs --endpoint"),
+        (["--context-length", "10"], {}, "at least 256"),
+        (["--rate-limit", "-1"], {}, "cannot be negative"),
+    ],
+)
+def test_bad_settings_exit_with_a_message(argv, env, fragment, capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(argv, env)
+    assert fragment in capsys.readouterr().err
+
+
+def test_readme_documents_every_option():
+    text = README.read_text()
+    for option in OPTIONS:
+        assert re.search(rf"`{option.flag}\b", text) and f"`{option.env}`" in text, option.flag
