@@ -131,3 +131,17 @@ def test_cancel_frees_the_engine(client, app_url):
         assert time.monotonic() < deadline, "a cancelled chat must not keep generating"
         time.sleep(0.05)
     assert finish(submit(client, "next", max_new_tokens=4))[-1]
+
+
+def test_rate_limit_refuses_politely_and_names_the_wait(tiny_dir):
+    with running_app("--model", str(tiny_dir), env={"ORCA_RATE_LIMIT": "2"}) as url:
+        client = Client(url, verbose=False)
+        jobs = [submit(client, f"hello {i}", max_new_tokens=2) for i in range(3)]
+        for job in jobs:
+            finish(job)
+        results = [job.status().success for job in jobs]
+        assert results.count(True) == 2 and results.count(False) == 1, results
+        refused = jobs[results.index(False)]
+        with pytest.raises(Exception, match="limit is 2 per minute"):
+            refused.result()
+        assert health(url)["status"] == "ok"

@@ -1,0 +1,27 @@
+"""The page's status line and wiring, without a server."""
+
+from __future__ import annotations
+
+from orca_space.runtime import ChatRuntime
+from orca_space.ui import DEFAULT_SYSTEM_MESSAGE, build_ui, status_markdown
+
+
+def test_status_line_follows_loading():
+    runtime = ChatRuntime(model_name="m", context_length=8192)
+    runtime.status.update("downloading", "Downloading the weights…", 0.5)
+    assert "Downloading" in status_markdown(runtime) and "50%" in status_markdown(runtime)
+    runtime.status.update("failed", "The full model needs a CUDA GPU.")
+    assert "could not be loaded" in status_markdown(runtime) and "CUDA GPU" in status_markdown(runtime)
+    runtime.status.update("ready", "Ready.")
+    assert status_markdown(runtime) == ""
+
+
+def test_page_has_the_chat_api_and_demo_label():
+    runtime = ChatRuntime(model_name="tiny", context_length=8192, demo=True)
+    demo = build_ui(runtime)
+    config = demo.get_config_file()
+    names = [d.get("api_name") for d in config["dependencies"]]
+    assert "chat" in names
+    texts = " ".join(str(c.get("props", {}).get("value", "")) for c in config["components"])
+    assert "random weights" in texts, "demo mode is labelled on the page"
+    assert DEFAULT_SYSTEM_MESSAGE in texts, "the system box starts with the model card's message"
