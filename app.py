@@ -1,8 +1,8 @@
 """Chat with Open-Orca/Mistral-7B-OpenOrca in the browser.
 
-    python app.py                 # the real model, fp16 on a CUDA GPU
-    python app.py --demo          # offline preview with a tiny random-weight model
-    python app.py --help          # every option (each also an environment variable)
+python app.py                 # the real model, fp16 on a CUDA GPU
+python app.py --demo          # offline preview with a tiny random-weight model
+python app.py --help          # every option (each also an environment variable)
 """
 
 from __future__ import annotations

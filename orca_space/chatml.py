@@ -15,9 +15,8 @@ reproduces exactly that.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"

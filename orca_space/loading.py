@@ -159,4 +159,3 @@ def load_in_background(
     thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
     return thread
-

@@ -30,7 +30,9 @@ OPTIONS = (
     Option("--auth", "ORCA_AUTH", "require a login, as user:password", None),
     Option("--demo", "ORCA_DEMO", "offline preview with a tiny random-weight model", False, bool),
     Option("--context-length", "ORCA_CONTEXT_LENGTH", "prompt plus reply token limit", 8192, int),
-    Option("--max-message-chars", "ORCA_MAX_MESSAGE_CHARS", "longest message accepted", MAX_MESSAGE_CHARS, int),
+    Option(
+        "--max-message-chars", "ORCA_MAX_MESSAGE_CHARS", "longest message accepted", MAX_MESSAGE_CHARS, int
+    ),
     Option("--max-input-tokens", "ORCA_MAX_INPUT_TOKENS", "longest message accepted, in tokens", 4096, int),
     Option("--rate-limit", "ORCA_RATE_LIMIT", "messages per minute per user or address (0 = off)", 30, int),
     Option("--max-queue", "ORCA_MAX_QUEUE", "waiting chats; beyond it new ones are told to retry", 64, int),
@@ -42,10 +44,18 @@ OPTIONS = (
         int,
     ),
     Option("--backend", "ORCA_BACKEND", "where replies come from: local or remote", "local"),
-    Option("--endpoint", "ORCA_ENDPOINT", "remote OpenAI-compatible server URL (with --backend remote)", None),
+    Option(
+        "--endpoint", "ORCA_ENDPOINT", "remote OpenAI-compatible server URL (with --backend remote)", None
+    ),
     Option("--api-key", "ORCA_API_KEY", "token for the remote server (default: HF_TOKEN)", None),
     Option("--request-timeout", "ORCA_REQUEST_TIMEOUT", "seconds to wait for the remote server", 60.0, float),
-    Option("--remote-concurrency", "ORCA_REMOTE_CONCURRENCY", "chats streamed from the remote server at once", 16, int),
+    Option(
+        "--remote-concurrency",
+        "ORCA_REMOTE_CONCURRENCY",
+        "chats streamed from the remote server at once",
+        16,
+        int,
+    ),
 )
 # Spaces and gradio deployments set these; honour them when ours are unset.
 FALLBACK_ENV = {"ORCA_HOST": "GRADIO_SERVER_NAME", "ORCA_PORT": "GRADIO_SERVER_PORT"}

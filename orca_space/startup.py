@@ -52,8 +52,10 @@ def start_local_runtime(settings: Settings) -> ChatRuntime:
     runtime = new_runtime(settings, name, demo, concurrency=LocalEngine.capacity)
 
     def load(status: LoadStatus) -> None:
-        checkpoint = demo_checkpoint(status) if settings.demo else resolve_checkpoint(
-            settings.model, status, settings.hf_token
+        checkpoint = (
+            demo_checkpoint(status)
+            if settings.demo
+            else resolve_checkpoint(settings.model, status, settings.hf_token)
         )
         device = pick_device(require_cuda=not is_tiny_checkpoint(checkpoint))
         status.update("loading", f"Loading the weights onto the {device.upper()}…")
@@ -63,7 +65,9 @@ def start_local_runtime(settings: Settings) -> ChatRuntime:
         engine = LocalEngine(model, encoder.controls.stop_ids, settings.context_length)
         atexit.register(engine.close)  # stop the model thread before the interpreter tears down
         runtime.engine = engine
-        runtime.service = ChatService(LocalBackend(engine, encoder, tokenizer), encoder, chat_limits(settings))
+        runtime.service = ChatService(
+            LocalBackend(engine, encoder, tokenizer), encoder, chat_limits(settings)
+        )
         status.update("ready", f"Ready: {runtime.model_name} on {device.upper()}.")
 
     load_in_background(load, runtime.status)

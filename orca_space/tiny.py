@@ -87,9 +87,7 @@ def build_model(seed: int = 0):
     # Wide logits make sampled text vary, so streaming tests see many different tokens.
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, 0.5)
-    model.generation_config = GenerationConfig(
-        bos_token_id=1, eos_token_id=IM_END_ID, pad_token_id=IM_END_ID
-    )
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=IM_END_ID, pad_token_id=IM_END_ID)
     return model
 
 

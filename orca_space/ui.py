@@ -34,7 +34,13 @@ LATEX_DELIMITERS = [
     {"left": "\\(", "right": "\\)", "display": False},
     {"left": "$", "right": "$", "display": False},
 ]
-SLIDER_STEPS = {"max_new_tokens": 1, "temperature": 0.05, "top_p": 0.01, "top_k": 1, "repetition_penalty": 0.01}
+SLIDER_STEPS = {
+    "max_new_tokens": 1,
+    "temperature": 0.05,
+    "top_p": 0.01,
+    "top_k": 1,
+    "repetition_penalty": 0.01,
+}
 DEMO_BANNER = (
     "⚠️ **Demo mode: a tiny model with random weights.** Replies are gibberish; this preview is "
     "for trying the interface without a GPU or a download."
@@ -89,7 +95,9 @@ def status_markdown(runtime: ChatRuntime) -> str:
         return ""
     if status.failed:
         return f"❌ **The model could not be loaded.** {status.message}"
-    bar = "" if status.fraction is None else f" `{'█' * int(status.fraction * 20):░<20}` {status.fraction:.0%}"
+    bar = (
+        "" if status.fraction is None else f" `{'█' * int(status.fraction * 20):░<20}` {status.fraction:.0%}"
+    )
     return f"⏳ {status.message}{bar}"
 
 
@@ -180,12 +188,13 @@ def enforce_rate_limit(runtime: ChatRuntime, request: gr.Request | None) -> None
     if runtime.limiter is None or request is None:
         return
     peer = request.client.host if request.client else None
-    key = client_key(request.username, peer, request.headers.get("x-forwarded-for"), runtime.trusted_proxy_hops)
+    key = client_key(
+        request.username, peer, request.headers.get("x-forwarded-for"), runtime.trusted_proxy_hops
+    )
     wait = runtime.limiter.acquire(key)
     if wait > 0:
         raise gr.Error(
-            f"Too many messages: the limit is {runtime.limiter.limit} per minute. "
-            f"Try again in {wait:.0f} s."
+            f"Too many messages: the limit is {runtime.limiter.limit} per minute. Try again in {wait:.0f} s."
         )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -33,7 +32,6 @@ def tiny_model(tiny_dir):
     from orca_space.loading import load_model
 
     return load_model(tiny_dir, "cpu")
-
 
 
 def pytest_collection_modifyitems(config, items):

@@ -56,8 +56,12 @@ def expected_greedy_reply(tiny_model, tokenizer, encoder, messages, max_new_toke
     service = ChatService(LocalBackend(engine, encoder, tokenizer), encoder, ChatLimits())
 
     async def run():
-        chat = service.prepare(messages[-1]["content"], messages[1:-1], messages[0]["content"],
-                               {**GREEDY, "max_new_tokens": max_new_tokens})
+        chat = service.prepare(
+            messages[-1]["content"],
+            messages[1:-1],
+            messages[0]["content"],
+            {**GREEDY, "max_new_tokens": max_new_tokens},
+        )
         return [t async for t in service.stream(chat)][-1]
 
     try:
@@ -107,7 +111,11 @@ def test_history_is_kept_between_calls(app_url, tiny_model, tokenizer, encoder):
 
 @pytest.mark.parametrize(
     "message, params, fragment",
-    [("", {}, "message is empty"), ("hi", {"temperature": 5.0}, "temperature"), ("hi", {"top_k": 0.5}, "top_k")],
+    [
+        ("", {}, "message is empty"),
+        ("hi", {"temperature": 5.0}, "temperature"),
+        ("hi", {"top_k": 0.5}, "top_k"),
+    ],
 )
 def test_bad_input_is_an_error_and_the_app_stays_up(client, app_url, message, params, fragment):
     job = submit(client, message, **params)

@@ -9,7 +9,13 @@ from orca_space.params import LIMITS, PARAMETER_ORDER, SamplingParams
 
 def test_defaults_are_the_documented_ones():
     p = SamplingParams()
-    assert (p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (500, 0.4, 0.95, 40, 1.1)
+    assert (p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (
+        500,
+        0.4,
+        0.95,
+        40,
+        1.1,
+    )
     assert PARAMETER_ORDER == ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
 
 

@@ -13,7 +13,12 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 def test_defaults():
     s = parse_settings([], {})
     assert (s.model, s.host, s.port, s.share, s.auth, s.demo) == (
-        "Open-Orca/Mistral-7B-OpenOrca", "127.0.0.1", 7860, False, None, False
+        "Open-Orca/Mistral-7B-OpenOrca",
+        "127.0.0.1",
+        7860,
+        False,
+        None,
+        False,
     )
     assert s.context_length == 8192 and s.backend == "local" and s.trusted_proxy_hops == 0
 
