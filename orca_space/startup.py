@@ -91,6 +91,7 @@ def start_remote_runtime(settings: Settings) -> ChatRuntime:
             model=settings.model,
             api_key=settings.api_key or settings.hf_token,
             timeout=settings.request_timeout,
+            capacity=settings.remote_concurrency,
         )
         runtime.engine = backend
         runtime.service = ChatService(backend, encoder, chat_limits(settings))
