@@ -20,6 +20,8 @@ from .requests import Engine, EngineError
 MAX_MESSAGE_CHARS = 16_000
 MAX_SYSTEM_CHARS = 8_000
 MAX_HISTORY_MESSAGES = 1_000
+# History holds replies too (up to thousands of tokens each); this only bounds the work per request.
+MAX_HISTORY_MESSAGE_CHARS = 100_000
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ class ChatService:
         text = check_text("message", message, self.limits.max_message_chars, allow_empty=False)
         system = check_text("system message", system_message, self.limits.max_system_chars)
         params = SamplingParams.from_raw(**raw_params)
-        past = normalize_history(history, self.limits.max_message_chars)
+        past = answered_turns(normalize_history(history))
         new_user = {"role": "user", "content": text}
         if (tokens := self._message_cost(new_user)) > self.limits.max_input_tokens:
             raise ValueError(f"message is {tokens:,} tokens; the limit is {self.limits.max_input_tokens:,}")
@@ -106,7 +108,7 @@ def check_text(name: str, value: object, max_chars: int, allow_empty: bool = Tru
     return value
 
 
-def normalize_history(history: object, max_chars: int) -> list[Message]:
+def normalize_history(history: object, max_chars: int = MAX_HISTORY_MESSAGE_CHARS) -> list[Message]:
     """Check history from the browser: user and assistant turns of text, nothing else."""
     if history is None:
         return []
@@ -125,6 +127,17 @@ def normalize_history(history: object, max_chars: int) -> list[Message]:
         content = message_text(item["content"], f"history[{index}]")
         messages.append({"role": role, "content": check_text(f"history[{index}]", content, max_chars)})
     return messages
+
+
+def answered_turns(history: list[Message]) -> list[Message]:
+    """Leave out user messages that got no reply (refused, failed, or stopped before a token):
+    the model should not see a message the user was told was not sent."""
+    return [
+        message
+        for index, message in enumerate(history)
+        if message["role"] == "assistant"
+        or (index + 1 < len(history) and history[index + 1]["role"] == "assistant")
+    ]
 
 
 def message_text(content: object, where: str) -> str:

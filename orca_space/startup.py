@@ -48,7 +48,7 @@ def new_runtime(settings: Settings, model_name: str, demo: bool, concurrency: in
 def start_local_runtime(settings: Settings) -> ChatRuntime:
     """Return at once; the model loads in the background and `runtime.service` appears when ready."""
     demo = settings.demo or is_tiny_checkpoint(settings.model)
-    name = "tiny random-weight demo model" if settings.demo else settings.model
+    name = "tiny random-weight demo model" if demo else settings.model
     runtime = new_runtime(settings, name, demo, concurrency=LocalEngine.capacity)
 
     def load(status: LoadStatus) -> None:

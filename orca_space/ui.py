@@ -56,10 +56,10 @@ def build_ui(runtime: ChatRuntime) -> gr.Blocks:
         system_box = gr.Textbox(
             DEFAULT_SYSTEM_MESSAGE, label="System message", lines=2, max_lines=8, render=False
         )
-        gr.ChatInterface(
+        chat = gr.ChatInterface(
             make_respond(runtime),
             chatbot=gr.Chatbot(
-                label="Mistral-7B-OpenOrca",
+                label=runtime.model_name.rsplit("/", 1)[-1],
                 latex_delimiters=LATEX_DELIMITERS,
                 buttons=["copy", "copy_all"],
                 placeholder="Ask MistralOrca anything.",
@@ -68,7 +68,9 @@ def build_ui(runtime: ChatRuntime) -> gr.Blocks:
             ),
             textbox=gr.Textbox(placeholder="Type a message…", submit_btn=True, stop_btn=True),
             additional_inputs=[system_box, *parameter_sliders()],
-            additional_inputs_accordion="System message and generation settings",
+            additional_inputs_accordion=gr.Accordion(
+                "System message and generation settings", open=False, render=False
+            ),
             examples=[[example] for example in EXAMPLES],
             save_history=True,
             editable=True,
@@ -76,9 +78,37 @@ def build_ui(runtime: ChatRuntime) -> gr.Blocks:
             concurrency_limit=runtime.concurrency,
             fill_height=True,
         )
+        recover_from_errors(demo, chat)
         timer = gr.Timer(1.0, active=not runtime.status.ready)
         timer.tick(lambda: refresh_status(runtime), None, [status, timer], api_visibility="private")
+        # The status baked into the page is from when it was built; refresh it at once.
+        demo.load(lambda: refresh_status(runtime), None, [status, timer], api_visibility="private")
     return demo
+
+
+def recover_from_errors(page: gr.Blocks, chat: gr.ChatInterface) -> None:
+    """Hand the textbox back when a reply fails with gr.Error.
+
+    ChatInterface re-enables its textbox in `.then()` steps, but gradio 6.31's front end runs
+    only `.failure()` triggers after an error, so without this the chat stays locked behind a
+    stop button until the page is reloaded. The handler does what those skipped steps do; the
+    failed message stays in the chat, where retry and edit work on it. (On a stop, gradio runs
+    both kinds of trigger, and this is the same clean-up again.)
+    """
+    for dependency_id, block_fn in list(page.fns.items()):
+        if getattr(block_fn.fn, "__name__", "") != "_submit_fn":
+            continue  # only the UI's reply steps; the API endpoint has no textbox to restore
+        gr.events.Dependency(chat.textbox, {}, dependency_id, block_fn.fn).failure(
+            restore_after_failure,
+            [chat.chatbot],
+            [chat.chatbot_state, chat.textbox],
+            queue=False,
+            api_visibility="undocumented",
+        )
+
+
+def restore_after_failure(shown_history: list):
+    return shown_history, gr.Textbox(interactive=True, submit_btn=True, stop_btn=False)
 
 
 def header_markdown(runtime: ChatRuntime) -> str:

@@ -165,3 +165,23 @@ async def test_engine_error_is_raised_as_engine_error(encoder, tokenizer):
     service = ChatService(LocalBackend(BrokenEngine(), encoder, tokenizer), encoder, ChatLimits(512))
     with pytest.raises(EngineError, match="ran out of memory"):
         await collect(service, service.prepare("hi", [], "", DEFAULTS))
+
+
+def test_unanswered_user_messages_are_left_out_of_the_prompt(encoder):
+    """A message refused with an error stays on screen but must not reach the model."""
+    history = [
+        {"role": "user", "content": "refused " * 50},
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "stopped before any token"},
+    ]
+    chat = make_service(encoder, max_message_chars=100).prepare("next", history, "", DEFAULTS)
+    assert [m["content"] for m in chat.messages] == ["q1", "a1", "next"]
+
+
+def test_long_replies_in_history_are_accepted(encoder):
+    history = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "long reply " * 50}]
+    chat = make_service(encoder, max_message_chars=100, context_length=4096).prepare(
+        "next", history, "", DEFAULTS
+    )
+    assert chat.messages[1]["role"] == "assistant", "a reply longer than the message limit is fine"
