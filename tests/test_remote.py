@@ -419,3 +419,14 @@ def test_app_survives_the_server_going_away_and_coming_back(app_url, client, ser
     assert job.status().success is True and len(outputs) > 1, (
         "the next message works without restarting the app"
     )
+
+
+@pytest.mark.browser
+def test_browser_chat_against_the_remote_backend(app_url, serve):
+    """The same real-browser flow as test_browser.py, with replies from transformers serve."""
+    from tests.browser_flow import chat_in_browser, chromium_page, require_chromium
+
+    require_chromium()
+    with chromium_page() as page:
+        chat = chat_in_browser(page, app_url)
+    assert len(chat.reply_lengths) >= 4 and chat.second_reply.strip()
