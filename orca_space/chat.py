@@ -7,7 +7,7 @@ engine or a remote server. It knows nothing of gradio; `ui.py` maps its errors t
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,10 +40,15 @@ class PreparedChat:
     dropped_turns: int
 
 
+Notify = Callable[[str], None]  # shows the user a short notice (the UI passes gr.Info)
+
+
 class ChatBackend(Protocol):
     """Where replies come from. `stream_reply` yields text deltas and raises `EngineError`."""
 
-    def stream_reply(self, messages: list[Message], params: SamplingParams) -> AsyncIterator[str]: ...
+    def stream_reply(
+        self, messages: list[Message], params: SamplingParams, notify: Notify | None = None
+    ) -> AsyncIterator[str]: ...
 
 
 class ChatService:
@@ -87,10 +92,10 @@ class ChatService:
     def _message_cost(self, message: Message) -> int:
         return len(self.encoder.encode_message(message["role"], message["content"]))
 
-    async def stream(self, chat: PreparedChat) -> AsyncIterator[str]:
+    async def stream(self, chat: PreparedChat, notify: Notify | None = None) -> AsyncIterator[str]:
         """The reply so far, growing with each item (what a chat window shows)."""
         reply = ""
-        async for delta in self.backend.stream_reply(chat.messages, chat.params):
+        async for delta in self.backend.stream_reply(chat.messages, chat.params, notify):
             if delta:
                 reply += delta
                 yield reply
@@ -164,10 +169,17 @@ class LocalBackend:
         self.encoder = encoder
         self.tokenizer = tokenizer
 
-    async def stream_reply(self, messages: list[Message], params: SamplingParams) -> AsyncIterator[str]:
+    async def stream_reply(
+        self, messages: list[Message], params: SamplingParams, notify: Notify | None = None
+    ) -> AsyncIterator[str]:
         handle = self.engine.submit(self.encoder.encode_chat(messages), params)
         detokenizer = StreamingDetokenizer(self.tokenizer)
         try:
+            if notify is not None and (place := self.engine.position(handle)):
+                notify(
+                    f"All {self.engine.capacity} reply slots are busy: you are number {place} "
+                    "in line, and your reply starts when a slot frees up."
+                )
             async for event in handle:
                 if event.token is not None:
                     yield detokenizer.add_token(event.token)

@@ -1,14 +1,21 @@
-"""The in-process engine: one thread owns the model and serves requests from a queue.
+"""The in-process engine: continuous batching, every active request shares each decode step.
 
-Why one thread: the model's state (and, on CUDA, captured graphs, which are thread-local)
-belongs to whoever runs it, and one owner makes cancels and errors simple. Callers never touch
-the model; they submit prompt ids and read a `RequestHandle` (see `requests.py`). This engine
-serves one request at a time with transformers' `DynamicCache`; a batched engine can replace
-it behind the same `Engine` interface.
+It knows token ids only: prompt ids in, `TokenEvent`s out (see `requests.py`). One thread owns
+the model, the KV cache and, on CUDA, the captured graphs: CUDA-graph state is thread-local, so
+capture and replay both happen there, and callers only ever touch the queue. Each iteration:
 
-The decode loop is a chain of small steps in the spirit of gpt-fast: `prefill` fills the
-cache and returns the last logits, `decode_one_token` feeds one token, and `sample_next_tokens`
-picks the next token on the device.
+1) drops cancelled requests, freeing their slots at once;
+2) admits waiting requests (FIFO) into free slots of the static KV cache;
+3) prefills up to `chunk_size` prompt tokens (oldest request first), so a long prompt costs the
+   other streams one chunk of delay per step instead of freezing them;
+4) runs one decode step for all slots past their prompt: forward and per-row sampling on the
+   device (`kv_step.decode_and_sample`), replayed as a CUDA graph at a padded batch size.
+
+Row b of a decode step is slot b, so a step at batch B covers slots [0, B); new requests take
+the lowest free slot to keep B small. Rows that are not decoding (free, or still prefilling)
+ride along harmlessly: they write at their slot's next unwritten position, which the slot's own
+request overwrites before reading. Errors are values: a failed prefill fails its request, a
+failed decode step fails the requests in it, and the engine keeps serving.
 """
 
 from __future__ import annotations
@@ -18,60 +25,97 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 
+from . import kv_step
 from .params import SamplingParams
-from .requests import EngineStats, RequestHandle, TokenEvent
-from .sampling import SamplingTensors, sample_next_tokens
+from .requests import EngineStats, RequestHandle, TokenEvent, describe_failure
+from .sampling import sample_next_tokens_sync_free
 
 log = logging.getLogger(__name__)
 
-
-@torch.inference_mode()
-def prefill(model, prompt_ids: torch.Tensor, cache) -> torch.Tensor:
-    """prompt_ids: [1, T]. Fills `cache`; returns the last position's logits [1, V]."""
-    out = model(input_ids=prompt_ids, cache=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1, :]
+CHUNK_SIZE = 512  # prompt tokens prefilled per loop iteration
+CPU_SLOTS = 4  # on the CPU there is no memory to plan; a few slots show the batching
+ProgressCallback = Callable[[str, "float | None"], None]
 
 
-@torch.inference_mode()
-def decode_one_token(model, token: torch.Tensor, cache) -> torch.Tensor:
-    """token: [1, 1]. Appends it to `cache`; returns logits for the next position [1, V]."""
-    out = model(input_ids=token, cache=cache, use_cache=True)
-    return out.logits[:, -1, :]
+@dataclass
+class Slot:
+    """A request holding one row of the KV cache."""
+
+    handle: RequestHandle
+    index: int
+    prefilled: int = 0  # prompt tokens already in the cache
+    generated: int = 0  # tokens sampled so far, a final stop token included
+    last_token: int = 0  # the latest sampled token: the next decode step's input
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.handle.prompt_ids)
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == self.prompt_len
+
+    @property
+    def next_position(self) -> int:
+        """Where this slot writes next: its next prompt token, or its last sampled token."""
+        return self.prompt_len + self.generated - 1 if self.decoding else self.prefilled
 
 
-def new_cache(model):
-    from transformers import DynamicCache
+def default_slots(device: torch.device, weights: kv_step.MistralWeights, context_length: int) -> int:
+    if device.type != "cuda":
+        return CPU_SLOTS
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    bytes_per_token = weights.shape.kv_bytes_per_token(weights.dtype)
+    slots = kv_step.plan_capacity(free_bytes, bytes_per_token, context_length)
+    if slots == 0:
+        raise torch.cuda.OutOfMemoryError(
+            f"no room for even one {context_length}-token KV cache ({bytes_per_token * context_length / 2**30:.1f} "
+            f"GiB) in the {free_bytes / 2**30:.1f} GiB left after loading; lower --context-length"
+        )
+    return slots
 
-    return DynamicCache(config=model.config)
 
+class BatchedEngine:
+    """Serves many requests at once from a slot-indexed static KV cache; see the module docstring."""
 
-def seeded_generator(device: torch.device, seed: int | None) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else random.randrange(2**62))
-    return generator
-
-
-class LocalEngine:
-    """Runs `model` on a dedicated thread, one request at a time, FIFO."""
-
-    capacity = 1
-
-    def __init__(self, model, stop_ids: Iterable[int], context_length: int) -> None:
-        self.model = model
+    def __init__(
+        self,
+        model,
+        stop_ids: Iterable[int],
+        context_length: int,
+        slots: int | None = None,
+        chunk_size: int = CHUNK_SIZE,
+        use_graphs: bool | None = None,
+        compile_step: bool = False,
+        on_progress: ProgressCallback | None = None,
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.weights = kv_step.weights_from_hf(model)
+        self.device = self.weights.device
         self.stop_ids = frozenset(stop_ids)
         self.context_length = context_length
-        self.device = next(model.parameters()).device
-        self.vocab_size = model.config.vocab_size
+        self.capacity = slots or default_slots(self.device, self.weights, context_length)
+        self.chunk_size = chunk_size
+        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        self.compile_step = compile_step  # with graphs only: see `kv_step.DecodeGraphs`
+        self.pad_batches = self.use_graphs  # round decode batches up to the captured sizes
+        self._on_progress = on_progress
+        self.warmup_message = "Starting the engine…"
+        self.ready_s: float | None = None  # seconds from construction to serving
+        self._settled = threading.Event()  # set once warm-up has finished or failed
         self._pending: collections.deque[RequestHandle] = collections.deque()
         self._wakeup = threading.Condition()
-        self._active: RequestHandle | None = None
+        self._slots: list[Slot | None] = [None] * self.capacity
         self._closing = False
         self.failure: str | None = None
-        self._thread = threading.Thread(target=self._serve, name="orca-engine", daemon=True)
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._serve, name="orca-batched-engine", daemon=True)
         self._thread.start()
 
     # -- caller side --
@@ -96,115 +140,257 @@ class LocalEngine:
     def stats(self) -> EngineStats:
         with self._wakeup:
             queued = sum(not h.cancelled for h in self._pending)
+            active = sum(slot is not None for slot in self._slots)
         return EngineStats(
             alive=self._thread.is_alive(),
-            active=int(self._active is not None),
+            active=active,
             queued=queued,
             capacity=self.capacity,
             failure=self.failure,
         )
 
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """True once warm-up is done (graphs captured); False on timeout or if warm-up failed
+        (then `stats().failure` says why)."""
+        return self._settled.wait(timeout) and self.failure is None
+
     def close(self, timeout: float = 10.0) -> None:
         with self._wakeup:
             self._closing = True
-            for handle in self._pending:
+            for handle in [*self._pending, *(s.handle for s in self._slots if s is not None)]:
                 handle.cancel()
             self._wakeup.notify()
-        if self._active is not None:
-            self._active.cancel()
         self._thread.join(timeout)
 
-    # -- engine thread --
-    def _next_request(self) -> RequestHandle | None:
-        with self._wakeup:
-            while not self._pending and not self._closing:
-                self._wakeup.wait()
-            if not self._pending:
-                return None
-            self._active = self._pending.popleft()
-            return self._active
+    # -- engine thread: setup --
+    def _progress(self, message: str, fraction: float | None = None) -> None:
+        self.warmup_message = message
+        log.info("%s%s", message, "" if fraction is None else f" ({fraction:.0%})")
+        if self._on_progress is not None:
+            try:
+                self._on_progress(message, fraction)
+            except Exception:  # a broken status display must not stop the engine
+                log.exception("progress callback failed")
 
+    def _warm_up(self) -> None:
+        """Allocate the cache and buffers and, on CUDA, capture every decode-step graph."""
+        shape = self.weights.shape
+        self.cache = kv_step.allocate_kv_cache(
+            shape, self.capacity, self.context_length, self.weights.dtype, self.device
+        )
+        self.buffers = kv_step.DecodeBuffers.allocate(self.capacity, shape.vocab, self.device)
+        self.graphs = (
+            kv_step.DecodeGraphs(self.weights, self.cache, self.buffers, self.compile_step)
+            if self.use_graphs
+            else None
+        )
+        if self.graphs is not None:
+            shapes = [
+                (batch, kv_len)
+                for batch in kv_step.batch_buckets(self.capacity)
+                for kv_len in kv_step.kv_buckets(self.context_length)
+            ]
+            for done, (batch, kv_len) in enumerate(shapes):
+                self._progress(
+                    f"Capturing decode steps ({done + 1} of {len(shapes)}: batch {batch}, {kv_len} keys)…",
+                    done / len(shapes),
+                )
+                self.graphs.capture(batch, kv_len)
+            torch.cuda.synchronize(self.device)
+        self.ready_s = time.monotonic() - self._started
+        self._progress(f"Engine ready in {self.ready_s:.1f}s: {self.capacity} concurrent requests.", 1.0)
+        self._settled.set()
+
+    # -- engine thread: the loop --
     def _serve(self) -> None:
         try:
-            while (handle := self._next_request()) is not None:
-                try:
-                    self._generate(handle)
-                except Exception as exc:  # a request's failure must not end the engine
-                    log.exception("request %d failed", handle.id)
-                    handle.finish("error", describe_failure(exc))
-                finally:
-                    self._release()
+            with torch.inference_mode():
+                self._warm_up()
+                while self._wait_for_work():
+                    self._iteration()
         except BaseException as exc:  # the thread itself is dying: say so, fail everyone
             self.failure = f"the engine stopped: {describe_failure(exc)}"
             log.critical(self.failure, exc_info=True)
-            self._fail_pending(self.failure)
+            self._settled.set()
+            self._fail_all(self.failure)
             raise
 
-    def _release(self) -> None:
+    def _wait_for_work(self) -> bool:
         with self._wakeup:
-            self._active = None
+            while not self._pending and not any(self._slots) and not self._closing:
+                self._wakeup.wait()
+            return not (self._closing and not self._pending and not any(self._slots))
+
+    def _iteration(self) -> None:
+        # 1) cancels free their slots before anything runs
+        self._drop_cancelled()
+        # 2) waiting requests take free slots, oldest first
+        self._admit()
+        # 3) a bounded amount of prompt, so running streams keep flowing
+        self._prefill()
+        # 4) one token for every decoding slot
+        self._decode()
+
+    def _drop_cancelled(self) -> None:
+        with self._wakeup:
+            cancelled = [h for h in self._pending if h.cancelled]
+            self._pending = collections.deque(h for h in self._pending if not h.cancelled)
+        for handle in cancelled:
+            handle.finish("cancelled")
+        for slot in self._active_slots():
+            if slot.handle.cancelled:
+                self._release(slot, "cancelled")
+
+    def _admit(self) -> None:
+        while True:
+            with self._wakeup:
+                free = next((i for i, s in enumerate(self._slots) if s is None), None)
+                if free is None or not self._pending:
+                    return
+                handle = self._pending.popleft()
+                problem = self._check_fits(handle)
+                if problem is None:
+                    self._slots[free] = Slot(handle, free)
+            if problem is not None:
+                handle.finish("error", problem)
+            else:
+                self._set_sampling_row(free, handle.params)
+
+    def _check_fits(self, handle: RequestHandle) -> str | None:
+        prompt_len, new = len(handle.prompt_ids), handle.params.max_new_tokens
+        if prompt_len == 0 or prompt_len + new > self.context_length:
+            return (
+                f"prompt of {prompt_len} tokens plus {new} new tokens "
+                f"does not fit the context of {self.context_length}"
+            )
+        return None
+
+    def _set_sampling_row(self, index: int, params: SamplingParams) -> None:
+        """Write a request's sampling parameters into its slot's row of the decode buffers."""
+        b = self.buffers
+        b.sampling.temperature[index] = params.temperature
+        b.sampling.top_p[index] = params.top_p
+        b.sampling.top_k[index] = params.top_k
+        b.sampling.repetition_penalty[index] = params.repetition_penalty
+        seed = params.seed if params.seed is not None else random.randrange(2**32)
+        b.seeds[index] = (seed ^ (seed >> 32)) & 0xFFFFFFFF
+
+    def _active_slots(self) -> list[Slot]:
+        return [slot for slot in self._slots if slot is not None]
+
+    def _release(self, slot: Slot, reason: str, error: str | None = None) -> None:
+        with self._wakeup:
+            self._slots[slot.index] = None
+        slot.handle.finish(reason, error)
+
+    def _fail(self, slots: list[Slot], exc: Exception) -> None:
+        log.error("step failed for requests %s", [s.handle.id for s in slots], exc_info=exc)
+        for slot in slots:
+            self._release(slot, "error", describe_failure(exc))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # after an OOM, hand the fragments back
 
-    def _fail_pending(self, reason: str) -> None:
+    def _fail_all(self, reason: str) -> None:
         with self._wakeup:
             waiting, self._pending = list(self._pending), collections.deque()
-            active = self._active
-        for handle in [*waiting, *([active] if active else [])]:
+            active = [s.handle for s in self._slots if s is not None]
+            self._slots = [None] * self.capacity
+        for handle in [*waiting, *active]:
             handle.finish("error", reason)
 
-    def _generate(self, handle: RequestHandle) -> None:
-        params = handle.params
-        prompt_len = len(handle.prompt_ids)
-        if prompt_len == 0 or prompt_len + params.max_new_tokens > self.context_length:
-            handle.finish(
-                "error",
-                f"prompt of {prompt_len} tokens plus {params.max_new_tokens} new tokens "
-                f"does not fit the context of {self.context_length}",
-            )
-            return
-        if handle.cancelled:
-            handle.finish("cancelled")
-            return
-        # 1) prefill the prompt
-        prompt = torch.tensor([handle.prompt_ids], dtype=torch.long, device=self.device)
-        cache = new_cache(self.model)
-        logits = prefill(self.model, prompt, cache)
-        seen = torch.zeros(1, self.vocab_size, dtype=torch.bool, device=self.device)
-        seen[0, prompt[0]] = True
-        sampling = SamplingTensors.from_params([params], self.device)
-        generator = seeded_generator(self.device, params.seed)
-        # 2) decode until a stop token, the token limit, or a cancel
-        for step in range(params.max_new_tokens):
-            if handle.cancelled:
-                handle.finish("cancelled")
+    # -- prefill --
+    def _prefill(self) -> None:
+        budget = self.chunk_size
+        for slot in sorted(self._active_slots(), key=lambda s: s.handle.id):  # oldest first
+            if budget == 0:
                 return
-            token = sample_next_tokens(logits, sampling, seen, generator)
-            token_id = int(token[0])
-            if token_id in self.stop_ids:
-                handle.finish("stop")
-                return
-            handle.deliver(TokenEvent(token=token_id))
-            if step + 1 == params.max_new_tokens:
-                break
-            seen[0, token_id] = True
-            logits = decode_one_token(self.model, token.view(1, 1), cache)
-        handle.finish("length")
+            if slot.decoding:
+                continue
+            take = min(budget, slot.prompt_len - slot.prefilled)
+            budget -= take
+            try:
+                self._prefill_chunk(slot, take)
+            except Exception as exc:  # this request only
+                self._fail([slot], exc)
+
+    def _prefill_chunk(self, slot: Slot, take: int) -> None:
+        start = slot.prefilled
+        chunk = torch.tensor(slot.handle.prompt_ids[start : start + take], device=self.device)
+        logits = kv_step.prefill_chunk(self.weights, self.cache, chunk, start, slot.index)  # [1, V]
+        slot.prefilled += take
+        if slot.decoding:
+            self._first_token(slot, logits)
+
+    def _first_token(self, slot: Slot, logits: torch.Tensor) -> None:
+        """The prompt is in: set up the slot's `seen` row and sample from the prompt's last logits."""
+        row = slice(slot.index, slot.index + 1)
+        seen = self.buffers.seen[row]  # [1, V]
+        seen.zero_()
+        seen[0, torch.tensor(slot.handle.prompt_ids, device=self.device)] = True
+        counter = torch.tensor([slot.prompt_len - 1], device=self.device)
+        params = self.buffers.sampling_rows(row)
+        token = sample_next_tokens_sync_free(
+            logits, params, seen, self.buffers.seeds[row], counter, *eager_shortcuts([slot.handle.params])
+        )
+        seen[0, token] = True
+        self._accept(slot, int(token[0]))
+
+    # -- decode --
+    def _decode(self) -> None:
+        rows = [s for s in self._slots if s is not None and s.decoding]
+        if not rows:
+            return
+        batch = max(s.index for s in rows) + 1
+        if self.pad_batches:
+            batch = kv_step.batch_bucket(batch, self.capacity)
+        try:
+            tokens = self._run_decode_step(batch)
+        except Exception as exc:  # every request in the step
+            self._fail(rows, exc)
+            return
+        for slot in rows:
+            self._accept(slot, tokens[slot.index])
+
+    def _run_decode_step(self, batch: int) -> list[int]:
+        """Fill rows [0, batch) of the input buffers, run the step, read the sampled tokens back."""
+        tokens, positions = [0] * batch, [0] * batch
+        for index in range(batch):
+            slot = self._slots[index]
+            if slot is not None:
+                positions[index] = slot.next_position
+                tokens[index] = slot.last_token if slot.decoding else 0
+        kv_len = kv_step.kv_bucket(max(positions) + 1, self.context_length)
+        self.buffers.tokens[:batch].copy_(torch.tensor(tokens))
+        self.buffers.positions[:batch].copy_(torch.tensor(positions))
+        if self.graphs is not None:
+            self.graphs.replay(batch, kv_len)
+        else:
+            decoding = [s.handle.params for s in self._slots[:batch] if s is not None and s.decoding]
+            self.decode_step(batch, kv_len, *eager_shortcuts(decoding))
+        return self.buffers.next[:batch].tolist()  # the one host sync per step
+
+    def decode_step(self, batch: int, kv_len: int, all_greedy: bool, top_k_bound: int | None) -> None:
+        """The eager decode step (CPU, or CUDA without graphs); tests patch this to inject faults."""
+        kv_step.decode_and_sample(
+            self.weights, self.cache, self.buffers, batch, kv_len, all_greedy, top_k_bound
+        )
+
+    def _accept(self, slot: Slot, token: int) -> None:
+        """Stream a sampled token, or finish the request on a stop token or its token limit."""
+        slot.generated += 1
+        slot.last_token = token
+        if token in self.stop_ids:
+            self._release(slot, "stop")
+            return
+        slot.handle.deliver(TokenEvent(token=token))
+        if slot.generated == slot.handle.params.max_new_tokens:
+            self._release(slot, "length")
 
 
-def describe_failure(exc: BaseException) -> str:
-    """A sentence for the user; the stack trace goes to the log."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return "the GPU ran out of memory for this request; try a shorter conversation or fewer new tokens"
-    return f"generation failed ({type(exc).__name__}: {exc})"
-
-
-def wait_until_idle(engine, timeout: float = 5.0) -> bool:
-    """For tests and health checks: True once nothing is generating or queued."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = engine.stats()
-        if stats.active == 0 and stats.queued == 0:
-            return True
-        time.sleep(0.02)
-    return False
+def eager_shortcuts(params: list[SamplingParams]) -> tuple[bool, int | None]:
+    """What the host knows about a step's rows that lets an eager step skip work: whether all
+    are greedy, and a top-k bound when every sampling row has one (rank K, not the vocabulary).
+    Rows not listed (idle ones) may come out wrong; their tokens are never read."""
+    sampling = [p for p in params if not p.greedy]
+    bound = max((p.top_k for p in sampling), default=1) if all(p.top_k > 0 for p in sampling) else None
+    return not sampling, bound

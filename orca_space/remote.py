@@ -40,6 +40,7 @@ from huggingface_hub.errors import (
     TextGenerationError,
 )
 
+from .chat import Notify
 from .history import Message
 from .loading import ModelLoadError
 from .params import SamplingParams
@@ -86,8 +87,11 @@ class RemoteBackend:
         """Nothing to release: each reply's client is closed when its stream ends."""
 
     # -- chat side --
-    async def stream_reply(self, messages: list[Message], params: SamplingParams) -> AsyncIterator[str]:
-        """Text deltas of the reply; raises `EngineError` with a sentence for the user."""
+    async def stream_reply(
+        self, messages: list[Message], params: SamplingParams, notify: Notify | None = None
+    ) -> AsyncIterator[str]:
+        """Text deltas of the reply; raises `EngineError` with a sentence for the user.
+        (`notify` is unused: the server queues out of our sight.)"""
         client = self._new_client()  # referenced until `finally`: see the module docstring
         stream = None
         self._active += 1

@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -116,9 +117,32 @@ class RequestHandle:
 
 class Engine(Protocol):
     context_length: int
+    capacity: int  # requests that generate at once; more wait in the engine's queue
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle: ...
+
+    def position(self, handle: RequestHandle) -> int: ...
 
     def stats(self) -> EngineStats: ...
 
     def close(self) -> None: ...
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A sentence for the user; the stack trace goes to the log."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return "the GPU ran out of memory for this request; try a shorter conversation or fewer new tokens"
+    return f"generation failed ({type(exc).__name__}: {exc})"
+
+
+def wait_until_idle(engine: Engine, timeout: float = 5.0) -> bool:
+    """For tests and health checks: True once nothing is generating or queued."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = engine.stats()
+        if stats.active == 0 and stats.queued == 0:
+            return True
+        time.sleep(0.02)
+    return False

@@ -36,9 +36,7 @@ class SamplingTensors:
         )
 
 
-def apply_repetition_penalty(
-    logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor
-) -> torch.Tensor:
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
     """CTRL-style penalty on tokens already in the prompt or reply.
 
     logits: [B, V] float; seen: [B, V] bool; penalty: [B, 1].
@@ -47,9 +45,7 @@ def apply_repetition_penalty(
     return torch.where(seen, penalised, logits)
 
 
-def filter_top_k_top_p(
-    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
-) -> torch.Tensor:
+def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Mask everything outside each row's top-k and top-p nucleus with -inf. logits: [B, V]."""
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     vocab = logits.shape[-1]
@@ -80,3 +76,72 @@ def sample_next_tokens(
     filtered = filter_top_k_top_p(scaled, params.top_k, params.top_p)
     drawn = torch.multinomial(torch.softmax(filtered, dim=-1), 1, generator=generator).squeeze(1)
     return torch.where(greedy, greedy_choice, drawn)
+
+
+def sample_next_tokens_sync_free(
+    logits: torch.Tensor,
+    params: SamplingTensors,
+    seen: torch.Tensor,
+    seeds: torch.Tensor,
+    counters: torch.Tensor,
+    all_greedy: bool = False,
+    top_k_bound: int | None = None,
+) -> torch.Tensor:
+    """`sample_next_tokens` without host syncs, for decode steps replayed as CUDA graphs. Long [B].
+
+    logits: [B, V]; seen: [B, V] bool; seeds, counters: long [B]. The same order as
+    `sample_next_tokens` (repetition penalty, temperature, top-k, top-p, draw), but every row
+    takes the sampling path and greedy rows are picked with `torch.where`: a graph cannot
+    branch on data. The draw inverts the nucleus's CDF at a uniform hashed from (seed, counter),
+    so a row's sample depends on its own seed and counter only, never on which rows share the
+    batch, and no generator state has to live inside a graph.
+
+    Host-known shortcuts for eager use: `all_greedy` skips the sampling; `top_k_bound` (when
+    every row has 0 < top_k <= top_k_bound) ranks only that many candidates instead of sorting V
+    (the same draw, except that exactly tied logits may be ranked in another order).
+    """
+    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+    greedy_choice = logits.argmax(dim=-1)
+    if all_greedy:
+        return greedy_choice
+    scaled = logits / torch.where(params.temperature > 0, params.temperature, 1.0)
+    if top_k_bound is not None:
+        ranked, order = torch.topk(scaled, min(top_k_bound, scaled.shape[-1]), dim=-1)  # [B, K], sorted
+    else:
+        # Stable: tied logits rank by token id, whatever the batch size or sort algorithm.
+        ranked, order = torch.sort(scaled, dim=-1, descending=True, stable=True)  # [B, V]
+    rank = torch.arange(ranked.shape[-1], device=logits.device).unsqueeze(0)  # [1, K]
+    in_top_k = rank < torch.where(params.top_k > 0, params.top_k, scaled.shape[-1])  # [B, K]
+    probs = torch.softmax(ranked.masked_fill(~in_top_k, float("-inf")), dim=-1)
+    cdf = torch.cumsum(probs, dim=-1)
+    # Kept tokens form a prefix of the ranking (top-k and top-p both cut at a rank), so the
+    # nucleus's CDF is `cdf` up to its last kept rank.
+    kept = (in_top_k & (cdf - probs < params.top_p)).sum(dim=-1, keepdim=True)  # [B, 1], >= 1
+    total = cdf.gather(-1, kept - 1)  # [B, 1]
+    target = uniform_from_counter(seeds, counters).unsqueeze(1) * total
+    # Rounding can put `target` at the CDF's end: clamp to the last kept rank.
+    pick = torch.minimum(torch.searchsorted(cdf, target, right=True), kept - 1)
+    drawn = order.gather(-1, pick).squeeze(1)
+    return torch.where(params.temperature.squeeze(1) == 0, greedy_choice, drawn)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """An avalanche hash of int64 values in [0, 2**32). The multipliers are below 2**31, so no
+    product overflows int64 (overflow behaviour would differ between backends)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x68E31DA5) & _MASK32
+    return x ^ (x >> 16)
+
+
+def uniform_from_counter(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """A uniform in [0, 1) per row, float32 [B], a pure function of (seeds[b], counters[b]).
+
+    24 bits, so every value is exact in float32 and below 1.
+    """
+    bits = _mix32((_mix32(_mix32(seeds & _MASK32) ^ (counters & _MASK32)) + 0x165667B1) & _MASK32)
+    return (bits >> 8).float() / float(1 << 24)

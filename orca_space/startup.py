@@ -8,9 +8,10 @@ from pathlib import Path
 
 from .chat import ChatLimits, ChatService, LocalBackend
 from .chatml import ChatEncoder
-from .engine import LocalEngine
+from .engine import BatchedEngine
 from .loading import (
     LoadStatus,
+    ModelLoadError,
     load_in_background,
     load_model,
     load_tokenizer,
@@ -24,6 +25,10 @@ from .tiny import is_tiny_checkpoint, write_tiny_checkpoint
 
 log = logging.getLogger(__name__)
 DEMO_DIR = Path.home() / ".cache" / "orca-space" / "tiny"
+# Chats gradio streams at once. The page is built before the engine knows its capacity (that
+# depends on the GPU memory left after loading), so this is generous: the engine runs
+# `capacity` chats and queues the rest in order, telling each its place.
+LOCAL_CONCURRENCY = 64
 
 
 def chat_limits(settings: Settings) -> ChatLimits:
@@ -49,7 +54,7 @@ def start_local_runtime(settings: Settings) -> ChatRuntime:
     """Return at once; the model loads in the background and `runtime.service` appears when ready."""
     demo = settings.demo or is_tiny_checkpoint(settings.model)
     name = "tiny random-weight demo model" if demo else settings.model
-    runtime = new_runtime(settings, name, demo, concurrency=LocalEngine.capacity)
+    runtime = new_runtime(settings, name, demo, concurrency=LOCAL_CONCURRENCY)
 
     def load(status: LoadStatus) -> None:
         checkpoint = (
@@ -62,13 +67,23 @@ def start_local_runtime(settings: Settings) -> ChatRuntime:
         tokenizer = load_tokenizer(checkpoint)
         model = load_model(checkpoint, device)
         encoder = ChatEncoder(tokenizer)
-        engine = LocalEngine(model, encoder.controls.stop_ids, settings.context_length)
+        engine = BatchedEngine(
+            model,
+            encoder.controls.stop_ids,
+            settings.context_length,
+            on_progress=lambda message, fraction: status.update("loading", message, fraction),
+        )
         atexit.register(engine.close)  # stop the model thread before the interpreter tears down
+        if not engine.wait_ready():  # on CUDA the decode graphs are captured first
+            raise ModelLoadError(f"The engine could not start: {engine.stats().failure}")
         runtime.engine = engine
         runtime.service = ChatService(
             LocalBackend(engine, encoder, tokenizer), encoder, chat_limits(settings)
         )
-        status.update("ready", f"Ready: {runtime.model_name} on {device.upper()}.")
+        status.update(
+            "ready",
+            f"Ready: {runtime.model_name} on {device.upper()}, {engine.capacity} chats at once.",
+        )
 
     load_in_background(load, runtime.status)
     return runtime

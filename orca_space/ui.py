@@ -206,7 +206,7 @@ def make_respond(runtime: ChatRuntime):
                 f"the {runtime.context_length:,}-token context with {chat.params.max_new_tokens} new tokens."
             )
         try:
-            async for text in service.stream(chat):
+            async for text in service.stream(chat, notify=gr.Info):
                 yield text
         except EngineError as exc:
             raise gr.Error(str(exc)) from None

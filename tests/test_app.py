@@ -10,7 +10,7 @@ import pytest
 from gradio_client import Client
 
 from orca_space.chat import ChatLimits, ChatService, LocalBackend
-from orca_space.engine import LocalEngine
+from orca_space.engine import BatchedEngine
 from tests.helpers import running_app
 
 GREEDY = dict(max_new_tokens=48, temperature=0.0, top_p=0.95, top_k=40, repetition_penalty=1.0)
@@ -52,7 +52,7 @@ def expected_greedy_reply(tiny_model, tokenizer, encoder, messages, max_new_toke
     """What the app must answer: the same checkpoint, greedy, run in this process."""
     import asyncio
 
-    engine = LocalEngine(tiny_model, encoder.controls.stop_ids, 8192)
+    engine = BatchedEngine(tiny_model, encoder.controls.stop_ids, 8192)
     service = ChatService(LocalBackend(engine, encoder, tokenizer), encoder, ChatLimits())
 
     async def run():

@@ -8,7 +8,8 @@ import re
 import pytest
 
 from orca_space.chat import ChatLimits, ChatService, LocalBackend, normalize_history
-from orca_space.engine import LocalEngine, wait_until_idle
+from orca_space.engine import BatchedEngine
+from orca_space.requests import wait_until_idle
 from orca_space.params import SamplingParams
 from orca_space.requests import EngineError
 
@@ -22,7 +23,7 @@ class RecordingBackend:
         self.pieces = pieces
         self.calls = []
 
-    async def stream_reply(self, messages, params):
+    async def stream_reply(self, messages, params, notify=None):
         self.calls.append((messages, params))
         for piece in self.pieces:
             yield piece
@@ -122,7 +123,7 @@ async def test_stream_yields_growing_text(encoder):
 
 @pytest.fixture()
 def local_service(tiny_model, tokenizer, encoder):
-    engine = LocalEngine(tiny_model, encoder.controls.stop_ids, context_length=1024)
+    engine = BatchedEngine(tiny_model, encoder.controls.stop_ids, context_length=1024)
     service = ChatService(LocalBackend(engine, encoder, tokenizer), encoder, ChatLimits(context_length=1024))
     yield service, engine
     engine.close()
@@ -185,3 +186,27 @@ def test_long_replies_in_history_are_accepted(encoder):
         "next", history, "", DEFAULTS
     )
     assert chat.messages[1]["role"] == "assistant", "a reply longer than the message limit is fine"
+
+
+@pytest.mark.anyio
+async def test_a_chat_waiting_for_a_slot_is_told_its_place(tiny_model, tokenizer, encoder):
+    engine = BatchedEngine(tiny_model, encoder.controls.stop_ids, context_length=1024, slots=1)
+    service = ChatService(LocalBackend(engine, encoder, tokenizer), encoder, ChatLimits(context_length=1024))
+    try:
+        busy = service.stream(service.prepare("first", [], "", {**DEFAULTS, "max_new_tokens": 900}))
+        await anext(busy)  # the only slot is taken
+        notices = []
+        waiting = service.stream(
+            service.prepare("second", [], "", {**DEFAULTS, "max_new_tokens": 2}), notices.append
+        )
+        first_piece = asyncio.ensure_future(anext(waiting))  # submits, then waits for a slot
+        for _ in range(200):
+            if notices:
+                break
+            await asyncio.sleep(0.01)
+        assert len(notices) == 1 and "number 1 in line" in notices[0], notices
+        assert not first_piece.done(), "nothing streams while the only slot is busy"
+        await busy.aclose()  # frees the slot
+        assert await asyncio.wait_for(first_piece, 10), "the waiting chat gets its reply"
+    finally:
+        engine.close()

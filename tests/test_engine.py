@@ -1,4 +1,6 @@
-"""The one-at-a-time engine on the tiny checkpoint: streams, limits, stops, cancels, fails safely."""
+"""The engine through its interface, on the tiny checkpoint: streams, limits, stops, cancels, fails safely.
+
+Batching itself (shared steps, chunked prefill, slots) is tested in test_batching.py."""
 
 from __future__ import annotations
 
@@ -8,15 +10,16 @@ import time
 import pytest
 import torch
 
-from orca_space.engine import LocalEngine, wait_until_idle
+from orca_space.engine import BatchedEngine
 from orca_space.params import SamplingParams
+from orca_space.requests import wait_until_idle
 
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
 
 
 @pytest.fixture()
 def engine(tiny_model, encoder):
-    engine = LocalEngine(tiny_model, encoder.controls.stop_ids, context_length=512)
+    engine = BatchedEngine(tiny_model, encoder.controls.stop_ids, context_length=512)
     yield engine
     engine.close()
 
@@ -51,9 +54,9 @@ def test_same_seed_same_sample_and_different_seed_differs(engine, prompt):
 
 
 def test_stops_at_a_stop_token_without_sending_it(tiny_model, encoder, prompt):
-    greedy = tokens_of(LocalEngine(tiny_model, encoder.controls.stop_ids, 512).submit(prompt, GREEDY))
+    greedy = tokens_of(BatchedEngine(tiny_model, encoder.controls.stop_ids, 512).submit(prompt, GREEDY))
     stop_at = 5
-    engine = LocalEngine(tiny_model, {greedy[stop_at]}, 512)
+    engine = BatchedEngine(tiny_model, {greedy[stop_at]}, 512)
     events = list(engine.submit(prompt, GREEDY))
     engine.close()
     assert tokens_of(events) == greedy[:stop_at] and events[-1].finish_reason == "stop"
@@ -64,7 +67,7 @@ def test_stops_at_im_end(tiny_model, encoder, prompt, monkeypatch):
     original = tiny_model.lm_head.weight.data.clone()
     tiny_model.lm_head.weight.data[32000] = tiny_model.lm_head.weight.data.abs().max() * 1e3
     try:
-        engine = LocalEngine(tiny_model, encoder.controls.stop_ids, 512)
+        engine = BatchedEngine(tiny_model, encoder.controls.stop_ids, 512)
         events = list(engine.submit(prompt, SamplingParams(max_new_tokens=10, temperature=0.0)))
         engine.close()
     finally:
@@ -104,7 +107,8 @@ def test_requests_are_served_in_turn_with_separate_answers(engine, encoder):
     assert len({tuple(s) for s in solo}) == 3
 
 
-def test_queued_request_knows_its_place(engine, prompt):
+def test_queued_request_knows_its_place(tiny_model, encoder, prompt):
+    engine = BatchedEngine(tiny_model, encoder.controls.stop_ids, context_length=512, slots=1)
     first = engine.submit(prompt, SamplingParams(max_new_tokens=300, temperature=1.0))
     second = engine.submit(prompt, GREEDY)
     deadline = time.monotonic() + 2
@@ -113,6 +117,7 @@ def test_queued_request_knows_its_place(engine, prompt):
     assert engine.position(second) == 1 and engine.stats().queued == 1
     first.cancel()
     assert list(second)[-1].finish_reason == "length"
+    engine.close()
 
 
 def test_prompt_too_long_is_an_error_event(engine):
@@ -121,9 +126,7 @@ def test_prompt_too_long_is_an_error_event(engine):
 
 
 def test_exception_reaches_only_its_request(engine, prompt, monkeypatch):
-    import orca_space.engine as engine_module
-
-    real = engine_module.decode_one_token
+    real = engine.decode_step
     calls = {"n": 0}
 
     def failing_once(*args):
@@ -132,7 +135,7 @@ def test_exception_reaches_only_its_request(engine, prompt, monkeypatch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
         return real(*args)
 
-    monkeypatch.setattr(engine_module, "decode_one_token", failing_once)
+    monkeypatch.setattr(engine, "decode_step", failing_once)
     events = list(engine.submit(prompt, GREEDY))
     assert events[-1].finish_reason == "error" and "ran out of memory" in events[-1].error
     assert engine.stats().alive

@@ -1,0 +1,449 @@
+"""The batched engine's model math: Mistral's forward as small functions over a slot-indexed KV cache.
+
+In the spirit of gpt-fast, the transformer is a few pure functions of tensors: they read the
+weights of a loaded transformers `MistralForCausalLM` (no copy) and a static KV cache shaped
+[layers, slots, kv_heads, max_len, head_dim], where each slot holds one request at its own
+length. Nothing here allocates per step beyond temporaries and nothing reads a tensor back to
+the host, so a whole decode step (forward and sampling) can be replayed as a CUDA graph.
+
+Shapes in comments: B rows (slots), T new tokens per row, L attended key positions, H query
+heads, KVH key/value heads, G = H // KVH query heads per key/value head, D head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .sampling import SamplingTensors, sample_next_tokens_sync_free
+
+# Rope variants whose frequencies depend on the sequence length cannot use a fixed table.
+DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
+SMALLEST_KV_BUCKET = 256
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    sliding_window: int | None  # a query sees keys at positions (p - window, p]
+    eps: float
+
+    @property
+    def groups(self) -> int:
+        return self.heads // self.kv_heads
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """Keys and values of one token in every layer: 128 KiB for Mistral 7B in fp16."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    attn_norm: torch.Tensor  # [hidden]
+    q: torch.Tensor  # [H * D, hidden]
+    k: torch.Tensor  # [KVH * D, hidden]
+    v: torch.Tensor  # [KVH * D, hidden]
+    o: torch.Tensor  # [hidden, H * D]
+    mlp_norm: torch.Tensor  # [hidden]
+    gate: torch.Tensor  # [intermediate, hidden]
+    up: torch.Tensor  # [intermediate, hidden]
+    down: torch.Tensor  # [hidden, intermediate]
+
+
+@dataclass(frozen=True)
+class MistralWeights:
+    shape: ModelShape
+    embed: torch.Tensor  # [V, hidden]
+    layers: tuple[LayerWeights, ...]
+    norm: torch.Tensor  # [hidden]
+    lm_head: torch.Tensor  # [V, hidden]
+    inv_freq: torch.Tensor  # float32 [D / 2]: the rotary frequencies transformers itself uses
+    rope_scale: float  # transformers' `attention_scaling` (1.0 for the default rope)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+
+def weights_from_hf(model) -> MistralWeights:
+    """Views of a loaded `MistralForCausalLM`'s parameters; raises ValueError for what we can't run."""
+    config = model.config
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"model hidden_act must be 'silu', got {config.hidden_act!r}")
+    rotary = model.model.rotary_emb
+    if getattr(rotary, "rope_type", "default") in DYNAMIC_ROPE_TYPES:
+        raise ValueError(f"model rope_type {rotary.rope_type!r} changes with length; not supported")
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    shape = ModelShape(
+        layers=config.num_hidden_layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        vocab=config.vocab_size,
+        sliding_window=getattr(config, "sliding_window", None),
+        eps=config.rms_norm_eps,
+    )
+    layers = tuple(
+        LayerWeights(
+            attn_norm=layer.input_layernorm.weight,
+            q=layer.self_attn.q_proj.weight,
+            k=layer.self_attn.k_proj.weight,
+            v=layer.self_attn.v_proj.weight,
+            o=layer.self_attn.o_proj.weight,
+            mlp_norm=layer.post_attention_layernorm.weight,
+            gate=layer.mlp.gate_proj.weight,
+            up=layer.mlp.up_proj.weight,
+            down=layer.mlp.down_proj.weight,
+        )
+        for layer in model.model.layers
+    )
+    return MistralWeights(
+        shape=shape,
+        embed=model.model.embed_tokens.weight,
+        layers=layers,
+        norm=model.model.norm.weight,
+        lm_head=model.lm_head.weight,
+        inv_freq=rotary.inv_freq.detach().float(),
+        rope_scale=float(getattr(rotary, "attention_scaling", 1.0)),
+    )
+
+
+@dataclass(frozen=True)
+class KVCache:
+    k: torch.Tensor  # [layers, slots, KVH, max_len, D]
+    v: torch.Tensor  # [layers, slots, KVH, max_len, D]
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+def allocate_kv_cache(shape: ModelShape, slots: int, max_len: int, dtype, device) -> KVCache:
+    size = (shape.layers, slots, shape.kv_heads, max_len, shape.head_dim)
+    # Zeros, not empty: positions past a row's length are masked, but NaN garbage times a zero
+    # attention weight would still be NaN.
+    return KVCache(
+        torch.zeros(size, dtype=dtype, device=device), torch.zeros(size, dtype=dtype, device=device)
+    )
+
+
+def plan_capacity(
+    free_bytes: int,
+    bytes_per_token: int,
+    context_length: int,
+    reserve_bytes: int = 2 * 2**30,
+    reserve_fraction: float = 0.05,
+    max_slots: int = 64,
+) -> int:
+    """How many full-context requests fit in the memory left after loading the weights.
+
+    `reserve_*` keeps room for prefill activations, the sampler's [B, V] temporaries and the
+    CUDA graphs' pool. Returns 0 when not even one request fits (the caller says so).
+    """
+    usable = free_bytes - reserve_bytes - int(free_bytes * reserve_fraction)
+    per_slot = bytes_per_token * context_length
+    return max(0, min(max_slots, usable // per_slot))
+
+
+def kv_bucket(needed: int, max_len: int) -> int:
+    """Keys to attend over: the next power of two >= needed (min 256), capped at the cache length.
+
+    Attending over the whole static cache would read every slot's full context each step; a
+    few fixed lengths keep the reads near what is used while staying graph-capturable.
+    """
+    return min(max_len, max(SMALLEST_KV_BUCKET, 1 << max(0, needed - 1).bit_length()))
+
+
+def kv_buckets(max_len: int) -> list[int]:
+    """Every value `kv_bucket` can return for this cache."""
+    buckets, size = [], SMALLEST_KV_BUCKET
+    while size < max_len:
+        buckets.append(size)
+        size *= 2
+    return buckets + [max_len]
+
+
+# -- the transformer, one small function per piece --
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """As transformers' MistralRMSNorm: the statistics in fp32, the scale in the model dtype."""
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, scale: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions: [B, T] -> cos, sin: [B, 1, T, D] (broadcast over heads)."""
+    freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
+    angles = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
+    return (angles.cos() * scale).to(dtype)[:, None], (angles.sin() * scale).to(dtype)[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, T, D]; rotate-half rope, as transformers does it."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(positions: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
+    """positions: [B, T] -> bool [B, 1, T, L]: key j is visible from position p if p - window < j <= p.
+
+    Every row sees at least its own key, so no row is all-masked (SDPA would give NaN).
+    """
+    keys = torch.arange(kv_len, device=positions.device)  # [L]
+    query = positions[:, None, :, None]  # [B, 1, T, 1]
+    visible = keys <= query
+    if window is not None:
+        visible &= keys > query - window
+    return visible
+
+
+def write_kv(cache_rows: torch.Tensor, new: torch.Tensor, positions: torch.Tensor) -> None:
+    """cache_rows: [B, KVH, max_len, D]; new: [B, KVH, T, D]; positions: [B, T].
+
+    Index arithmetic only (no host reads), so the write is graph-capturable.
+    """
+    rows = torch.arange(cache_rows.shape[0], device=positions.device)[:, None]  # [B, 1]
+    cache_rows[rows, :, positions] = new.transpose(1, 2)  # indexed view: [B, T, KVH, D]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q: [B, H, T, D]; k, v: [B, KVH, L, D]; mask: [B, 1, T, L] -> [B, T, H * D].
+
+    Grouped-query attention without repeating keys: the G query heads that share a key/value
+    head are folded into SDPA's query-length axis ([B, KVH, G * T, D]), so each cached key is
+    read once per step instead of G times. Query head h uses key/value head h // G, as in
+    transformers' `repeat_kv`.
+    """
+    B, H, T, D = q.shape
+    kv_heads = k.shape[1]
+    groups = H // kv_heads
+    q = q.reshape(B, kv_heads, groups * T, D)
+    mask = mask[:, :, None].expand(B, 1, groups, T, mask.shape[-1]).reshape(B, 1, groups * T, -1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=D**-0.5)  # [B, KVH, G*T, D]
+    return out.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
+
+
+def layer_forward(
+    x: torch.Tensor,
+    w: LayerWeights,
+    shape: ModelShape,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor,
+    k_rows: torch.Tensor,
+    v_rows: torch.Tensor,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """x: [B, T, hidden]; k_rows, v_rows: this layer's cache for the B rows [B, KVH, max_len, D]."""
+    B, T, _ = x.shape
+    h = rms_norm(x, w.attn_norm, shape.eps)
+    q = F.linear(h, w.q).view(B, T, shape.heads, shape.head_dim).transpose(1, 2)  # [B, H, T, D]
+    k = F.linear(h, w.k).view(B, T, shape.kv_heads, shape.head_dim).transpose(1, 2)  # [B, KVH, T, D]
+    v = F.linear(h, w.v).view(B, T, shape.kv_heads, shape.head_dim).transpose(1, 2)
+    cos, sin = rope
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    write_kv(k_rows, k, positions)
+    write_kv(v_rows, v, positions)
+    kv_len = mask.shape[-1]
+    attn = attend(q, k_rows[:, :, :kv_len], v_rows[:, :, :kv_len], mask)  # [B, T, H*D]
+    x = x + F.linear(attn, w.o)
+    h = rms_norm(x, w.mlp_norm, shape.eps)
+    return x + F.linear(F.silu(F.linear(h, w.gate)) * F.linear(h, w.up), w.down)
+
+
+def forward(
+    weights: MistralWeights,
+    cache: KVCache,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    first_slot: int,
+    kv_len: int,
+) -> torch.Tensor:
+    """Run tokens [B, T] at positions [B, T] for slots first_slot .. first_slot + B - 1.
+
+    Writes their keys and values into the cache and returns the final hidden states
+    [B, T, hidden] before the last norm. Each row attends over its slot's first `kv_len`
+    positions, masked to its own causal sliding window; every position a row can see must
+    already be written (earlier chunks or steps) or be written by this call.
+    """
+    shape = weights.shape
+    B = tokens.shape[0]
+    x = F.embedding(tokens, weights.embed)  # [B, T, hidden]
+    rope = rope_cos_sin(positions, weights.inv_freq, weights.rope_scale, x.dtype)
+    mask = attention_mask(positions, kv_len, shape.sliding_window)
+    rows = slice(first_slot, first_slot + B)
+    for index, layer in enumerate(weights.layers):
+        x = layer_forward(x, layer, shape, rope, mask, cache.k[index, rows], cache.v[index, rows], positions)
+    return x
+
+
+def logits_of(weights: MistralWeights, hidden: torch.Tensor) -> torch.Tensor:
+    """hidden: [B, hidden] -> logits [B, V] (in the model dtype, as transformers returns them)."""
+    return F.linear(rms_norm(hidden, weights.norm, weights.shape.eps), weights.lm_head)
+
+
+def prefill_chunk(
+    weights: MistralWeights, cache: KVCache, tokens: torch.Tensor, start: int, slot: int
+) -> torch.Tensor:
+    """tokens: [T], the prompt's tokens from position `start`, into `slot`. Returns logits [1, V]
+    for the chunk's last position (the next-token logits once the whole prompt is in)."""
+    positions = torch.arange(start, start + tokens.shape[0], device=tokens.device)[None]  # [1, T]
+    hidden = forward(weights, cache, tokens[None], positions, slot, start + tokens.shape[0])
+    return logits_of(weights, hidden[:, -1])
+
+
+def decode(
+    weights: MistralWeights, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int
+) -> torch.Tensor:
+    """One token for each of the first B slots (row b is slot b). tokens, positions: [B].
+
+    Returns logits [B, V]. Every position must be < kv_len.
+    """
+    hidden = forward(weights, cache, tokens[:, None], positions[:, None], 0, kv_len)
+    return logits_of(weights, hidden[:, 0])
+
+
+# -- the decode step the engine replays: static buffers in, sampled tokens out --
+
+
+@dataclass(frozen=True)
+class DecodeBuffers:
+    """One row per slot. The engine writes the inputs; the step reads rows [:B] and writes `next`.
+
+    Fixed addresses are what lets a CUDA graph captured once be replayed with new values.
+    """
+
+    tokens: torch.Tensor  # long [S]: each slot's last token, fed this step
+    positions: torch.Tensor  # long [S]: where that token goes in the slot's cache
+    seeds: torch.Tensor  # long [S]: each request's sampling seed (see sample_next_tokens_sync_free)
+    sampling: SamplingTensors  # [S, 1] each
+    seen: torch.Tensor  # bool [S, V]: tokens in each request's prompt or reply so far
+    next: torch.Tensor  # long [S]: the step's sampled tokens
+
+    @classmethod
+    def allocate(cls, slots: int, vocab: int, device) -> DecodeBuffers:
+        def column(dtype, fill=0.0):
+            return torch.full((slots, 1), fill, dtype=dtype, device=device)
+
+        longs = lambda: torch.zeros(slots, dtype=torch.long, device=device)  # noqa: E731
+        return cls(
+            tokens=longs(),
+            positions=longs(),
+            seeds=longs(),
+            sampling=SamplingTensors(
+                temperature=column(torch.float32),
+                top_p=column(torch.float32, 1.0),
+                top_k=column(torch.long),
+                repetition_penalty=column(torch.float32, 1.0),
+            ),
+            seen=torch.zeros(slots, vocab, dtype=torch.bool, device=device),
+            next=longs(),
+        )
+
+    def rows(self, batch: int) -> tuple[torch.Tensor, ...]:
+        return self.tokens[:batch], self.positions[:batch], self.seeds[:batch], self.seen[:batch]
+
+    def sampling_rows(self, rows: slice) -> SamplingTensors:
+        s = self.sampling
+        return SamplingTensors(s.temperature[rows], s.top_p[rows], s.top_k[rows], s.repetition_penalty[rows])
+
+
+def decode_and_sample(
+    weights: MistralWeights,
+    cache: KVCache,
+    buffers: DecodeBuffers,
+    batch: int,
+    kv_len: int,
+    all_greedy: bool = False,
+    top_k_bound: int | None = None,
+) -> None:
+    """The whole decode step for slots [0, batch): forward, per-row sampling, `seen` update.
+
+    No host sync anywhere, so on CUDA it is captured once per (batch, kv_len) and replayed
+    (with the defaults: the eager shortcuts `all_greedy` and `top_k_bound` depend on the rows).
+    The sampler's counter is the input position: unique per token of a request.
+    """
+    tokens, positions, seeds, seen = buffers.rows(batch)
+    logits = decode(weights, cache, tokens, positions, kv_len)  # [B, V]
+    params = buffers.sampling_rows(slice(0, batch))
+    chosen = sample_next_tokens_sync_free(
+        logits, params, seen, seeds, positions, all_greedy, top_k_bound
+    )  # [B]
+    seen.scatter_(1, chosen[:, None], True)
+    buffers.next[:batch].copy_(chosen)
+
+
+class DecodeGraphs:
+    """`decode_and_sample` captured as one CUDA graph per (batch, kv_len) bucket.
+
+    Capture and replay must happen on the same thread (the engine thread): CUDA-graph state is
+    thread-local in PyTorch. Graphs share one memory pool: they never run concurrently and each
+    writes its result into `buffers.next` (allocated outside the pool), which makes sharing safe
+    in any replay order (pytorch/pytorch#166975; vLLM relies on the same).
+
+    `compile_step` first compiles the step once with symbolic batch and key lengths (Inductor
+    fuses the norms, rope and sampler arithmetic), then captures that code per bucket the same
+    way. It costs a compile at warm-up (a minute or more for the 7B model).
+    """
+
+    def __init__(
+        self, weights: MistralWeights, cache: KVCache, buffers: DecodeBuffers, compile_step: bool = False
+    ) -> None:
+        self.weights, self.cache, self.buffers = weights, cache, buffers
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        # One side stream for every warm-up: the caching allocator keeps blocks per stream.
+        self.warmup_stream = torch.cuda.Stream()
+        self.step_fn = (
+            torch.compile(decode_and_sample, fullgraph=True, dynamic=True)
+            if compile_step
+            else decode_and_sample
+        )
+
+    def capture(self, batch: int, kv_len: int) -> None:
+        def step() -> None:
+            self.step_fn(self.weights, self.cache, self.buffers, batch, kv_len)
+
+        side = self.warmup_stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up runs: lazy inits, workspaces, compiles happen outside capture
+            step()
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            step()
+        self.graphs[(batch, kv_len)] = graph
+
+    def replay(self, batch: int, kv_len: int) -> None:
+        self.graphs[(batch, kv_len)].replay()
+
+
+def batch_buckets(slots: int) -> list[int]:
+    """Batch sizes to capture: powers of two, then steps of 16, up to `slots` (always included)."""
+    sizes = [size for size in (1, 2, 4, 8, 16) if size < slots]
+    sizes += list(range(32, slots, 16))
+    return sizes + [slots]
+
+
+def batch_bucket(needed: int, slots: int) -> int:
+    return next(size for size in batch_buckets(slots) if size >= needed)
