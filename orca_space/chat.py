@@ -96,6 +96,8 @@ class ChatService:
         """The reply so far, growing with each item (what a chat window shows)."""
         reply = ""
         async for delta in self.backend.stream_reply(chat.messages, chat.params, notify):
+            # A model can spell a NUL in byte pieces (<0x00>), and the history check refuses NUL.
+            delta = delta.replace("\x00", "")
             if delta:
                 reply += delta
                 yield reply

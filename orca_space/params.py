@@ -63,7 +63,11 @@ def check_value(limit: Limit, value: object) -> int | float:
     """Return `value` as the limit's type, or raise ValueError naming the parameter."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise ValueError(f"{limit.name} must be a number, got {type(value).__name__} {value!r:.40}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too large for a float: JSON allows any number of digits
+        digits = len(str(abs(value)))
+        raise ValueError(f"{limit.name} must be in {_bounds(limit)}, got a {digits}-digit number") from None
     if not math.isfinite(number):
         raise ValueError(f"{limit.name} must be a finite number, got {value}")
     if limit.integer:
@@ -71,10 +75,12 @@ def check_value(limit: Limit, value: object) -> int | float:
             raise ValueError(f"{limit.name} must be a whole number, got {value}")
     too_low = number < limit.low or (number == limit.low and not limit.low_inclusive)
     if too_low or number > limit.high:
-        opening = "[" if limit.low_inclusive else "("
-        bounds = f"{opening}{_fmt(limit.low)}, {_fmt(limit.high)}]"
-        raise ValueError(f"{limit.name} must be in {bounds}, got {value}")
+        raise ValueError(f"{limit.name} must be in {_bounds(limit)}, got {value!r:.40}")
     return int(number) if limit.integer else number
+
+
+def _bounds(limit: Limit) -> str:
+    return f"{'[' if limit.low_inclusive else '('}{_fmt(limit.low)}, {_fmt(limit.high)}]"
 
 
 def _fmt(x: float) -> str:

@@ -6,12 +6,18 @@ import logging
 from typing import Any
 
 import gradio as gr
+from fastapi.responses import PlainTextResponse
 from fastapi.routing import APIRoute
+from starlette.middleware import Middleware
 
 from .runtime import ChatRuntime
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+# Bigger request bodies are refused before anything parses them. Every chat turn the page sends
+# the whole conversation (the chatbot -> history sync), and gradio keeps what it receives in the
+# session's state, so without a cap one caller could park gigabytes in memory.
+MAX_BODY_BYTES = 4 << 20
 SHARE_WITHOUT_AUTH_WARNING = (
     "WARNING: --share makes a public link that anyone who has it can use (and spend your GPU on). "
     "Add --auth user:password to require a login."
@@ -40,6 +46,37 @@ def health(runtime: ChatRuntime) -> dict[str, Any]:
     return body
 
 
+class BodySizeLimit:
+    """ASGI middleware: answer 413 to a request body over `max_bytes`, declared or streamed."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self._too_large(scope, receive, send)
+        received = 0
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:  # a chunked body without a length: end it here
+                    return {"type": "http.disconnect"}
+            return message
+
+        return await self.app(scope, counted_receive, send)
+
+    async def _too_large(self, scope, receive, send):
+        response = PlainTextResponse(f"request body over {self.max_bytes:,} bytes", status_code=413)
+        await response(scope, receive, send)
+
+
 def health_route(runtime: ChatRuntime) -> APIRoute:
     async def healthz() -> dict[str, Any]:
         return health(runtime)
@@ -60,8 +97,12 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
         share=settings.share,
         auth=settings.auth,
         auth_message="Log in to chat with Mistral-7B-OpenOrca.",
-        app_kwargs={"routes": [health_route(runtime)]},
+        app_kwargs={
+            "routes": [health_route(runtime)],
+            "middleware": [Middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)],
+        },
         enable_monitoring=False,  # no /monitoring dashboard on a public link
+        max_file_size=0,  # the chat takes no files: refuse uploads instead of storing any size for anyone
         footer_links=["api", "gradio"],
         theme=gr.themes.Soft(primary_hue="blue"),
     )

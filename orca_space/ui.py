@@ -53,8 +53,9 @@ def build_ui(runtime: ChatRuntime) -> gr.Blocks:
         if runtime.demo:
             gr.Markdown(DEMO_BANNER, elem_id="demo-banner")
         status = gr.Markdown(status_markdown(runtime), elem_id="load-status")
-        system_box = gr.Textbox(
-            DEFAULT_SYSTEM_MESSAGE, label="System message", lines=2, max_lines=8, render=False
+        system_box = require_text(
+            gr.Textbox(DEFAULT_SYSTEM_MESSAGE, label="System message", lines=2, max_lines=8, render=False),
+            "system message",
         )
         chat = gr.ChatInterface(
             make_respond(runtime),
@@ -66,7 +67,9 @@ def build_ui(runtime: ChatRuntime) -> gr.Blocks:
                 scale=1,
                 height="60vh",
             ),
-            textbox=gr.Textbox(placeholder="Type a message…", submit_btn=True, stop_btn=True),
+            textbox=require_text(
+                gr.Textbox(placeholder="Type a message…", submit_btn=True, stop_btn=True), "message"
+            ),
             additional_inputs=[system_box, *parameter_sliders()],
             additional_inputs_accordion=gr.Accordion(
                 "System message and generation settings", open=False, render=False
@@ -152,6 +155,19 @@ def name_parameter_in_errors(slider: gr.Slider, parameter: str) -> gr.Slider:
 
     slider.preprocess = preprocess
     return slider
+
+
+def require_text(textbox: gr.Textbox, name: str) -> gr.Textbox:
+    """Refuse what is not text, instead of gradio's `str(payload)` (which makes "{'a': 1}" of a dict
+    and lets a null message crash gr.ChatInterface before `respond` can name the problem)."""
+
+    def preprocess(payload: object) -> str:
+        if not isinstance(payload, str):
+            raise gr.Error(f"{name} must be text, got {type(payload).__name__}")
+        return payload
+
+    textbox.preprocess = preprocess
+    return textbox
 
 
 def parameter_sliders() -> list[gr.Slider]:
