@@ -130,11 +130,14 @@ class BatchedEngine:
         return handle
 
     def position(self, handle: RequestHandle) -> int:
-        """0 while generating or done, else the 1-based place among waiting requests."""
+        """0 if the request is generating, done, or about to take a free slot; else its 1-based
+        place in line for a slot (a request the engine thread has not admitted yet is not
+        waiting while slots are free)."""
         with self._wakeup:
+            free = sum(slot is None for slot in self._slots)
             for place, waiting in enumerate(self._pending, start=1):
                 if waiting is handle:
-                    return place
+                    return max(0, place - free)
         return 0
 
     def stats(self) -> EngineStats:

@@ -131,6 +131,7 @@ def chat_in_browser(
     reply = page.locator(BOT_MESSAGES).last
     lengths = watch_reply_grow(page, reply, GROWTH_OBSERVATIONS, timeout_s)
     assert all(b > a for a, b in zip(lengths, lengths[1:])), f"the reply did not only grow: {lengths}"
+    assert page.get_by_text("in line").count() == 0, "a lone user was told to wait for a slot"
 
     # 2) Stop mid-stream: the page lets go and the server frees the slot.
     stop = page.locator(STOP_BUTTON)

@@ -120,6 +120,18 @@ def test_queued_request_knows_its_place(tiny_model, encoder, prompt):
     engine.close()
 
 
+def test_a_request_with_a_free_slot_is_not_told_to_wait(tiny_model, encoder, prompt):
+    engine = BatchedEngine(tiny_model, encoder.controls.stop_ids, context_length=512, slots=2)
+    first = engine.submit(prompt, SamplingParams(max_new_tokens=300, temperature=1.0))
+    second = engine.submit(prompt, GREEDY)
+    assert engine.position(first) == 0 and engine.position(second) == 0, "two slots, two requests"
+    third = engine.submit(prompt, GREEDY)
+    assert engine.position(third) == 1, "the third waits for one of the two slots"
+    first.cancel()
+    assert [list(h)[-1].finish_reason for h in (second, third)] == ["length", "length"]
+    engine.close()
+
+
 def test_prompt_too_long_is_an_error_event(engine):
     events = list(engine.submit(list(range(5, 600)), GREEDY))
     assert events[-1].finish_reason == "error" and "does not fit" in events[-1].error
