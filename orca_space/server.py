@@ -77,6 +77,10 @@ class BodySizeLimit:
         await response(scope, receive, send)
 
 
+def public_link_warning(settings: Settings) -> str | None:
+    return SHARE_WITHOUT_AUTH_WARNING if settings.share and settings.auth is None else None
+
+
 def health_route(runtime: ChatRuntime) -> APIRoute:
     async def healthz() -> dict[str, Any]:
         return health(runtime)
@@ -86,9 +90,9 @@ def health_route(runtime: ChatRuntime) -> APIRoute:
 
 def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **overrides: Any):
     """Queue and launch; `overrides` lets tests pass `prevent_thread_lock=True` and the like."""
-    if settings.share and settings.auth is None:
-        log.warning(SHARE_WITHOUT_AUTH_WARNING)
-        print(SHARE_WITHOUT_AUTH_WARNING, flush=True)
+    if warning := public_link_warning(settings):
+        log.warning(warning)
+        print(warning, flush=True)
     # Waiting chats beyond max_queue get an immediate "queue is full" from gradio, not a hang.
     demo.queue(default_concurrency_limit=runtime.concurrency, max_size=settings.max_queue)
     options: dict[str, Any] = dict(

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from orca_space.requests import EngineStats
+from orca_space.runtime import ChatRuntime
+from orca_space.server import health, public_link_warning
+from orca_space.settings import parse_settings
+
+
+def test_public_link_without_login_warns():
+    assert "--auth" in public_link_warning(parse_settings(["--share"], {}))
+    assert public_link_warning(parse_settings(["--share", "--auth", "a:b"], {})) is None
+    assert public_link_warning(parse_settings([], {})) is None
+
+
+class DeadEngine:
+    def stats(self):
+        return EngineStats(alive=False, active=0, queued=0, capacity=4, failure="the engine stopped: boom")
+
+
+def test_health_reports_loading_ready_and_a_dead_engine():
+    runtime = ChatRuntime(model_name="m", context_length=8192)
+    assert health(runtime)["status"] == "loading"
+    runtime.status.update("ready", "Ready.")
+    runtime.engine = DeadEngine()
+    body = health(runtime)
+    assert body["status"] == "error" and "engine stopped" in body["message"], "a dead engine is never 'ok'"
+    assert {"active", "queued", "capacity"} <= set(body)
