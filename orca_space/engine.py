@@ -33,7 +33,7 @@ import torch
 from . import kv_step
 from .params import SamplingParams
 from .requests import EngineStats, RequestHandle, TokenEvent, describe_failure
-from .sampling import sample_next_tokens_sync_free
+from .sampling import sample_next_tokens
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +287,8 @@ class BatchedEngine:
         slot.handle.finish(reason, error)
 
     def _fail(self, slots: list[Slot], exc: Exception) -> None:
+        if is_fatal_device_error(exc):
+            raise exc  # the CUDA context is gone for everyone: let `_serve` record it and fail all
         log.error("step failed for requests %s", [s.handle.id for s in slots], exc_info=exc)
         for slot in slots:
             self._release(slot, "error", describe_failure(exc))
@@ -332,7 +334,7 @@ class BatchedEngine:
         seen[0, torch.tensor(slot.handle.prompt_ids, device=self.device)] = True
         counter = torch.tensor([slot.prompt_len - 1], device=self.device)
         params = self.buffers.sampling_rows(row)
-        token = sample_next_tokens_sync_free(
+        token = sample_next_tokens(
             logits, params, seen, self.buffers.seeds[row], counter, *eager_shortcuts([slot.handle.params])
         )
         seen[0, token] = True
@@ -388,6 +390,15 @@ class BatchedEngine:
         slot.handle.deliver(TokenEvent(token=token))
         if slot.generated == slot.handle.params.max_new_tokens:
             self._release(slot, "length")
+
+
+def is_fatal_device_error(exc: BaseException) -> bool:
+    """A device-side assert or illegal address poisons the CUDA context for the whole process;
+    only running out of memory is a failure of the one step."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    return isinstance(exc, accelerator_error) or (isinstance(exc, RuntimeError) and "CUDA error" in str(exc))
 
 
 def eager_shortcuts(params: list[SamplingParams]) -> tuple[bool, int | None]:

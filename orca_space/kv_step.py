@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .sampling import SamplingTensors, sample_next_tokens_sync_free
+from .sampling import SamplingTensors, sample_next_tokens
 
 # Rope variants whose frequencies depend on the sequence length cannot use a fixed table.
 DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
@@ -240,7 +240,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     q = q.reshape(B, kv_heads, groups * T, D)
     mask = mask[:, :, None].expand(B, 1, groups, T, mask.shape[-1]).reshape(B, 1, groups * T, -1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=D**-0.5)  # [B, KVH, G*T, D]
-    return out.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
+    # reshape, not view: CUDA's memory-efficient kernel returns a non-contiguous layout.
+    return out.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
 
 
 def layer_forward(
@@ -334,7 +335,7 @@ class DecodeBuffers:
 
     tokens: torch.Tensor  # long [S]: each slot's last token, fed this step
     positions: torch.Tensor  # long [S]: where that token goes in the slot's cache
-    seeds: torch.Tensor  # long [S]: each request's sampling seed (see sample_next_tokens_sync_free)
+    seeds: torch.Tensor  # long [S]: each request's sampling seed (see sample_next_tokens)
     sampling: SamplingTensors  # [S, 1] each
     seen: torch.Tensor  # bool [S, V]: tokens in each request's prompt or reply so far
     next: torch.Tensor  # long [S]: the step's sampled tokens
@@ -385,9 +386,7 @@ def decode_and_sample(
     tokens, positions, seeds, seen = buffers.rows(batch)
     logits = decode(weights, cache, tokens, positions, kv_len)  # [B, V]
     params = buffers.sampling_rows(slice(0, batch))
-    chosen = sample_next_tokens_sync_free(
-        logits, params, seen, seeds, positions, all_greedy, top_k_bound
-    )  # [B]
+    chosen = sample_next_tokens(logits, params, seen, seeds, positions, all_greedy, top_k_bound)  # [B]
     seen.scatter_(1, chosen[:, None], True)
     buffers.next[:batch].copy_(chosen)
 

@@ -35,6 +35,8 @@ LIMITS = {
     )
 }
 PARAMETER_ORDER = tuple(LIMITS)
+# Below this, logits / temperature overflows: 0 (greedy) is what such a value means anyway.
+MIN_SAMPLING_TEMPERATURE = 0.01
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,11 @@ class SamplingParams:
         if unknown:
             raise ValueError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
         values = {name: check_value(LIMITS[name], value) for name, value in raw.items()}
+        if 0 < values.get("temperature", 0) < MIN_SAMPLING_TEMPERATURE:
+            raise ValueError(
+                f"temperature must be 0 (greedy) or at least {MIN_SAMPLING_TEMPERATURE}, "
+                f"got {values['temperature']}"
+            )
         return cls(seed=seed, **values)
 
 

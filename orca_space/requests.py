@@ -3,7 +3,7 @@
 The engine knows token ids only. A caller submits prompt ids with `SamplingParams` and gets a
 `RequestHandle`; it iterates the handle (sync or async) for `TokenEvent`s and may `cancel()` it
 at any time. Errors come back as a final event, never as an exception on the engine's thread.
-Any engine (the one-at-a-time CPU engine, a batched GPU engine) implements `Engine`.
+`engine.BatchedEngine` implements `Engine`; another engine can take its place behind it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import asyncio
 import itertools
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -135,14 +134,3 @@ def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return "the GPU ran out of memory for this request; try a shorter conversation or fewer new tokens"
     return f"generation failed ({type(exc).__name__}: {exc})"
-
-
-def wait_until_idle(engine: Engine, timeout: float = 5.0) -> bool:
-    """For tests and health checks: True once nothing is generating or queued."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = engine.stats()
-        if stats.active == 0 and stats.queued == 0:
-            return True
-        time.sleep(0.02)
-    return False

@@ -1,8 +1,8 @@
 """Choosing the next token from logits, per row, with each row's own sampling parameters.
 
-Everything is tensor arithmetic over a batch (no Python branch per row), so the same function
-serves the one-request CPU engine and a batched GPU step. The order matches transformers'
-`generate`: repetition penalty, temperature, top-k, top-p, then a draw.
+Everything is tensor arithmetic over a batch, with no Python branch on data and no host sync,
+so the same function serves an eager CPU step and a decode step replayed as a CUDA graph. The
+order matches transformers' `generate`: repetition penalty, temperature, top-k, top-p, a draw.
 """
 
 from __future__ import annotations
@@ -45,40 +45,7 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Mask everything outside each row's top-k and top-p nucleus with -inf. logits: [B, V]."""
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    vocab = logits.shape[-1]
-    rank = torch.arange(vocab, device=logits.device).unsqueeze(0)  # [1, V]
-    k = torch.where(top_k > 0, top_k, vocab)  # [B, 1]
-    outside = rank >= k
-    probs = torch.softmax(sorted_logits.masked_fill(outside, float("-inf")), dim=-1)
-    # A token stays while the mass before it is below top_p, so the top token always stays.
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    outside |= mass_before >= top_p
-    sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-
-
 def sample_next_tokens(
-    logits: torch.Tensor,
-    params: SamplingTensors,
-    seen: torch.Tensor,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Next token per row. logits: [B, V]; seen: [B, V] bool. Returns long [B]."""
-    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
-    greedy_choice = logits.argmax(dim=-1)
-    greedy = params.temperature.squeeze(1) == 0
-    if bool(greedy.all()):
-        return greedy_choice
-    scaled = logits / torch.where(params.temperature > 0, params.temperature, 1.0)
-    filtered = filter_top_k_top_p(scaled, params.top_k, params.top_p)
-    drawn = torch.multinomial(torch.softmax(filtered, dim=-1), 1, generator=generator).squeeze(1)
-    return torch.where(greedy, greedy_choice, drawn)
-
-
-def sample_next_tokens_sync_free(
     logits: torch.Tensor,
     params: SamplingTensors,
     seen: torch.Tensor,
@@ -87,12 +54,10 @@ def sample_next_tokens_sync_free(
     all_greedy: bool = False,
     top_k_bound: int | None = None,
 ) -> torch.Tensor:
-    """`sample_next_tokens` without host syncs, for decode steps replayed as CUDA graphs. Long [B].
+    """The next token per row. Long [B].
 
-    logits: [B, V]; seen: [B, V] bool; seeds, counters: long [B]. The same order as
-    `sample_next_tokens` (repetition penalty, temperature, top-k, top-p, draw), but every row
-    takes the sampling path and greedy rows are picked with `torch.where`: a graph cannot
-    branch on data. The draw inverts the nucleus's CDF at a uniform hashed from (seed, counter),
+    logits: [B, V]; seen: [B, V] bool; seeds, counters: long [B]. Every row takes the sampling
+    path and greedy rows are picked with `torch.where`: a graph cannot branch on data. The draw inverts the nucleus's CDF at a uniform hashed from (seed, counter),
     so a row's sample depends on its own seed and counter only, never on which rows share the
     batch, and no generator state has to live inside a graph.
 
@@ -105,6 +70,9 @@ def sample_next_tokens_sync_free(
     if all_greedy:
         return greedy_choice
     scaled = logits / torch.where(params.temperature > 0, params.temperature, 1.0)
+    # Never let a row's numbers (a huge logit over a tiny temperature) index out of range: on
+    # CUDA that is a device-side assert, which poisons the whole process, not one request.
+    scaled = scaled.nan_to_num(nan=0.0, posinf=torch.finfo(scaled.dtype).max, neginf=float("-inf"))
     if top_k_bound is not None:
         ranked, order = torch.topk(scaled, min(top_k_bound, scaled.shape[-1]), dim=-1)  # [B, K], sorted
     else:
@@ -116,7 +84,7 @@ def sample_next_tokens_sync_free(
     cdf = torch.cumsum(probs, dim=-1)
     # Kept tokens form a prefix of the ranking (top-k and top-p both cut at a rank), so the
     # nucleus's CDF is `cdf` up to its last kept rank.
-    kept = (in_top_k & (cdf - probs < params.top_p)).sum(dim=-1, keepdim=True)  # [B, 1], >= 1
+    kept = (in_top_k & (cdf - probs < params.top_p)).sum(dim=-1, keepdim=True).clamp(min=1)  # [B, 1]
     total = cdf.gather(-1, kept - 1)  # [B, 1]
     target = uniform_from_counter(seeds, counters).unsqueeze(1) * total
     # Rounding can put `target` at the CDF's end: clamp to the last kept rank.

@@ -80,3 +80,14 @@ def running_app(*args: str, env: dict[str, str] | None = None, log_path: Path | 
             proc.kill()
         if log_path:
             log.close()
+
+
+def wait_until_idle(engine, timeout: float = 5.0) -> bool:
+    """True once the engine reports nothing generating or queued."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = engine.stats()
+        if stats.active == 0 and stats.queued == 0:
+            return True
+        time.sleep(0.02)
+    return False

@@ -9,7 +9,7 @@ import pytest
 
 from orca_space.chat import ChatLimits, ChatService, LocalBackend, normalize_history
 from orca_space.engine import BatchedEngine
-from orca_space.requests import wait_until_idle
+from tests.helpers import wait_until_idle
 from orca_space.params import SamplingParams
 from orca_space.requests import EngineError
 

@@ -32,6 +32,7 @@ def test_valid_values_are_converted():
         ("temperature", math.inf, "finite"),
         ("temperature", -0.1, "in [0, 2]"),
         ("temperature", 2.5, "in [0, 2]"),
+        ("temperature", 1e-39, "0 (greedy) or at least 0.01"),
         ("top_p", 0.0, "in (0, 1]"),
         ("top_p", 1.01, "in (0, 1]"),
         ("top_k", -1, "in [0, 1000]"),
