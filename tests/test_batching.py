@@ -14,9 +14,9 @@ import torch
 
 from orca_space import kv_step
 from orca_space.engine import BatchedEngine
-from tests.helpers import wait_until_idle
 from orca_space.params import SamplingParams
 from orca_space.sampling import SamplingTensors, sample_next_tokens
+from tests.helpers import wait_until_idle
 
 NEW_TOKENS = 16
 GREEDY = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, repetition_penalty=1.0)

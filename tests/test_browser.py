@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from orca_space.startup import DEMO_DIR
 from tests.browser_flow import chat_in_browser, chromium_page, require_chromium
 from tests.helpers import ROOT, running_app

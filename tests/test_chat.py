@@ -9,9 +9,9 @@ import pytest
 
 from orca_space.chat import ChatLimits, ChatService, LocalBackend, normalize_history
 from orca_space.engine import BatchedEngine
-from tests.helpers import wait_until_idle
 from orca_space.params import SamplingParams
 from orca_space.requests import EngineError
+from tests.helpers import wait_until_idle
 
 DEFAULTS = dict(max_new_tokens=100, temperature=0.4, top_p=0.95, top_k=40, repetition_penalty=1.1)
 
