@@ -25,3 +25,13 @@ def test_page_has_the_chat_api_and_demo_label():
     texts = " ".join(str(c.get("props", {}).get("value", "")) for c in config["components"])
     assert "random weights" in texts, "demo mode is labelled on the page"
     assert DEFAULT_SYSTEM_MESSAGE in texts, "the system box starts with the model card's message"
+
+
+def test_every_reply_step_has_a_failure_clean_up():
+    """recover_from_errors finds ChatInterface's reply steps by name; a gradio upgrade that
+    renames them must fail here, not silently lock the chat after errors again."""
+    page = build_ui(ChatRuntime(model_name="m", context_length=8192))
+    config = page.get_config_file()
+    cleanups = [d["trigger_after"] for d in config["dependencies"] if d.get("trigger_only_on_failure")]
+    assert len(cleanups) >= 3, "submit, retry and example reply steps each get a failure clean-up"
+    assert all(page.fns[i].fn.__name__ == "_submit_fn" for i in cleanups)
