@@ -7,6 +7,7 @@ engine or a remote server. It knows nothing of gradio; `ui.py` maps its errors t
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -174,7 +175,8 @@ class LocalBackend:
     async def stream_reply(
         self, messages: list[Message], params: SamplingParams, notify: Notify | None = None
     ) -> AsyncIterator[str]:
-        handle = self.engine.submit(self.encoder.encode_chat(messages), params)
+        prompt_ids = await asyncio.to_thread(self.encoder.encode_chat, messages)  # off the event loop
+        handle = self.engine.submit(prompt_ids, params)
         detokenizer = StreamingDetokenizer(self.tokenizer)
         try:
             if notify is not None and (place := self.engine.position(handle)):

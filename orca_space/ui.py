@@ -7,6 +7,7 @@ backend request is cancelled in its `finally`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import gradio as gr
@@ -213,7 +214,9 @@ def make_respond(runtime: ChatRuntime):
         )
         assert tuple(raw) == PARAMETER_ORDER
         try:
-            chat = service.prepare(message, history, system_message, raw)
+            # Tokenizing a long history takes milliseconds: off the event loop, which streams
+            # everyone else's replies.
+            chat = await asyncio.to_thread(service.prepare, message, history, system_message, raw)
         except ValueError as exc:
             raise gr.Error(str(exc)) from None
         if chat.dropped_turns:
