@@ -22,6 +22,7 @@ CHECKPOINT_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.
 # A remote backend needs only the tokenizer (for the context budget), never the weights.
 TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "*.jinja", "*.txt", "config.json"]
 FULL_MODEL_GB = 14.5
+RECOMMENDED_GPU_GB = 24
 
 
 @dataclass
@@ -34,7 +35,8 @@ class LoadStatus:
     def update(self, phase: Phase, message: str, fraction: float | None = None) -> None:
         with self._lock:
             self.phase, self.message, self.fraction = phase, message, fraction
-        log.info("%s%s", message, "" if fraction is None else f" ({fraction:.0%})")
+        level = logging.ERROR if phase == "failed" else logging.INFO
+        log.log(level, "%s%s", message, "" if fraction is None else f" ({fraction:.0%})")
 
     @property
     def ready(self) -> bool:
@@ -56,7 +58,8 @@ def pick_device(require_cuda: bool) -> str:
         return "cuda"
     if require_cuda:
         raise ModelLoadError(
-            f"The full model needs a CUDA GPU with at least {FULL_MODEL_GB + 1.5:.0f} GB of memory, "
+            f"The full model needs a CUDA GPU with at least {RECOMMENDED_GPU_GB} GB of memory "
+            f"({FULL_MODEL_GB} GB of weights plus the chats' KV cache), "
             "and none was found. Run on a GPU machine (on Spaces, pick GPU hardware), "
             "or try the UI offline with --demo, or serve the model elsewhere with --backend remote."
         )
@@ -137,7 +140,7 @@ def load_model(checkpoint: Path, device: str):
     except torch.cuda.OutOfMemoryError as exc:
         raise ModelLoadError(
             f"The GPU ran out of memory loading the weights ({FULL_MODEL_GB} GB in fp16). "
-            "It needs a GPU with at least 24 GB, with nothing else running on it."
+            f"It needs a GPU with at least {RECOMMENDED_GPU_GB} GB, with nothing else running on it."
         ) from exc
     return model.eval()
 

@@ -57,12 +57,13 @@ def start_local_runtime(settings: Settings) -> ChatRuntime:
     runtime = new_runtime(settings, name, demo, concurrency=LOCAL_CONCURRENCY)
 
     def load(status: LoadStatus) -> None:
+        # Before any download: without a GPU, 14.5 GB of weights would be fetched for nothing.
+        device = pick_device(require_cuda=not demo)
         checkpoint = (
             demo_checkpoint(status)
             if settings.demo
             else resolve_checkpoint(settings.model, status, settings.hf_token)
         )
-        device = pick_device(require_cuda=not is_tiny_checkpoint(checkpoint))
         status.update("loading", f"Loading the weights onto the {device.upper()}…")
         tokenizer = load_tokenizer(checkpoint)
         model = load_model(checkpoint, device)

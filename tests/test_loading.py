@@ -39,7 +39,18 @@ def test_a_full_size_local_checkpoint_on_cpu_fails_with_the_gpu_message(tiny_dir
     assert runtime.service is None
 
 
+def test_without_cuda_nothing_is_downloaded(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    downloads = []
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda *a, **k: downloads.append(a))
+    runtime = start_local_runtime(parse_settings([], {}))
+    status = wait_done(runtime.status)
+    assert status.failed and "needs a CUDA GPU" in status.message
+    assert downloads == [], "14.5 GB must not be fetched for a machine that cannot run it"
+
+
 def test_offline_and_not_cached_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # get past the GPU check
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     import huggingface_hub.constants as constants
