@@ -13,9 +13,10 @@ capture and replay both happen there, and callers only ever touch the queue. Eac
 
 Row b of a decode step is slot b, so a step at batch B covers slots [0, B); new requests take
 the lowest free slot to keep B small. Rows that are not decoding (free, or still prefilling)
-ride along harmlessly: they write at their slot's next unwritten position, which the slot's own
-request overwrites before reading. Errors are values: a failed prefill fails its request, a
-failed decode step fails the requests in it, and the engine keeps serving.
+ride along harmlessly: they write at their slot's next position, an entry the slot's own request
+overwrites before reading and whose old key no query of it can see any more. Errors are values:
+a failed prefill fails its request, a failed decode step fails the requests in it, and the
+engine keeps serving.
 """
 
 from __future__ import annotations
@@ -66,15 +67,15 @@ class Slot:
         return self.prompt_len + self.generated - 1 if self.decoding else self.prefilled
 
 
-def default_slots(device: torch.device, weights: kv_step.MistralWeights, context_length: int) -> int:
+def default_slots(device: torch.device, weights: kv_step.MistralWeights, cache_len: int) -> int:
     if device.type != "cuda":
         return CPU_SLOTS
     free_bytes, _ = torch.cuda.mem_get_info(device)
     bytes_per_token = weights.shape.kv_bytes_per_token(weights.dtype)
-    slots = kv_step.plan_capacity(free_bytes, bytes_per_token, context_length)
+    slots = kv_step.plan_capacity(free_bytes, bytes_per_token, cache_len)
     if slots == 0:
         raise torch.cuda.OutOfMemoryError(
-            f"no room for even one {context_length}-token KV cache ({bytes_per_token * context_length / 2**30:.1f} "
+            f"no room for even one {cache_len}-entry KV cache ({bytes_per_token * cache_len / 2**30:.1f} "
             f"GiB) in the {free_bytes / 2**30:.1f} GiB left after loading; lower --context-length"
         )
     return slots
@@ -100,8 +101,10 @@ class BatchedEngine:
         self.device = self.weights.device
         self.stop_ids = frozenset(stop_ids)
         self.context_length = context_length
-        self.capacity = slots or default_slots(self.device, self.weights, context_length)
         self.chunk_size = chunk_size
+        # Ring entries per slot (see kv_step): fewer than the context when the window allows.
+        self.cache_len = kv_step.cache_length(context_length, self.weights.shape.sliding_window, chunk_size)
+        self.capacity = slots or default_slots(self.device, self.weights, self.cache_len)
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self.compile_step = compile_step  # with graphs only: see `kv_step.DecodeGraphs`
         self.pad_batches = self.use_graphs  # round decode batches up to the captured sizes
@@ -179,7 +182,7 @@ class BatchedEngine:
         """Allocate the cache and buffers and, on CUDA, capture every decode-step graph."""
         shape = self.weights.shape
         self.cache = kv_step.allocate_kv_cache(
-            shape, self.capacity, self.context_length, self.weights.dtype, self.device
+            shape, self.capacity, self.cache_len, self.weights.dtype, self.device
         )
         self.buffers = kv_step.DecodeBuffers.allocate(self.capacity, shape.vocab, self.device)
         self.graphs = (
@@ -191,7 +194,7 @@ class BatchedEngine:
             shapes = [
                 (batch, kv_len)
                 for batch in kv_step.batch_buckets(self.capacity)
-                for kv_len in kv_step.kv_buckets(self.context_length)
+                for kv_len in kv_step.kv_buckets(self.cache_len)
             ]
             for done, (batch, kv_len) in enumerate(shapes):
                 self._progress(
@@ -364,7 +367,7 @@ class BatchedEngine:
             if slot is not None:
                 positions[index] = slot.next_position
                 tokens[index] = slot.last_token if slot.decoding else 0
-        kv_len = kv_step.kv_bucket(max(positions) + 1, self.context_length)
+        kv_len = kv_step.kv_bucket(max(positions) + 1, self.cache_len)
         self.buffers.tokens[:batch].copy_(torch.tensor(tokens))
         self.buffers.positions[:batch].copy_(torch.tensor(positions))
         if self.graphs is not None:

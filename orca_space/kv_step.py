@@ -2,9 +2,16 @@
 
 In the spirit of gpt-fast, the transformer is a few pure functions of tensors: they read the
 weights of a loaded transformers `MistralForCausalLM` (no copy) and a static KV cache shaped
-[layers, slots, kv_heads, max_len, head_dim], where each slot holds one request at its own
+[layers, slots, kv_heads, cache_len, head_dim], where each slot holds one request at its own
 length. Nothing here allocates per step beyond temporaries and nothing reads a tensor back to
 the host, so a whole decode step (forward and sampling) can be replayed as a CUDA graph.
+
+The cache is a ring: position p lives at entry p % cache_len. Mistral's sliding window means a
+query never sees keys more than `window` positions back, so a slot needs `window + chunk`
+entries however long the context (a prefill chunk writes all its keys before its first query
+attends, and must not overwrite keys that query still sees). For Mistral 7B at an 8k context
+that is 4608 entries instead of 8192: nearly twice the concurrent chats in the same memory, and
+decode steps past position 4608 attend over 4608 keys instead of the whole context.
 
 Shapes in comments: B rows (slots), T new tokens per row, L attended key positions, H query
 heads, KVH key/value heads, G = H // KVH query heads per key/value head, D head dim, V vocab.
@@ -120,20 +127,33 @@ def weights_from_hf(model) -> MistralWeights:
 
 @dataclass(frozen=True)
 class KVCache:
-    k: torch.Tensor  # [layers, slots, KVH, max_len, D]
-    v: torch.Tensor  # [layers, slots, KVH, max_len, D]
+    k: torch.Tensor  # [layers, slots, KVH, cache_len, D]
+    v: torch.Tensor  # [layers, slots, KVH, cache_len, D]
 
     @property
     def slots(self) -> int:
         return self.k.shape[1]
 
     @property
-    def max_len(self) -> int:
+    def cache_len(self) -> int:
+        """Ring entries per slot: position p is stored at p % cache_len."""
         return self.k.shape[3]
 
 
-def allocate_kv_cache(shape: ModelShape, slots: int, max_len: int, dtype, device) -> KVCache:
-    size = (shape.layers, slots, shape.kv_heads, max_len, shape.head_dim)
+def cache_length(context_length: int, window: int | None, chunk_size: int) -> int:
+    """Ring entries a slot needs: the whole context, or less when the sliding window allows.
+
+    A chunk of T <= chunk_size tokens starting at s writes entries for positions s .. s+T-1,
+    overwriting positions s-R .. s+T-1-R; its first query needs keys back to s-window+1, so
+    R = window + chunk_size loses nothing any query can see.
+    """
+    if window is None or context_length <= window + chunk_size:
+        return context_length
+    return window + chunk_size
+
+
+def allocate_kv_cache(shape: ModelShape, slots: int, cache_len: int, dtype, device) -> KVCache:
+    size = (shape.layers, slots, shape.kv_heads, cache_len, shape.head_dim)
     # Zeros, not empty: positions past a row's length are masked, but NaN garbage times a zero
     # attention weight would still be NaN.
     return KVCache(
@@ -144,37 +164,38 @@ def allocate_kv_cache(shape: ModelShape, slots: int, max_len: int, dtype, device
 def plan_capacity(
     free_bytes: int,
     bytes_per_token: int,
-    context_length: int,
+    cache_len: int,
     reserve_bytes: int = 2 * 2**30,
     reserve_fraction: float = 0.05,
     max_slots: int = 64,
 ) -> int:
-    """How many full-context requests fit in the memory left after loading the weights.
+    """How many slots of `cache_len` entries fit in the memory left after loading the weights.
 
     `reserve_*` keeps room for prefill activations, the sampler's [B, V] temporaries and the
     CUDA graphs' pool. Returns 0 when not even one request fits (the caller says so).
     """
     usable = free_bytes - reserve_bytes - int(free_bytes * reserve_fraction)
-    per_slot = bytes_per_token * context_length
+    per_slot = bytes_per_token * cache_len
     return max(0, min(max_slots, usable // per_slot))
 
 
-def kv_bucket(needed: int, max_len: int) -> int:
-    """Keys to attend over: the next power of two >= needed (min 256), capped at the cache length.
+def kv_bucket(needed: int, cache_len: int) -> int:
+    """Entries to attend over: the next power of two >= needed (min 256), capped at the cache
+    length (which a ring that has wrapped always needs whole).
 
     Attending over the whole static cache would read every slot's full context each step; a
     few fixed lengths keep the reads near what is used while staying graph-capturable.
     """
-    return min(max_len, max(SMALLEST_KV_BUCKET, 1 << max(0, needed - 1).bit_length()))
+    return min(cache_len, max(SMALLEST_KV_BUCKET, 1 << max(0, needed - 1).bit_length()))
 
 
-def kv_buckets(max_len: int) -> list[int]:
+def kv_buckets(cache_len: int) -> list[int]:
     """Every value `kv_bucket` can return for this cache."""
     buckets, size = [], SMALLEST_KV_BUCKET
-    while size < max_len:
+    while size < cache_len:
         buckets.append(size)
         size *= 2
-    return buckets + [max_len]
+    return buckets + [cache_len]
 
 
 # -- the transformer, one small function per piece --
@@ -204,41 +225,61 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def attention_mask(positions: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
-    """positions: [B, T] -> bool [B, 1, T, L]: key j is visible from position p if p - window < j <= p.
+def cached_positions(latest: torch.Tensor, kv_len: int, cache_len: int) -> torch.Tensor:
+    """latest: [B], each row's newest written position -> [B, L]: the position each of the
+    first L ring entries holds (negative where nothing has been written yet)."""
+    entries = torch.arange(kv_len, device=latest.device)  # [L]
+    newest = latest[:, None]  # [B, 1]
+    return newest - torch.remainder(newest - entries, cache_len)
 
-    Every row sees at least its own key, so no row is all-masked (SDPA would give NaN).
+
+def attention_mask(positions: torch.Tensor, kv_len: int, cache_len: int, window: int | None) -> torch.Tensor:
+    """positions: [B, T], increasing along T -> bool [B, 1, T, L].
+
+    A query at position p sees the ring entry holding position q if 0 <= q <= p and
+    p - window < q. Every query sees at least its own key (written before attending), so no
+    row is all-masked (SDPA would give NaN).
     """
-    keys = torch.arange(kv_len, device=positions.device)  # [L]
+    held = cached_positions(positions[:, -1], kv_len, cache_len)[:, None, None, :]  # [B, 1, 1, L]
     query = positions[:, None, :, None]  # [B, 1, T, 1]
-    visible = keys <= query
+    visible = (held >= 0) & (held <= query)
     if window is not None:
-        visible &= keys > query - window
+        visible &= held > query - window
     return visible
 
 
+def grouped_additive_mask(visible: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """bool [B, 1, T, L] -> [B, 1, G * T, L] of 0 / -inf in the model dtype, as `attend` folds
+    query heads. Built once per forward: SDPA would otherwise convert a bool mask in every layer."""
+    B, _, T, L = visible.shape
+    grouped = visible[:, :, None].expand(B, 1, groups, T, L).reshape(B, 1, groups * T, L)
+    return torch.zeros(grouped.shape, dtype=dtype, device=visible.device).masked_fill_(
+        ~grouped, float("-inf")
+    )
+
+
 def write_kv(cache_rows: torch.Tensor, new: torch.Tensor, positions: torch.Tensor) -> None:
-    """cache_rows: [B, KVH, max_len, D]; new: [B, KVH, T, D]; positions: [B, T].
+    """cache_rows: [B, KVH, cache_len, D]; new: [B, KVH, T, D]; positions: [B, T].
 
     Index arithmetic only (no host reads), so the write is graph-capturable.
     """
     rows = torch.arange(cache_rows.shape[0], device=positions.device)[:, None]  # [B, 1]
-    cache_rows[rows, :, positions] = new.transpose(1, 2)  # indexed view: [B, T, KVH, D]
+    entries = torch.remainder(positions, cache_rows.shape[2])  # the ring
+    cache_rows[rows, :, entries] = new.transpose(1, 2)  # indexed view: [B, T, KVH, D]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """q: [B, H, T, D]; k, v: [B, KVH, L, D]; mask: [B, 1, T, L] -> [B, T, H * D].
+    """q: [B, H, T, D]; k, v: [B, KVH, L, D]; mask: additive [B, 1, G * T, L] -> [B, T, H * D].
 
     Grouped-query attention without repeating keys: the G query heads that share a key/value
     head are folded into SDPA's query-length axis ([B, KVH, G * T, D]), so each cached key is
     read once per step instead of G times. Query head h uses key/value head h // G, as in
-    transformers' `repeat_kv`.
+    transformers' `repeat_kv`. See `grouped_additive_mask` for the mask.
     """
     B, H, T, D = q.shape
     kv_heads = k.shape[1]
     groups = H // kv_heads
     q = q.reshape(B, kv_heads, groups * T, D)
-    mask = mask[:, :, None].expand(B, 1, groups, T, mask.shape[-1]).reshape(B, 1, groups * T, -1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=D**-0.5)  # [B, KVH, G*T, D]
     # reshape, not view: CUDA's memory-efficient kernel returns a non-contiguous layout.
     return out.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
@@ -254,7 +295,7 @@ def layer_forward(
     v_rows: torch.Tensor,
     positions: torch.Tensor,
 ) -> torch.Tensor:
-    """x: [B, T, hidden]; k_rows, v_rows: this layer's cache for the B rows [B, KVH, max_len, D]."""
+    """x: [B, T, hidden]; k_rows, v_rows: this layer's cache for the B rows [B, KVH, cache_len, D]."""
     B, T, _ = x.shape
     h = rms_norm(x, w.attn_norm, shape.eps)
     q = F.linear(h, w.q).view(B, T, shape.heads, shape.head_dim).transpose(1, 2)  # [B, H, T, D]
@@ -282,15 +323,16 @@ def forward(
     """Run tokens [B, T] at positions [B, T] for slots first_slot .. first_slot + B - 1.
 
     Writes their keys and values into the cache and returns the final hidden states
-    [B, T, hidden] before the last norm. Each row attends over its slot's first `kv_len`
-    positions, masked to its own causal sliding window; every position a row can see must
+    [B, T, hidden] before the last norm. Each row attends over its slot's first `kv_len` ring
+    entries, masked to its own causal sliding window; every position a row can see must
     already be written (earlier chunks or steps) or be written by this call.
     """
     shape = weights.shape
     B = tokens.shape[0]
     x = F.embedding(tokens, weights.embed)  # [B, T, hidden]
     rope = rope_cos_sin(positions, weights.inv_freq, weights.rope_scale, x.dtype)
-    mask = attention_mask(positions, kv_len, shape.sliding_window)
+    visible = attention_mask(positions, kv_len, cache.cache_len, shape.sliding_window)
+    mask = grouped_additive_mask(visible, shape.groups, x.dtype)
     rows = slice(first_slot, first_slot + B)
     for index, layer in enumerate(weights.layers):
         x = layer_forward(x, layer, shape, rope, mask, cache.k[index, rows], cache.v[index, rows], positions)
@@ -307,8 +349,11 @@ def prefill_chunk(
 ) -> torch.Tensor:
     """tokens: [T], the prompt's tokens from position `start`, into `slot`. Returns logits [1, V]
     for the chunk's last position (the next-token logits once the whole prompt is in)."""
-    positions = torch.arange(start, start + tokens.shape[0], device=tokens.device)[None]  # [1, T]
-    hidden = forward(weights, cache, tokens[None], positions, slot, start + tokens.shape[0])
+    end = start + tokens.shape[0]
+    if tokens.shape[0] > cache.cache_len - (weights.shape.sliding_window or 0) and end > cache.cache_len:
+        raise ValueError(f"a {tokens.shape[0]}-token chunk would overwrite keys its own queries see")
+    positions = torch.arange(start, end, device=tokens.device)[None]  # [1, T]
+    hidden = forward(weights, cache, tokens[None], positions, slot, min(end, cache.cache_len))
     return logits_of(weights, hidden[:, -1])
 
 
@@ -317,7 +362,8 @@ def decode(
 ) -> torch.Tensor:
     """One token for each of the first B slots (row b is slot b). tokens, positions: [B].
 
-    Returns logits [B, V]. Every position must be < kv_len.
+    Returns logits [B, V]. Every row's visible keys must lie in the first kv_len ring entries
+    (kv_len = cache_len once any row's position has reached it).
     """
     hidden = forward(weights, cache, tokens[:, None], positions[:, None], 0, kv_len)
     return logits_of(weights, hidden[:, 0])

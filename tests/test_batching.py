@@ -358,23 +358,29 @@ def test_warm_up_reports_progress(tiny_model):
 # -- the model math --
 
 
-@pytest.mark.parametrize("window", [4096, 8])
-def test_chunked_prefill_then_decode_matches_transformers_logits(window):
+@pytest.mark.parametrize(
+    "window, cache_len",
+    [(4096, 64), (8, 64), (8, 14)],  # 14 = window + chunk: a ring that wraps several times
+)
+def test_chunked_prefill_then_decode_matches_transformers_logits(window, cache_len):
     from orca_space.tiny import build_model
 
     model = build_model().eval()
     model.config.sliding_window = window
     weights = kv_step.weights_from_hf(model)
+    assert kv_step.cache_length(40, window, 6) == (40 if window == 4096 else 14)
     ids = torch.tensor([make_prompt(40)])
     with torch.no_grad():
         reference = model(ids).logits[0]  # [40, V]
-        cache = kv_step.allocate_kv_cache(weights.shape, 3, 64, torch.float32, "cpu")
+        cache = kv_step.allocate_kv_cache(weights.shape, 3, cache_len, torch.float32, "cpu")
+        cache.k.normal_(), cache.v.normal_()  # stale keys from an earlier request must not leak in
         ours = [
             kv_step.prefill_chunk(weights, cache, ids[0, s : min(s + 6, 17)], s, 2) for s in range(0, 17, 6)
         ]
         for position in range(17, 40):  # slot 2 decodes next to two idle slots
             tokens, positions = torch.tensor([5, 6, int(ids[0, position])]), torch.tensor([0, 0, position])
-            ours.append(kv_step.decode(weights, cache, tokens, positions, 64)[2:])
+            kv_len = kv_step.kv_bucket(position + 1, cache_len)
+            ours.append(kv_step.decode(weights, cache, tokens, positions, kv_len)[2:])
     ours = torch.cat(ours[2:])  # the last chunk's logits are position 16's
     assert torch.allclose(ours, reference[16:], atol=1e-4), (ours - reference[16:]).abs().max()
     if window == 8:
@@ -382,6 +388,50 @@ def test_chunked_prefill_then_decode_matches_transformers_logits(window):
         with torch.no_grad():
             unwindowed = model(ids).logits[0]
         assert not torch.allclose(unwindowed[-1], reference[-1], atol=1e-2), "the window must matter here"
+
+
+def test_ring_mask_sees_exactly_the_window():
+    """Whatever the ring has wrapped to, a query at p sees positions max(0, p - window + 1) .. p."""
+    window, chunk = 8, 6
+    cache_len = window + chunk
+    for start in range(0, 60, 5):
+        for take in (1, 3, chunk):
+            positions = torch.arange(start, start + take)[None]
+            visible = kv_step.attention_mask(positions, cache_len, cache_len, window)[0, 0]  # [T, L]
+            held = kv_step.cached_positions(positions[:, -1], cache_len, cache_len)[0]
+            for t, p in enumerate(positions[0].tolist()):
+                seen = sorted(held[visible[t]].tolist())
+                assert seen == list(range(max(0, p - window + 1), p + 1)), (start, take, p)
+
+
+def test_a_chunk_that_would_overwrite_its_own_keys_is_refused():
+    from orca_space.tiny import build_model
+
+    model = build_model().eval()
+    model.config.sliding_window = 8
+    weights = kv_step.weights_from_hf(model)
+    cache = kv_step.allocate_kv_cache(weights.shape, 1, 14, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="overwrite"):
+        kv_step.prefill_chunk(weights, cache, torch.tensor(make_prompt(7)), 10, 0)
+
+
+def test_sliding_window_ring_engine_equals_generate():
+    """A window much shorter than the prompts: the ring wraps many times, in prefill and decode."""
+    from orca_space.tiny import build_model
+
+    model = build_model().eval()
+    model.config.sliding_window = 16
+    chosen = [make_prompt(n) for n in (3, 40, 150)]
+    references = [greedy_reference(model, p, new_tokens=40) for p in chosen]
+    engine = BatchedEngine(model, (), context_length=1024, slots=4, chunk_size=8)
+    try:
+        assert engine.wait_ready(30) and engine.cache_len == 24 and engine.cache.k.shape[3] == 24
+        params = SamplingParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.0)
+        with engine._wakeup:
+            handles = [engine.submit(p, params) for p in chosen]
+        assert [tokens_of(h) for h in handles] == references
+    finally:
+        engine.close()
 
 
 GIB = 2**30
@@ -399,6 +449,10 @@ def test_capacity_is_planned_from_free_memory():
     assert kv_step.plan_capacity(int(65e9), per_token, 8192) == 55
     assert kv_step.plan_capacity(int(65e9), per_token, 2048) == 64, "capped at max_slots"
     assert kv_step.plan_capacity(2 * GIB, per_token, 8192) == 0, "nothing fits: the caller says so"
+    # The sliding window's ring: an 8k context needs 4096 + 512 entries per slot, not 8192.
+    ring = kv_step.cache_length(8192, MISTRAL_7B.sliding_window, 512)
+    assert ring == 4608 and kv_step.cache_length(4096, 4096, 512) == 4096
+    assert kv_step.plan_capacity(int(8.5e9), per_token, ring) == 9, "nearly twice the chats on 24 GB"
 
 
 def test_buckets_cover_every_size():
@@ -506,7 +560,7 @@ def test_attention_accepts_a_non_contiguous_sdpa_output(monkeypatch):
         return out.transpose(1, 2).contiguous().transpose(1, 2)
 
     q, k, v = torch.randn(2, 8, 3, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
-    mask = torch.ones(2, 1, 3, 5, dtype=torch.bool)
+    mask = kv_step.grouped_additive_mask(torch.ones(2, 1, 3, 5, dtype=torch.bool), 4, torch.float32)
     expected = kv_step.attend(q, k, v, mask)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", transposed_layout)
     assert torch.equal(kv_step.attend(q, k, v, mask), expected)
