@@ -535,6 +535,39 @@ def test_cuda_graphs_equal_eager_steps_when_sampling(cuda_model, prompts):
         eager.close()
 
 
+def test_decode_step_compiles_as_one_graph_and_samples_as_eager():
+    """`--compile-step` on CUDA compiles the step with fullgraph=True: a graph break (a host
+    read, a data-dependent branch) would only show at warm-up on the GPU. Inductor's CPU
+    backend finds the same breaks here, and the compiled step must sample what eager does."""
+    from orca_space.tiny import build_model
+
+    model = build_model().eval()
+    model.config.sliding_window = 8  # a wrapped ring: the remainder arithmetic is compiled too
+    weights = kv_step.weights_from_hf(model)
+    slots, cache_len = 4, 14
+    with torch.inference_mode():
+        cache = kv_step.allocate_kv_cache(weights.shape, slots, cache_len, torch.float32, "cpu")
+        cache.k.normal_(), cache.v.normal_()
+        buffers = kv_step.DecodeBuffers.allocate(slots, weights.shape.vocab, "cpu")
+        buffers.tokens.copy_(torch.tensor([5, 600, 7000, 31999]))
+        buffers.positions.copy_(torch.tensor([3, 13, 30, 0]))
+        buffers.seeds.copy_(torch.tensor([1, 2, 3, 4]))
+        buffers.sampling.temperature.copy_(torch.tensor([[0.0], [0.7], [1.0], [0.4]]))
+        buffers.sampling.top_k.copy_(torch.tensor([[0], [40], [0], [5]]))
+        buffers.sampling.top_p.copy_(torch.tensor([[1.0], [0.9], [0.5], [1.0]]))
+        buffers.sampling.repetition_penalty.copy_(torch.tensor([[1.0], [1.1], [1.3], [1.0]]))
+        compiled = torch.compile(kv_step.decode_and_sample, fullgraph=True, dynamic=True)
+        results = []
+        for step in (kv_step.decode_and_sample, compiled):
+            k, v, seen = cache.k.clone(), cache.v.clone(), buffers.seen.clone()
+            step(weights, cache, buffers, slots, cache_len)
+            results.append((buffers.next.clone(), cache.k.clone()))
+            cache.k.copy_(k), cache.v.copy_(v), buffers.seen.copy_(seen)
+    (eager_tokens, eager_k), (compiled_tokens, compiled_k) = results
+    assert compiled_tokens.tolist() == eager_tokens.tolist()
+    assert torch.allclose(compiled_k, eager_k, atol=1e-5), "the same keys written to the same entries"
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_fatal_device_error_stops_the_engine_for_everyone(new_engine, prompts, monkeypatch):
     """After a device-side assert the CUDA context is unusable: failing one request and serving
