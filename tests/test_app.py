@@ -76,7 +76,8 @@ def test_health_reports_ready_and_idle(app_url):
 
 
 def test_chat_streams_a_multi_chunk_reply(client):
-    outputs = finish(submit(client, "Hello there!", temperature=0.8, max_new_tokens=64))
+    # Greedy, so it never stops early; long enough to span many 50 ms screen updates.
+    outputs = finish(submit(client, "Hello there!", temperature=0.0, max_new_tokens=800))
     assert len(outputs) > 5, "the reply arrives in many chunks"
     assert all(b.startswith(a) for a, b in zip(outputs, outputs[1:])), "each streamed text extends the last"
     # (Random weights may emit invalid byte sequences, so U+FFFD is checked on real text elsewhere.)

@@ -114,17 +114,49 @@ def test_message_too_long_for_context(encoder):
 
 @pytest.mark.anyio
 async def test_stream_yields_growing_text(encoder):
-    service = make_service(encoder)
+    service = make_service(encoder, update_interval_s=0)
     texts = await collect(service, service.prepare("hi", [], "", DEFAULTS))
     assert texts == ["Hel", "Hello", "Hello there"], (
         "each update extends the previous; empty pieces are skipped"
     )
 
 
+class TimedBackend:
+    """Pieces that arrive at given times on a fake clock."""
+
+    def __init__(self, timed_pieces, clock):
+        self.timed_pieces, self.clock = timed_pieces, clock
+
+    async def stream_reply(self, messages, params, notify=None):
+        for at, piece in self.timed_pieces:
+            self.clock[0] = at
+            yield piece
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "timed_pieces, expected",
+    [
+        # first text at once; then at most one update per 50 ms; the rest when the reply ends
+        ([(0, "a"), (0.01, "b"), (0.02, "c"), (0.06, "d"), (0.07, "e"), (0.2, "f")], ["a", "abcd", "abcdef"]),
+        ([(5.0, "a"), (5.01, "b")], ["a", "ab"]),
+        ([(0, ""), (0.01, "a"), (0.02, "b")], ["a", "ab"]),
+    ],
+)
+async def test_fast_tokens_are_coalesced_into_screen_updates(encoder, monkeypatch, timed_pieces, expected):
+    from orca_space import chat as chat_module
+
+    clock = [0.0]
+    monkeypatch.setattr(chat_module, "monotonic", lambda: clock[0])
+    service = make_service(encoder, TimedBackend(timed_pieces, clock), update_interval_s=0.05)
+    assert await collect(service, service.prepare("hi", [], "", DEFAULTS)) == expected
+
+
 @pytest.fixture()
 def local_service(tiny_model, tokenizer, encoder):
     engine = BatchedEngine(tiny_model, encoder.controls.stop_ids, context_length=1024)
-    service = ChatService(LocalBackend(engine, encoder, tokenizer), encoder, ChatLimits(context_length=1024))
+    limits = ChatLimits(context_length=1024, update_interval_s=0)  # every token: the tiny model is fast
+    service = ChatService(LocalBackend(engine, encoder, tokenizer), encoder, limits)
     yield service, engine
     engine.close()
 

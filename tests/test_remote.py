@@ -385,7 +385,7 @@ def failure(job) -> str:
 
 def test_app_streams_a_multi_chunk_reply_from_the_server(app_url, client):
     assert health(app_url)["status"] == "ok"
-    job = submit(client, "Hello there!", max_new_tokens=64)
+    job = submit(client, "Hello there!", max_new_tokens=800)  # spans many 50 ms screen updates
     outputs = finish(job)
     assert job.status().success is True
     assert len(outputs) > 5, "the reply arrives in many chunks"
