@@ -593,7 +593,7 @@ def test_attention_accepts_a_non_contiguous_sdpa_output(monkeypatch):
         return out.transpose(1, 2).contiguous().transpose(1, 2)
 
     q, k, v = torch.randn(2, 8, 3, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
-    mask = kv_step.grouped_additive_mask(torch.ones(2, 1, 3, 5, dtype=torch.bool), 4, torch.float32)
+    mask = kv_step.grouped_mask(torch.ones(2, 1, 3, 5, dtype=torch.bool), 4)
     expected = kv_step.attend(q, k, v, mask)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", transposed_layout)
     assert torch.equal(kv_step.attend(q, k, v, mask), expected)
