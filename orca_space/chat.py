@@ -8,9 +8,10 @@ engine or a remote server. It knows nothing of gradio; `ui.py` maps its errors t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from time import monotonic
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -102,21 +103,73 @@ class ChatService:
         return len(self.encoder.encode_message(message["role"], message["content"]))
 
     async def stream(self, chat: PreparedChat, notify: Notify | None = None) -> AsyncIterator[str]:
-        """The reply so far, growing with each item (what a chat window shows).
+        """The reply so far, growing with each item (what a chat window shows), at most one
+        update per `update_interval_s` (see `coalesce`)."""
+        updates = coalesce(self._growing_reply(chat, notify), self.limits.update_interval_s)
+        async with contextlib.aclosing(updates):
+            async for text in updates:
+                yield text
 
-        The first text goes out at once; after that, text that arrives within
-        `update_interval_s` of the last update waits for the next one (the end always flushes).
-        """
-        reply, shown, shown_at = "", 0, -math.inf
-        async for delta in self.backend.stream_reply(chat.messages, chat.params, notify):
-            # A model can spell a NUL in byte pieces (<0x00>), and the history check refuses NUL.
-            reply += delta.replace("\x00", "")
-            now = monotonic()
-            if len(reply) > shown and now - shown_at >= self.limits.update_interval_s:
-                shown, shown_at = len(reply), now
-                yield reply
-        if len(reply) > shown:
-            yield reply
+    async def _growing_reply(self, chat: PreparedChat, notify: Notify | None) -> AsyncIterator[str]:
+        reply = ""
+        deltas = self.backend.stream_reply(chat.messages, chat.params, notify)
+        async with contextlib.aclosing(deltas):  # a stop closes the backend's stream at once
+            async for delta in deltas:
+                # A model can spell a NUL in byte pieces (<0x00>), and the history check refuses NUL.
+                delta = delta.replace("\x00", "")
+                if delta:
+                    reply += delta
+                    yield reply
+
+
+_END = object()
+
+
+async def _next_or_end(source: AsyncIterator[str]) -> object:
+    try:
+        return await anext(source)
+    except StopAsyncIteration:  # as a value: a task should not end by raising it
+        return _END
+
+
+async def coalesce(texts: AsyncGenerator[str, None], interval: float) -> AsyncIterator[str]:
+    """The latest of a stream of growing texts, at most once per `interval` seconds.
+
+    The first text goes out at once. A text that arrives sooner is held, and goes out when its
+    time comes even if the source has gone quiet meanwhile (the next item is awaited in a task,
+    with a timeout). When the source ends, or fails, what is held goes out first. Closing this
+    generator (a stop, a closed tab) cancels the pending read and closes the source.
+    """
+    latest, held, shown_at = "", False, -math.inf
+    pending: asyncio.Task | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(_next_or_end(texts))
+            wait = max(0.0, shown_at + interval - monotonic()) if held else None
+            done, _ = await asyncio.wait({pending}, timeout=wait)
+            if done:
+                finished, pending = pending, None
+                item = finished.result()  # the source's error, if it failed
+                if item is _END:
+                    break
+                latest, held = item, True
+                if monotonic() - shown_at < interval:
+                    continue
+            held, shown_at = False, monotonic()
+            yield latest
+        if held:
+            yield latest
+    except Exception:
+        if held:  # show what arrived before the failure, then report it
+            held = False
+            yield latest
+        raise
+    finally:
+        if pending is not None:
+            pending.cancel()
+            await asyncio.wait({pending})  # let the source unwind before closing it
+        await texts.aclose()
 
 
 def check_text(name: str, value: object, max_chars: int, allow_empty: bool = True) -> str:

@@ -376,7 +376,10 @@ def prefill_chunk(
     for the chunk's last position (the next-token logits once the whole prompt is in)."""
     end = start + tokens.shape[0]
     if tokens.shape[0] > cache.cache_len - (weights.shape.sliding_window or 0) and end > cache.cache_len:
-        raise ValueError(f"a {tokens.shape[0]}-token chunk would overwrite keys its own queries see")
+        raise ValueError(
+            f"a {tokens.shape[0]}-token chunk is longer than this ring allows "
+            f"({cache.cache_len} entries - a {weights.shape.sliding_window}-token window)"
+        )
     positions = torch.arange(start, end, device=tokens.device)[None]  # [1, T]
     hidden = forward(weights, cache, tokens[None], positions, slot, min(end, cache.cache_len))
     return logits_of(weights, hidden[:, -1])

@@ -404,14 +404,16 @@ def test_ring_mask_sees_exactly_the_window():
                 assert seen == list(range(max(0, p - window + 1), p + 1)), (start, take, p)
 
 
-def test_a_chunk_that_would_overwrite_its_own_keys_is_refused():
+def test_a_chunk_longer_than_the_ring_allows_is_refused():
+    """cache_len = window + chunk is what `cache_length` guarantees safe; a longer chunk that
+    wraps is refused rather than trusted (one entry fewer would do, but the check is simple)."""
     from orca_space.tiny import build_model
 
     model = build_model().eval()
     model.config.sliding_window = 8
     weights = kv_step.weights_from_hf(model)
     cache = kv_step.allocate_kv_cache(weights.shape, 1, 14, torch.float32, "cpu")
-    with pytest.raises(ValueError, match="overwrite"):
+    with pytest.raises(ValueError, match="longer than this ring allows"):
         kv_step.prefill_chunk(weights, cache, torch.tensor(make_prompt(7)), 10, 0)
 
 

@@ -152,6 +152,72 @@ async def test_fast_tokens_are_coalesced_into_screen_updates(encoder, monkeypatc
     assert await collect(service, service.prepare("hi", [], "", DEFAULTS)) == expected
 
 
+class ScriptedBackend:
+    """Replies with pieces, pauses (a float: seconds of silence) and a final error or hang."""
+
+    def __init__(self, script):
+        self.script, self.closed = script, asyncio.Event()
+
+    async def stream_reply(self, messages, params, notify=None):
+        try:
+            for step in self.script:
+                if isinstance(step, float):
+                    await asyncio.sleep(step)
+                elif isinstance(step, Exception):
+                    raise step
+                elif step is None:
+                    await asyncio.Event().wait()  # a server that stops sending
+                else:
+                    yield step
+        finally:
+            self.closed.set()
+
+
+async def timed_updates(service, chat):
+    start, updates = asyncio.get_running_loop().time(), []
+    async for text in service.stream(chat):
+        updates.append((round(asyncio.get_running_loop().time() - start, 2), text))
+    return updates
+
+
+@pytest.mark.anyio
+async def test_held_text_is_shown_when_the_source_goes_quiet(encoder):
+    backend = ScriptedBackend(["Hello", " world", 0.6, "!"])
+    service = make_service(encoder, backend, update_interval_s=0.05)
+    updates = await timed_updates(service, service.prepare("hi", [], "", DEFAULTS))
+    assert [text for _, text in updates] == ["Hello", "Hello world", "Hello world!"]
+    assert updates[1][0] < 0.4, f"' world' waited for the next piece: {updates}"
+
+
+@pytest.mark.anyio
+async def test_held_text_is_shown_before_a_failure_is_reported(encoder):
+    backend = ScriptedBackend(["The answer", " is 42.", EngineError("the server stopped")])
+    service = make_service(encoder, backend, update_interval_s=10.0)
+    shown = []
+    with pytest.raises(EngineError, match="server stopped"):
+        async for text in service.stream(service.prepare("hi", [], "", DEFAULTS)):
+            shown.append(text)
+    assert shown == ["The answer", "The answer is 42."]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["close between updates", "cancel while waiting"])
+async def test_stopping_the_stream_closes_the_backend(encoder, how):
+    backend = ScriptedBackend(["Hello", None])
+    service = make_service(encoder, backend, update_interval_s=0.05)
+    updates = service.stream(service.prepare("hi", [], "", DEFAULTS))
+    assert await anext(updates) == "Hello"
+    if how == "close between updates":
+        await updates.aclose()
+    else:  # what gradio does on stop: cancel the task that awaits the next update
+        waiting = asyncio.ensure_future(anext(updates))
+        await asyncio.sleep(0.1)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+    await asyncio.wait_for(backend.closed.wait(), 1.0)
+
+
 @pytest.fixture()
 def local_service(tiny_model, tokenizer, encoder):
     engine = BatchedEngine(tiny_model, encoder.controls.stop_ids, context_length=1024)
