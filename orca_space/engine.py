@@ -70,6 +70,9 @@ class Slot:
 def default_slots(device: torch.device, weights: kv_step.MistralWeights, cache_len: int) -> int:
     if device.type != "cuda":
         return CPU_SLOTS
+    # Stacking the projections (kv_step.stacked_rows) freed the old weights into PyTorch's cache,
+    # which the driver still counts as used: hand it back first.
+    torch.cuda.empty_cache()
     free_bytes, _ = torch.cuda.mem_get_info(device)
     bytes_per_token = weights.shape.kv_bytes_per_token(weights.dtype)
     slots = kv_step.plan_capacity(free_bytes, bytes_per_token, cache_len)
@@ -108,6 +111,7 @@ class BatchedEngine:
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self.compile_step = compile_step  # with graphs only: see `kv_step.DecodeGraphs`
         self.pad_batches = self.use_graphs  # round decode batches up to the captured sizes
+        self.batch_sizes = kv_step.batch_buckets(self.capacity, smallest=2 if compile_step else 1)
         self._on_progress = on_progress
         self.warmup_message = "Starting the engine…"
         self.ready_s: float | None = None  # seconds from construction to serving
@@ -192,9 +196,7 @@ class BatchedEngine:
         )
         if self.graphs is not None:
             shapes = [
-                (batch, kv_len)
-                for batch in kv_step.batch_buckets(self.capacity)
-                for kv_len in kv_step.kv_buckets(self.cache_len)
+                (batch, kv_len) for batch in self.batch_sizes for kv_len in kv_step.kv_buckets(self.cache_len)
             ]
             for done, (batch, kv_len) in enumerate(shapes):
                 self._progress(
@@ -350,7 +352,7 @@ class BatchedEngine:
             return
         batch = max(s.index for s in rows) + 1
         if self.pad_batches:
-            batch = kv_step.batch_bucket(batch, self.capacity)
+            batch = kv_step.batch_bucket(batch, self.batch_sizes)
         try:
             tokens = self._run_decode_step(batch)
         except Exception as exc:  # every request in the step

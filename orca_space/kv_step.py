@@ -54,13 +54,10 @@ class ModelShape:
 @dataclass(frozen=True)
 class LayerWeights:
     attn_norm: torch.Tensor  # [hidden]
-    q: torch.Tensor  # [H * D, hidden]
-    k: torch.Tensor  # [KVH * D, hidden]
-    v: torch.Tensor  # [KVH * D, hidden]
+    qkv: torch.Tensor  # [(H + 2 * KVH) * D, hidden]: q, k and v projections stacked by rows
     o: torch.Tensor  # [hidden, H * D]
     mlp_norm: torch.Tensor  # [hidden]
-    gate: torch.Tensor  # [intermediate, hidden]
-    up: torch.Tensor  # [intermediate, hidden]
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]: gate and up projections stacked by rows
     down: torch.Tensor  # [hidden, intermediate]
 
 
@@ -83,8 +80,30 @@ class MistralWeights:
         return self.embed.device
 
 
+def stacked_rows(owner: torch.nn.Module, name: str, linears: list[torch.nn.Linear]) -> torch.Tensor:
+    """The linears' weights stacked by rows in one tensor, each linear's weight re-pointed to its
+    slice of it: one matrix product where there were several (at batch 1 the small k and v
+    products are mostly launch and tail), and no second copy of the weights. The model computes
+    exactly as before. A second call (a second engine on the same model) reuses the first's.
+    """
+    stacked = getattr(owner, name, None)
+    if stacked is not None and linears[0].weight.data_ptr() == stacked.data_ptr():
+        return stacked
+    with torch.no_grad():
+        stacked = torch.cat([linear.weight for linear in linears])
+        start = 0
+        for linear in linears:
+            rows = linear.weight.shape[0]
+            linear.weight.data = stacked[start : start + rows]
+            start += rows
+    object.__setattr__(owner, name, stacked)  # a plain attribute: not a parameter or buffer
+    return stacked
+
+
 def weights_from_hf(model) -> MistralWeights:
-    """Views of a loaded `MistralForCausalLM`'s parameters; raises ValueError for what we can't run."""
+    """The weights of a loaded `MistralForCausalLM`, without copies; raises ValueError for what we
+    can't run. The q/k/v and gate/up projections are stacked (see `stacked_rows`), so the model's
+    own weights become views of the stacked tensors."""
     config = model.config
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(f"model hidden_act must be 'silu', got {config.hidden_act!r}")
@@ -104,13 +123,14 @@ def weights_from_hf(model) -> MistralWeights:
     layers = tuple(
         LayerWeights(
             attn_norm=layer.input_layernorm.weight,
-            q=layer.self_attn.q_proj.weight,
-            k=layer.self_attn.k_proj.weight,
-            v=layer.self_attn.v_proj.weight,
+            qkv=stacked_rows(
+                layer.self_attn,
+                "orca_qkv",
+                [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
+            ),
             o=layer.self_attn.o_proj.weight,
             mlp_norm=layer.post_attention_layernorm.weight,
-            gate=layer.mlp.gate_proj.weight,
-            up=layer.mlp.up_proj.weight,
+            gate_up=stacked_rows(layer.mlp, "orca_gate_up", [layer.mlp.gate_proj, layer.mlp.up_proj]),
             down=layer.mlp.down_proj.weight,
         )
         for layer in model.model.layers
@@ -126,19 +146,21 @@ def weights_from_hf(model) -> MistralWeights:
     )
 
 
+# Entries allocated past the ring's end and never used. The decode step attends over the first
+# kv_len entries; were kv_len ever the whole allocated length, that slice would be contiguous
+# where shorter ones are not, and torch.compile would compile the step a second time for it.
+UNUSED_TAIL = 1
+
+
 @dataclass(frozen=True)
 class KVCache:
-    k: torch.Tensor  # [layers, slots, KVH, cache_len, D]
-    v: torch.Tensor  # [layers, slots, KVH, cache_len, D]
+    k: torch.Tensor  # [layers, slots, KVH, cache_len + UNUSED_TAIL, D]
+    v: torch.Tensor  # [layers, slots, KVH, cache_len + UNUSED_TAIL, D]
+    cache_len: int  # ring entries per slot: position p is stored at p % cache_len
 
     @property
     def slots(self) -> int:
         return self.k.shape[1]
-
-    @property
-    def cache_len(self) -> int:
-        """Ring entries per slot: position p is stored at p % cache_len."""
-        return self.k.shape[3]
 
 
 def cache_length(context_length: int, window: int | None, chunk_size: int) -> int:
@@ -154,11 +176,13 @@ def cache_length(context_length: int, window: int | None, chunk_size: int) -> in
 
 
 def allocate_kv_cache(shape: ModelShape, slots: int, cache_len: int, dtype, device) -> KVCache:
-    size = (shape.layers, slots, shape.kv_heads, cache_len, shape.head_dim)
+    size = (shape.layers, slots, shape.kv_heads, cache_len + UNUSED_TAIL, shape.head_dim)
     # Zeros, not empty: positions past a row's length are masked, but NaN garbage times a zero
     # attention weight would still be NaN.
     return KVCache(
-        torch.zeros(size, dtype=dtype, device=device), torch.zeros(size, dtype=dtype, device=device)
+        torch.zeros(size, dtype=dtype, device=device),
+        torch.zeros(size, dtype=dtype, device=device),
+        cache_len,
     )
 
 
@@ -327,17 +351,20 @@ def layer_forward(
     """x: [B, T, hidden]; k_rows, v_rows: this layer's cache for the B rows [B, KVH, cache_len, D]."""
     B, T, _ = x.shape
     h = rms_norm(x, w.attn_norm, shape.eps)
-    q = F.linear(h, w.q).view(B, T, shape.heads, shape.head_dim).transpose(1, 2)  # [B, H, T, D]
-    k = F.linear(h, w.k).view(B, T, shape.kv_heads, shape.head_dim).transpose(1, 2)  # [B, KVH, T, D]
-    v = F.linear(h, w.v).view(B, T, shape.kv_heads, shape.head_dim).transpose(1, 2)
+    q_width, kv_width = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    q, k, v = F.linear(h, w.qkv).split([q_width, kv_width, kv_width], dim=-1)
+    q = q.view(B, T, shape.heads, shape.head_dim).transpose(1, 2)  # [B, H, T, D]
+    k = k.view(B, T, shape.kv_heads, shape.head_dim).transpose(1, 2)  # [B, KVH, T, D]
+    v = v.view(B, T, shape.kv_heads, shape.head_dim).transpose(1, 2)
     q, k = apply_rope(q, context.cos, context.signed_sin), apply_rope(k, context.cos, context.signed_sin)
     write_kv(k_rows, k, context)
     write_kv(v_rows, v, context)
     kv_len = context.mask.shape[-1]
-    attn = attend(q, k_rows[:, :, :kv_len], v_rows[:, :, :kv_len], context.mask)  # [B, T, H*D]
+    attn = attend(q, k_rows.narrow(2, 0, kv_len), v_rows.narrow(2, 0, kv_len), context.mask)  # [B, T, H*D]
     x = x + F.linear(attn, w.o)
     h = rms_norm(x, w.mlp_norm, shape.eps)
-    return x + F.linear(F.silu(F.linear(h, w.gate)) * F.linear(h, w.up), w.down)
+    gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, w.down)
 
 
 def forward(
@@ -511,12 +538,16 @@ class DecodeGraphs:
         self.graphs[(batch, kv_len)].replay()
 
 
-def batch_buckets(slots: int) -> list[int]:
-    """Batch sizes to capture: powers of two, then steps of 16, up to `slots` (always included)."""
-    sizes = [size for size in (1, 2, 4, 8, 16) if size < slots]
+def batch_buckets(slots: int, smallest: int = 1) -> list[int]:
+    """Batch sizes to capture: powers of two from `smallest`, then steps of 16, up to `slots`
+    (always included). A compiled step starts at 2: torch.compile specializes a batch of 1
+    (it compiles it separately, a minute more of warm-up for the 7B model), and a second row
+    costs a memory-bound step almost nothing."""
+    sizes = [size for size in (1, 2, 4, 8, 16) if smallest <= size < slots]
     sizes += list(range(32, slots, 16))
     return sizes + [slots]
 
 
-def batch_bucket(needed: int, slots: int) -> int:
-    return next(size for size in batch_buckets(slots) if size >= needed)
+def batch_bucket(needed: int, sizes: list[int]) -> int:
+    """The smallest of the captured batch `sizes` that holds `needed` rows."""
+    return next(size for size in sizes if size >= needed)

@@ -390,6 +390,30 @@ def test_chunked_prefill_then_decode_matches_transformers_logits(window, cache_l
         assert not torch.allclose(unwindowed[-1], reference[-1], atol=1e-2), "the window must matter here"
 
 
+def test_stacked_projections_change_nothing_and_copy_nothing():
+    """q/k/v and gate/up become one matrix each; the model's own weights become views of them."""
+    from orca_space.tiny import build_model
+
+    def storage_bytes(model) -> int:
+        storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+        return sum(storages.values())
+
+    model = build_model().eval()
+    ids = torch.tensor([make_prompt(20)])
+    with torch.no_grad():
+        before, bytes_before = model(ids).logits, storage_bytes(model)
+    weights = kv_step.weights_from_hf(model)
+    again = kv_step.weights_from_hf(model)  # a second engine on the same model
+    layer, attn = weights.layers[0], model.model.layers[0].self_attn
+    assert again.layers[0].qkv is layer.qkv, "stacked once"
+    assert attn.q_proj.weight.data_ptr() == layer.qkv.data_ptr()
+    assert attn.v_proj.weight.data_ptr() == layer.qkv[-attn.v_proj.weight.shape[0] :].data_ptr()
+    assert layer.gate_up.shape[0] == 2 * model.config.intermediate_size
+    assert storage_bytes(model) == bytes_before, "no second copy of any weight"
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+
+
 def test_ring_mask_sees_exactly_the_window():
     """Whatever the ring has wrapped to, a query at p sees positions max(0, p - window + 1) .. p."""
     window, chunk = 8, 6
@@ -427,7 +451,8 @@ def test_sliding_window_ring_engine_equals_generate():
     references = [greedy_reference(model, p, new_tokens=40) for p in chosen]
     engine = BatchedEngine(model, (), context_length=1024, slots=4, chunk_size=8)
     try:
-        assert engine.wait_ready(30) and engine.cache_len == 24 and engine.cache.k.shape[3] == 24
+        assert engine.wait_ready(30) and engine.cache_len == engine.cache.cache_len == 24
+        assert engine.cache.k.shape[3] == 24 + kv_step.UNUSED_TAIL
         params = SamplingParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.0)
         with engine._wakeup:
             handles = [engine.submit(p, params) for p in chosen]
@@ -463,7 +488,10 @@ def test_buckets_cover_every_size():
     assert kv_step.kv_bucket(300, 300) == 300
     assert kv_step.batch_buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64]
     assert kv_step.batch_buckets(5) == [1, 2, 4, 5]
-    assert [kv_step.batch_bucket(n, 64) for n in (1, 3, 17, 33, 64)] == [1, 4, 32, 48, 64]
+    assert kv_step.batch_buckets(64, smallest=2) == [2, 4, 8, 16, 32, 48, 64]
+    assert kv_step.batch_buckets(1, smallest=2) == [1]
+    sizes = kv_step.batch_buckets(64)
+    assert [kv_step.batch_bucket(n, sizes) for n in (1, 3, 17, 33, 64)] == [1, 4, 32, 48, 64]
 
 
 # -- on a GPU: the same greedy equality with fp16 and captured graphs --
@@ -510,8 +538,10 @@ def test_cuda_graphs_greedy_equals_generate(cuda_model, prompts, compile_step):
     engine, alone, batched = run_cuda_engine(
         cuda_model, prompts, [GREEDY] * len(prompts), compile_step=compile_step
     )
-    assert engine.graphs is not None and len(engine.graphs.graphs) == 4 * 3, (
-        "batch 1/2/4/8 x keys 256/512/1024"
+    expected_batches = [2, 4, 8] if compile_step else [1, 2, 4, 8]  # see kv_step.batch_buckets
+    assert engine.batch_sizes == expected_batches
+    assert engine.graphs is not None and len(engine.graphs.graphs) == len(expected_batches) * 3, (
+        "every batch size x keys 256/512/1024"
     )
     for prompt, ours_alone, ours_batched, reference in zip(prompts, alone, batched, references):
         assert_same_greedy(cuda_model, prompt, ours_alone, reference)
@@ -541,6 +571,8 @@ def test_decode_step_compiles_as_one_graph_and_samples_as_eager():
     """`--compile-step` on CUDA compiles the step with fullgraph=True: a graph break (a host
     read, a data-dependent branch) would only show at warm-up on the GPU. Inductor's CPU
     backend finds the same breaks here, and the compiled step must sample what eager does."""
+    from torch._dynamo.utils import counters
+
     from orca_space.tiny import build_model
 
     model = build_model().eval()
@@ -559,15 +591,21 @@ def test_decode_step_compiles_as_one_graph_and_samples_as_eager():
         buffers.sampling.top_p.copy_(torch.tensor([[1.0], [0.9], [0.5], [1.0]]))
         buffers.sampling.repetition_penalty.copy_(torch.tensor([[1.0], [1.1], [1.3], [1.0]]))
         compiled = torch.compile(kv_step.decode_and_sample, fullgraph=True, dynamic=True)
+        graphs_before = counters["stats"]["unique_graphs"]
         results = []
         for step in (kv_step.decode_and_sample, compiled):
             k, v, seen = cache.k.clone(), cache.v.clone(), buffers.seen.clone()
             step(weights, cache, buffers, slots, cache_len)
             results.append((buffers.next.clone(), cache.k.clone()))
             cache.k.copy_(k), cache.v.copy_(v), buffers.seen.copy_(seen)
+        # Other captured sizes (batch >= 2, any key bucket) reuse that one compilation: on the
+        # GPU each compile of the 7B step is most of a minute of warm-up.
+        compiled(weights, cache, buffers, 2, 8)
+        compiled(weights, cache, buffers, 3, cache_len)
     (eager_tokens, eager_k), (compiled_tokens, compiled_k) = results
     assert compiled_tokens.tolist() == eager_tokens.tolist()
     assert torch.allclose(compiled_k, eager_k, atol=1e-5), "the same keys written to the same entries"
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1, "compiled once for every size"
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
