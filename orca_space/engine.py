@@ -199,10 +199,13 @@ class BatchedEngine:
                 (batch, kv_len) for batch in self.batch_sizes for kv_len in kv_step.kv_buckets(self.cache_len)
             ]
             for done, (batch, kv_len) in enumerate(shapes):
-                self._progress(
-                    f"Capturing decode steps ({done + 1} of {len(shapes)}: batch {batch}, {kv_len} keys)…",
-                    done / len(shapes),
-                )
+                if done == 0 and self.compile_step:  # the first capture compiles: most of a minute, silent
+                    message = "Compiling the decode step (a minute or so), then capturing it…"
+                else:
+                    message = (
+                        f"Capturing decode steps ({done + 1} of {len(shapes)}: batch {batch}, {kv_len} keys)…"
+                    )
+                self._progress(message, done / len(shapes))
                 self.graphs.capture(batch, kv_len)
             torch.cuda.synchronize(self.device)
         self.ready_s = time.monotonic() - self._started
