@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from time import monotonic
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from time import monotonic
 from typing import Protocol
 
 from .chatml import ChatEncoder
