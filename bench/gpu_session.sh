@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# Everything issue 3 needs measured on a lent GPU, in two device calls of under 10 minutes each.
+# Everything issue 3 needs measured on a lent GPU, in three device calls of under 10 minutes each.
 #
 # Here first (pip works here, not there), once per checkout; .whl/ is git-ignored:
 #   bash bench/gpu_session.sh wheels
 # Then, through the device tool, carry [".whl"], back to back (the machine stays warm 30 s):
 #   bash bench/gpu_session.sh part1   # GPU tests, then the full benchmark (reference, CB, engine)
 #   bash bench/gpu_session.sh part2   # the engine with a compiled step, and the step's profile
+#   bash bench/gpu_session.sh part3   # the app's loading path: save, from_pretrained, plan, ready
 # Results land in $OUT: copy them to bench/results/<date>-<device>*.json and commit.
 set -uo pipefail
 case "${1:-}" in
-wheels | part1 | part2) ;;
+wheels | part1 | part2 | part3) ;;
 *)
-    echo "usage: bash bench/gpu_session.sh wheels|part1|part2" >&2
+    echo "usage: bash bench/gpu_session.sh wheels|part1|part2|part3" >&2
     exit 2
     ;;
 esac
@@ -46,5 +47,9 @@ part2)
     timeout 330 python3 bench/engine_bench.py --skip reference cb --compile-step --out "$OUT/bench-compiled.json" \
         2>&1 | tee "$OUT/bench-compiled.log" | grep -v '^ '
     timeout 200 python3 bench/profile_step.py --out "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log"
+    ;;
+part3)
+    df -h /tmp | tail -1  # the checkpoint takes 14.5 GB
+    timeout 540 python3 bench/load_path.py --out "$OUT/load-path.json" 2>&1 | tee "$OUT/load-path.log"
     ;;
 esac

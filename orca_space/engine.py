@@ -74,6 +74,12 @@ def default_slots(device: torch.device, weights: kv_step.MistralWeights, cache_l
     # which the driver still counts as used: hand it back first.
     torch.cuda.empty_cache()
     free_bytes, _ = torch.cuda.mem_get_info(device)
+    # What stays cached is a hole between live weights (transformers loads them into one block):
+    # no use to a KV cache allocated whole. Logged, so a GPU run shows whether it matters.
+    stranded = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    log.info(
+        "planning KV slots: %.1f GiB free, %.1f GiB cached in holes", free_bytes / 2**30, stranded / 2**30
+    )
     bytes_per_token = weights.shape.kv_bytes_per_token(weights.dtype)
     slots = kv_step.plan_capacity(free_bytes, bytes_per_token, cache_len)
     if slots == 0:

@@ -87,7 +87,7 @@ def stacked_rows(owner: torch.nn.Module, name: str, linears: list[torch.nn.Linea
     exactly as before. A second call (a second engine on the same model) reuses the first's.
     """
     stacked = getattr(owner, name, None)
-    if stacked is not None and linears[0].weight.data_ptr() == stacked.data_ptr():
+    if stacked is not None and _views_of(stacked, linears):
         return stacked
     with torch.no_grad():
         stacked = torch.cat([linear.weight for linear in linears])
@@ -98,6 +98,16 @@ def stacked_rows(owner: torch.nn.Module, name: str, linears: list[torch.nn.Linea
             start += rows
     object.__setattr__(owner, name, stacked)  # a plain attribute: not a parameter or buffer
     return stacked
+
+
+def _views_of(stacked: torch.Tensor, linears: list[torch.nn.Linear]) -> bool:
+    """Whether every linear's weight is still its slice of `stacked` (none replaced since)."""
+    start = 0
+    for linear in linears:
+        if linear.weight.data_ptr() != stacked[start:].data_ptr():
+            return False
+        start += linear.weight.shape[0]
+    return start == stacked.shape[0]
 
 
 def weights_from_hf(model) -> MistralWeights:
@@ -230,7 +240,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """As transformers' MistralRMSNorm: the statistics in fp32, the scale in the model dtype.
 
     `F.rms_norm` is one fused kernel on CUDA where the spelled-out formula is five; a decode
-    step has 65 norms, and in a CUDA graph every kernel costs microseconds however small.
+    step has 65 norms, and in a CUDA graph every kernel costs microseconds however small. (Its
+    CUDA kernel sums the squares in another order: equal to fp32 rounding, not bit for bit.)
     """
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
@@ -240,7 +251,7 @@ def rope_cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """positions: [B, T] -> cos, signed sin: [B, 1, T, D] (broadcast over heads).
 
-    transformers rotates as cat(-x2, x1) * sin; that equals roll(x) * (sin with its first half
+    transformers rotates as cat(-x2, x1) * sin; that equals cat(x2, x1) * (sin with its first half
     negated), bit for bit (negation is exact), one kernel fewer per use. See `apply_rope`.
     """
     freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
@@ -252,8 +263,13 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, T, D]; rotate-half rope, as transformers does it (see `rope_cos_sin`)."""
-    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin
+    """x: [B, heads, T, D]; rotate-half rope, as transformers does it (see `rope_cos_sin`).
+
+    The halves are swapped by a flip over a [2, D/2] view: one kernel that reads strided input
+    (q and k are slices of the stacked projection), where roll would first copy it contiguous.
+    """
+    swapped = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)  # cat(x2, x1)
+    return x * cos + swapped * signed_sin
 
 
 def cached_positions(latest: torch.Tensor, kv_len: int, cache_len: int) -> torch.Tensor:

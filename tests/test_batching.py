@@ -412,6 +412,29 @@ def test_stacked_projections_change_nothing_and_copy_nothing():
     assert storage_bytes(model) == bytes_before, "no second copy of any weight"
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
+    with torch.no_grad():  # a weight replaced after stacking is not silently ignored
+        attn.k_proj.weight.data = attn.k_proj.weight.data.clone() * 2
+    restacked = kv_step.weights_from_hf(model).layers[0].qkv
+    assert restacked is not layer.qkv and attn.k_proj.weight.data_ptr() != layer.qkv.data_ptr()
+    assert torch.equal(
+        restacked[attn.q_proj.weight.shape[0] :][: attn.k_proj.weight.shape[0]], attn.k_proj.weight
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_rope_is_bit_identical_to_transformers(dtype):
+    """On strided q (a slice of the stacked projection, as in the step), positions near and far."""
+    from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
+
+    B, T, H, D = 3, 5, 8, 128
+    projected = torch.randn(B, T, 2 * H * D).to(dtype)
+    q = projected[..., : H * D].view(B, T, H, D).transpose(1, 2)  # not contiguous
+    positions = torch.arange(T)[None] + torch.tensor([[0], [100], [4000]])
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    cos, signed_sin = kv_step.rope_cos_sin(positions, inv_freq, 1.0, dtype)
+    angles = torch.cat([positions[..., None].float() * inv_freq] * 2, dim=-1)
+    expected, _ = apply_rotary_pos_emb(q, q, angles.cos().to(dtype), angles.sin().to(dtype))
+    assert torch.equal(kv_step.apply_rope(q, cos, signed_sin), expected)
 
 
 def test_ring_mask_sees_exactly_the_window():
