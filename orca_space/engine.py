@@ -6,8 +6,9 @@ capture and replay both happen there, and callers only ever touch the queue. Eac
 
 1) drops cancelled requests, freeing their slots at once;
 2) admits waiting requests (FIFO) into free slots of the static KV cache;
-3) prefills up to `chunk_size` prompt tokens (oldest request first), so a long prompt costs the
-   other streams one chunk of delay per step instead of freezing them;
+3) prefills up to `chunk_size` prompt tokens (oldest request first, several short prompts in
+   one forward), so a long prompt costs the other streams one chunk of delay per step instead
+   of freezing them;
 4) runs one decode step for all slots past their prompt: forward and per-row sampling on the
    device (`kv_step.decode_and_sample`), replayed as a CUDA graph at a padded batch size.
 
@@ -15,7 +16,7 @@ Row b of a decode step is slot b, so a step at batch B covers slots [0, B); new 
 the lowest free slot to keep B small. Rows that are not decoding (free, or still prefilling)
 ride along harmlessly: they write at their slot's next position, an entry the slot's own request
 overwrites before reading and whose old key no query of it can see any more. Errors are values:
-a failed prefill fails its request, a failed decode step fails the requests in it, and the
+a failed prefill or decode step fails the requests in it (and only those), and the
 engine keeps serving.
 """
 
@@ -319,26 +320,47 @@ class BatchedEngine:
 
     # -- prefill --
     def _prefill(self) -> None:
-        budget = self.chunk_size
+        rows = self._prefill_rows()
+        if not rows:
+            return
+        try:
+            logits = self._prefill_forward(rows)  # [N, V]
+        except Exception as exc:  # the requests in this forward only
+            self._fail([slot for slot, _ in rows], exc)
+            return
+        for index, (slot, take) in enumerate(rows):
+            slot.prefilled += take
+            if slot.decoding:
+                try:
+                    self._first_token(slot, logits[index : index + 1])
+                except Exception as exc:  # this request only
+                    self._fail([slot], exc)
+
+    def _prefill_rows(self) -> list[tuple[Slot, int]]:
+        """Which prompts to prefill now, and how many tokens of each: the oldest first, and more
+        in the same forward while all of them, padded to the longest, fit `chunk_size` tokens.
+
+        Many short prompts arriving together then cost one forward, not one each: on CUDA an
+        eager forward is hundreds of kernel launches, whatever its length.
+        """
+        rows: list[tuple[Slot, int]] = []
+        width = 0
         for slot in sorted(self._active_slots(), key=lambda s: s.handle.id):  # oldest first
-            if budget == 0:
-                return
             if slot.decoding:
                 continue
-            take = min(budget, slot.prompt_len - slot.prefilled)
-            budget -= take
-            try:
-                self._prefill_chunk(slot, take)
-            except Exception as exc:  # this request only
-                self._fail([slot], exc)
+            take = min(self.chunk_size, slot.prompt_len - slot.prefilled)
+            if rows and (len(rows) + 1) * max(width, take) > self.chunk_size:
+                break  # first come, first served: no younger prompt jumps this one
+            rows.append((slot, take))
+            width = max(width, take)
+        return rows
 
-    def _prefill_chunk(self, slot: Slot, take: int) -> None:
-        start = slot.prefilled
-        chunk = torch.tensor(slot.handle.prompt_ids[start : start + take], device=self.device)
-        logits = kv_step.prefill_chunk(self.weights, self.cache, chunk, start, slot.index)  # [1, V]
-        slot.prefilled += take
-        if slot.decoding:
-            self._first_token(slot, logits)
+    def _prefill_forward(self, rows: list[tuple[Slot, int]]) -> torch.Tensor:
+        chunks = [
+            kv_step.PromptChunk(slot.index, slot.prefilled, slot.handle.prompt_ids[slot.prefilled :][:take])
+            for slot, take in rows
+        ]
+        return kv_step.prefill(self.weights, self.cache, chunks)
 
     def _first_token(self, slot: Slot, logits: torch.Tensor) -> None:
         """The prompt is in: set up the slot's `seen` row and sample from the prompt's last logits."""

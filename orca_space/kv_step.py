@@ -412,20 +412,74 @@ def logits_of(weights: MistralWeights, hidden: torch.Tensor) -> torch.Tensor:
     return F.linear(rms_norm(hidden, weights.norm, weights.shape.eps), weights.lm_head)
 
 
+def forward_gathered(
+    weights: MistralWeights,
+    cache: KVCache,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    kv_len: int,
+) -> torch.Tensor:
+    """As `forward`, for any B slots (long [B]), not only a contiguous run: each layer attends
+    over a gathered copy of those slots' first kv_len entries, and the entries this call wrote
+    are scattered back into the cache."""
+    x = F.embedding(tokens, weights.embed)  # [B, T, hidden]
+    context = step_context(weights, positions, kv_len, cache.cache_len)
+    for index, layer in enumerate(weights.layers):
+        layer_k, layer_v = cache.k[index], cache.v[index]  # [S, KVH, cache_len + tail, D]
+        k_rows, v_rows = layer_k[slots, :, :kv_len], layer_v[slots, :, :kv_len]  # copies
+        x = layer_forward(x, layer, weights.shape, context, k_rows, v_rows)
+        written = (context.rows, slice(None), context.entries)
+        layer_k[slots[:, None], :, context.entries] = k_rows[written]
+        layer_v[slots[:, None], :, context.entries] = v_rows[written]
+    return x
+
+
+@dataclass(frozen=True)
+class PromptChunk:
+    """Prompt tokens of one request, to go into `slot` from position `start`."""
+
+    slot: int
+    start: int
+    tokens: list[int]
+
+
+def prefill(weights: MistralWeights, cache: KVCache, chunks: list[PromptChunk]) -> torch.Tensor:
+    """Several requests' prompt chunks in one forward, one row each, padded to the longest.
+
+    Returns logits [N, V], row i at chunk i's last real token (the next-token logits once a
+    prompt is all in). Padding tokens are written past a chunk's end: positions the request
+    writes again before any query of it reads them, and ring entries whose old keys no later
+    query sees (a chunk, padding included, must fit `cache_len - window`, as `cache_length`
+    provides). One chunk runs on a view of its slot's cache, several on gathered copies.
+    """
+    width = max(len(chunk.tokens) for chunk in chunks)
+    window = weights.shape.sliding_window or 0
+    wraps = max(chunk.start for chunk in chunks) + width > cache.cache_len
+    if wraps and width > cache.cache_len - window:
+        raise ValueError(
+            f"a {width}-token chunk is longer than this ring allows "
+            f"({cache.cache_len} entries - a {window}-token window)"
+        )
+    device = weights.device
+    tokens = torch.tensor([c.tokens + [0] * (width - len(c.tokens)) for c in chunks], device=device)
+    starts = torch.tensor([c.start for c in chunks], device=device)
+    positions = starts[:, None] + torch.arange(width, device=device)  # [N, T]
+    kv_len = min(cache.cache_len, max(c.start for c in chunks) + width)
+    if len(chunks) == 1:
+        hidden = forward(weights, cache, tokens, positions, chunks[0].slot, kv_len)
+    else:
+        slots = torch.tensor([c.slot for c in chunks], device=device)
+        hidden = forward_gathered(weights, cache, tokens, positions, slots, kv_len)
+    last = torch.tensor([len(c.tokens) - 1 for c in chunks], device=device)
+    return logits_of(weights, hidden[torch.arange(len(chunks), device=device), last])
+
+
 def prefill_chunk(
     weights: MistralWeights, cache: KVCache, tokens: torch.Tensor, start: int, slot: int
 ) -> torch.Tensor:
-    """tokens: [T], the prompt's tokens from position `start`, into `slot`. Returns logits [1, V]
-    for the chunk's last position (the next-token logits once the whole prompt is in)."""
-    end = start + tokens.shape[0]
-    if tokens.shape[0] > cache.cache_len - (weights.shape.sliding_window or 0) and end > cache.cache_len:
-        raise ValueError(
-            f"a {tokens.shape[0]}-token chunk is longer than this ring allows "
-            f"({cache.cache_len} entries - a {weights.shape.sliding_window}-token window)"
-        )
-    positions = torch.arange(start, end, device=tokens.device)[None]  # [1, T]
-    hidden = forward(weights, cache, tokens[None], positions, slot, min(end, cache.cache_len))
-    return logits_of(weights, hidden[:, -1])
+    """One request's chunk: tokens [T] from position `start` into `slot` -> logits [1, V]."""
+    return prefill(weights, cache, [PromptChunk(slot, start, tokens.tolist())])
 
 
 def decode(

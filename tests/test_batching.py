@@ -78,18 +78,18 @@ def new_engine(tiny_model):
 def record_calls(monkeypatch, engine: BatchedEngine) -> list[tuple]:
     """Log ('prefill', request id, tokens) and ('decode', batch, decoding rows) as they run."""
     log: list[tuple] = []
-    real_prefill, real_decode = engine._prefill_chunk, engine.decode_step
+    real_prefill, real_decode = engine._prefill_forward, engine.decode_step
 
-    def prefill(slot, take):
-        log.append(("prefill", slot.handle.id, take))
-        return real_prefill(slot, take)
+    def prefill(rows):
+        log.extend(("prefill", slot.handle.id, take) for slot, take in rows)
+        return real_prefill(rows)
 
     def decode(batch, *args):
         rows = sum(s is not None and s.decoding for s in engine._slots)
         log.append(("decode", batch, rows))
         return real_decode(batch, *args)
 
-    monkeypatch.setattr(engine, "_prefill_chunk", prefill)
+    monkeypatch.setattr(engine, "_prefill_forward", prefill)
     monkeypatch.setattr(engine, "decode_step", decode)
     return log
 
@@ -141,6 +141,50 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(
     assert [log[i][2] for i in chunks] == [CHUNK] * 4 + [300 - 4 * CHUNK], "prefilled 64 tokens at a time"
     between = [entry for entry in log[chunks[0] : chunks[-1]] if entry[0] == "decode"]
     assert len(between) >= len(chunks) - 1, "the running stream got a step after every chunk"
+
+
+def count_prefill_forwards(monkeypatch, engine: BatchedEngine) -> list[int]:
+    """Rows per prefill forward, as they run."""
+    sizes, real = [], engine._prefill_forward
+
+    def counted(rows):
+        sizes.append(len(rows))
+        return real(rows)
+
+    monkeypatch.setattr(engine, "_prefill_forward", counted)
+    return sizes
+
+
+def test_short_prompts_arriving_together_share_one_prefill_forward(new_engine, tiny_model, monkeypatch):
+    engine = new_engine()
+    forwards = count_prefill_forwards(monkeypatch, engine)
+    short = [make_prompt(n, offset=n) for n in (3, 10, 12, 15)]  # 4 x 15 padded tokens <= CHUNK
+    with engine._wakeup:
+        handles = [engine.submit(p, GREEDY) for p in short]
+    assert [tokens_of(h) for h in handles] == [greedy_reference(tiny_model, p) for p in short]
+    assert forwards == [4], "one forward for all four prompts, padded to the longest"
+
+
+def test_packed_prefill_with_padding_and_a_wrapping_ring_equals_generate(monkeypatch):
+    """A 40-token prompt's last piece (positions 32-39 of a 32-entry ring) shares a forward with
+    a 7-token prompt padded to 8; then a 5- and a 3-token prompt share one."""
+    from orca_space.tiny import build_model
+
+    model = build_model().eval()
+    model.config.sliding_window = 16
+    chosen = [make_prompt(40), make_prompt(7, 1), make_prompt(5, 2), make_prompt(3, 3)]
+    references = [greedy_reference(model, p, new_tokens=24) for p in chosen]
+    engine = BatchedEngine(model, (), context_length=1024, slots=4, chunk_size=16)
+    try:
+        assert engine.wait_ready(30) and engine.cache_len == 32
+        forwards = count_prefill_forwards(monkeypatch, engine)
+        params = SamplingParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
+        with engine._wakeup:
+            handles = [engine.submit(p, params) for p in chosen]
+        assert [tokens_of(h) for h in handles] == references
+        assert forwards == [1, 1, 2, 2]
+    finally:
+        engine.close()
 
 
 def test_repetition_penalty_matches_generate(new_engine, tiny_model):
@@ -299,14 +343,14 @@ def test_failed_prefill_fails_only_that_request(new_engine, prompts, references,
     engine = new_engine()
     running = engine.submit(prompts[1], GREEDY)
     first = next(iter(running))
-    real = kv_step.prefill_chunk
+    real = kv_step.prefill
 
     def failing(*args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
 
-    monkeypatch.setattr(kv_step, "prefill_chunk", failing)
+    monkeypatch.setattr(kv_step, "prefill", failing)
     failed = final_event(engine.submit(prompts[3], GREEDY))
-    monkeypatch.setattr(kv_step, "prefill_chunk", real)
+    monkeypatch.setattr(kv_step, "prefill", real)
     assert failed.finish_reason == "error" and "ran out of memory" in failed.error
     assert [first.token, *tokens_of(running)] == references[1], "the running stream is unaffected"
 
@@ -435,6 +479,33 @@ def test_rope_is_bit_identical_to_transformers(dtype):
     angles = torch.cat([positions[..., None].float() * inv_freq] * 2, dim=-1)
     expected, _ = apply_rotary_pos_emb(q, q, angles.cos().to(dtype), angles.sin().to(dtype))
     assert torch.equal(kv_step.apply_rope(q, cos, signed_sin), expected)
+
+
+def test_packed_prefill_matches_transformers_logits():
+    """Two prompts in slots 2 and 0 prefilled together over three rounds (padded, the ring of 14
+    wrapping, stale keys in the cache), then decoded: every logit as transformers computes it."""
+    from orca_space.tiny import build_model
+
+    model = build_model().eval()
+    model.config.sliding_window = 8
+    weights = kv_step.weights_from_hf(model)
+    a, b = make_prompt(19), make_prompt(17, offset=5)
+    with torch.no_grad():
+        expected_a, expected_b = (model(torch.tensor([p])).logits[0] for p in (a, b))
+        cache = kv_step.allocate_kv_cache(weights.shape, 3, 14, torch.float32, "cpu")
+        cache.k.normal_(), cache.v.normal_()
+        rounds = [((0, 6), (0, 4)), ((6, 12), (4, 9)), ((12, 17), (9, 15))]
+        for (a0, a1), (b0, b1) in rounds:
+            chunks = [kv_step.PromptChunk(2, a0, a[a0:a1]), kv_step.PromptChunk(0, b0, b[b0:b1])]
+            logits = kv_step.prefill(weights, cache, chunks)
+            assert torch.allclose(logits[0], expected_a[a1 - 1], atol=1e-4), (a0, a1)
+            assert torch.allclose(logits[1], expected_b[b1 - 1], atol=1e-4), (b0, b1)
+        for step in range(2):  # then decode steps over the view of slots 0..2
+            pa, pb = 17 + step, 15 + step
+            tokens, positions = torch.tensor([b[pb], 9, a[pa]]), torch.tensor([pb, 0, pa])
+            logits = kv_step.decode(weights, cache, tokens, positions, 14)
+            assert torch.allclose(logits[2], expected_a[pa], atol=1e-4)
+            assert torch.allclose(logits[0], expected_b[pb], atol=1e-4)
 
 
 def test_ring_mask_sees_exactly_the_window():
