@@ -35,7 +35,7 @@ import torch
 from . import kv_step
 from .params import SamplingParams
 from .requests import EngineStats, RequestHandle, TokenEvent, describe_failure
-from .sampling import sample_next_tokens
+from .sampling import SamplingTensors, sample_next_tokens
 
 log = logging.getLogger(__name__)
 
@@ -328,13 +328,15 @@ class BatchedEngine:
         except Exception as exc:  # the requests in this forward only
             self._fail([slot for slot, _ in rows], exc)
             return
-        for index, (slot, take) in enumerate(rows):
+        for slot, take in rows:
             slot.prefilled += take
-            if slot.decoding:
-                try:
-                    self._first_token(slot, logits[index : index + 1])
-                except Exception as exc:  # this request only
-                    self._fail([slot], exc)
+        done = [index for index, (slot, _) in enumerate(rows) if slot.decoding]
+        if done:
+            finished = [rows[index][0] for index in done]
+            try:
+                self._first_tokens(finished, logits[done])
+            except Exception as exc:  # the requests whose first token this was
+                self._fail(finished, exc)
 
     def _prefill_rows(self) -> list[tuple[Slot, int]]:
         """Which prompts to prefill now, and how many tokens of each: the oldest first, and more
@@ -362,19 +364,29 @@ class BatchedEngine:
         ]
         return kv_step.prefill(self.weights, self.cache, chunks)
 
-    def _first_token(self, slot: Slot, logits: torch.Tensor) -> None:
-        """The prompt is in: set up the slot's `seen` row and sample from the prompt's last logits."""
-        row = slice(slot.index, slot.index + 1)
-        seen = self.buffers.seen[row]  # [1, V]
-        seen.zero_()
-        seen[0, torch.tensor(slot.handle.prompt_ids, device=self.device)] = True
-        counter = torch.tensor([slot.prompt_len - 1], device=self.device)
-        params = self.buffers.sampling_rows(row)
-        token = sample_next_tokens(
-            logits, params, seen, self.buffers.seeds[row], counter, *eager_shortcuts([slot.handle.params])
+    def _first_tokens(self, slots: list[Slot], logits: torch.Tensor) -> None:
+        """These prompts are in: set up their slots' `seen` rows and sample every first token
+        from the prompts' last logits [N, V], in one go (one sampler run, not one per prompt)."""
+        device, count = self.device, len(slots)
+        index = torch.tensor([slot.index for slot in slots], device=device)
+        prompt_rows = torch.repeat_interleave(
+            torch.arange(count, device=device),
+            torch.tensor([slot.prompt_len for slot in slots], device=device),
         )
-        seen[0, token] = True
-        self._accept(slot, int(token[0]))
+        prompt_ids = torch.tensor([t for slot in slots for t in slot.handle.prompt_ids], device=device)
+        seen = torch.zeros(count, self.weights.shape.vocab, dtype=torch.bool, device=device)
+        seen[prompt_rows, prompt_ids] = True
+        counters = torch.tensor([slot.prompt_len - 1 for slot in slots], device=device)
+        s = self.buffers.sampling
+        params = SamplingTensors(
+            s.temperature[index], s.top_p[index], s.top_k[index], s.repetition_penalty[index]
+        )
+        shortcuts = eager_shortcuts([slot.handle.params for slot in slots])
+        tokens = sample_next_tokens(logits, params, seen, self.buffers.seeds[index], counters, *shortcuts)
+        seen[torch.arange(count, device=device), tokens] = True
+        self.buffers.seen[index] = seen
+        for slot, token in zip(slots, tokens.tolist()):
+            self._accept(slot, token)
 
     # -- decode --
     def _decode(self) -> None:

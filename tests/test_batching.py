@@ -165,6 +165,28 @@ def test_short_prompts_arriving_together_share_one_prefill_forward(new_engine, t
     assert forwards == [4], "one forward for all four prompts, padded to the longest"
 
 
+def test_first_tokens_sampled_together_are_those_sampled_alone(new_engine, monkeypatch):
+    """Prompts finishing in one prefill forward get their first tokens from one sampler run,
+    each with its own parameters and seed: the same tokens as one at a time."""
+    short = [make_prompt(n, offset=n) for n in (3, 10, 12, 15)]
+    params = [
+        SamplingParams(max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0, seed=1),
+        SamplingParams(max_new_tokens=8, temperature=0.7, top_k=40, top_p=0.9, seed=2),
+        SamplingParams(max_new_tokens=8, temperature=0.0, repetition_penalty=1.0),
+        SamplingParams(max_new_tokens=8, temperature=1.3, top_k=5, repetition_penalty=1.3, seed=4),
+    ]
+    engine = new_engine(slots=6)
+    alone = [tokens_of(engine.submit(p, q)) for p, q in zip(short, params)]
+    running = engine.submit(make_prompt(20), SamplingParams(max_new_tokens=500, temperature=0.0))
+    next(iter(running))  # holds slot 0, so the four take slots 1-4, not their own row numbers
+    forwards = count_prefill_forwards(monkeypatch, engine)
+    with engine._wakeup:
+        handles = [engine.submit(p, q) for p, q in zip(short, params)]
+    assert [tokens_of(h) for h in handles] == alone
+    running.cancel()
+    assert forwards == [4]
+
+
 def test_packed_prefill_with_padding_and_a_wrapping_ring_equals_generate(monkeypatch):
     """A 40-token prompt's last piece (positions 32-39 of a 32-entry ring) shares a forward with
     a 7-token prompt padded to 8; then a 5- and a 3-token prompt share one."""
