@@ -8,6 +8,7 @@ backend request is cancelled in its `finally`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import gradio as gr
@@ -225,8 +226,11 @@ def make_respond(runtime: ChatRuntime):
                 f"the {runtime.context_length:,}-token context with {chat.params.max_new_tokens} new tokens."
             )
         try:
-            async for text in service.stream(chat, notify=gr.Info):
-                yield text
+            # Closed explicitly, not whenever the garbage collector gets to it: closing the
+            # stream is what cancels the request in the engine (or the HTTP stream) on a stop.
+            async with contextlib.aclosing(service.stream(chat, notify=gr.Info)) as updates:
+                async for text in updates:
+                    yield text
         except EngineError as exc:
             raise gr.Error(str(exc)) from None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from orca_space.runtime import ChatRuntime
 from orca_space.ui import DEFAULT_SYSTEM_MESSAGE, build_ui, status_markdown
 
@@ -35,3 +37,32 @@ def test_every_reply_step_has_a_failure_clean_up():
     cleanups = [d["trigger_after"] for d in config["dependencies"] if d.get("trigger_only_on_failure")]
     assert len(cleanups) >= 3, "submit, retry and example reply steps each get a failure clean-up"
     assert all(page.fns[i].fn.__name__ == "_submit_fn" for i in cleanups)
+
+
+@pytest.mark.anyio
+async def test_closing_a_reply_closes_its_stream_at_once():
+    """gradio stops a reply by closing the respond generator; the chat stream inside must close
+    then (that is what cancels the engine request), not when the garbage collector runs."""
+    import asyncio
+
+    from orca_space.ui import make_respond
+
+    closed = asyncio.Event()
+
+    class Service:
+        def prepare(self, message, history, system, raw):
+            return type("Chat", (), {"dropped_turns": 0})()
+
+        async def stream(self, chat, notify=None):
+            try:
+                while True:
+                    yield "more text"
+            finally:
+                closed.set()
+
+    runtime = ChatRuntime(model_name="m", context_length=8192)
+    runtime.service = Service()
+    reply = make_respond(runtime)("hi", [], "", 100, 0.4, 0.95, 40, 1.1, None)
+    assert await anext(reply) == "more text"
+    await reply.aclose()
+    assert closed.is_set()
