@@ -268,6 +268,27 @@ async def stream_all(engine: BatchedEngine, prompts: list[list[int]], params: Sa
     return streams, start, max(t[-1] for t in streams)
 
 
+BURST = (16, 40)  # short prompts sent at once: (how many, tokens each)
+
+
+def burst_ttft(run, repeats: int) -> dict:
+    """Time to first token when BURST short prompts arrive together (medians over repeats)."""
+    count, length = BURST
+    medians, lasts = [], []
+    for repeat in range(repeats + 1):
+        streams, start, _ = run(random_prompts(count, length, seed=300 + repeat), tokens=1)
+        firsts = sorted((times[0] - start) * 1e3 for times in streams)
+        if repeat:  # the first one warms this shape up
+            medians.append(statistics.median(firsts))
+            lasts.append(firsts[-1])
+    return {
+        "prompts": count,
+        "prompt_len": length,
+        "median": statistics.median(medians),
+        "last": statistics.median(lasts),
+    }
+
+
 def engine_measurements(model, workload: Workload, device: torch.device, compile_step: bool) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -296,6 +317,7 @@ def engine_measurements(model, workload: Workload, device: torch.device, compile
             decode_rate(run(random_prompts(1, workload.prompt_len, seed=200 + r))[0][0])
             for r in range(workload.repeats)
         ]
+        burst = burst_ttft(run, workload.repeats)
         per_stream, aggregate = {}, {}
         for count in workload.concurrency:
             run(random_prompts(count, workload.prompt_len, seed=count), tokens=8)  # warm-up at this size
@@ -319,6 +341,7 @@ def engine_measurements(model, workload: Workload, device: torch.device, compile
             "ttft_4096_ms": ttft.get(4096),
             "per_stream_tok_s": per_stream,
             "aggregate_tok_s": aggregate,
+            "burst_ttft_ms": burst,
             "ready_s": engine.ready_s,
             "peak_mem_gb": peak_gb,
             "peak_mem_kind": peak_kind,
