@@ -13,6 +13,7 @@ bandwidth says how far the kernels themselves are from the memory floor.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -34,7 +35,7 @@ TOP = 12
 
 
 def prepared_step(weights, batch: int, device: torch.device):
-    """Cache, buffers and a step at `batch` rows, every row mid-reply with sampling on."""
+    """Cache and buffers for a step at `batch` rows, every row mid-reply with sampling on."""
     cache = kv_step.allocate_kv_cache(weights.shape, batch, KV_LEN, weights.dtype, device)
     cache.k.normal_(0, 1), cache.v.normal_(0, 1)  # never time on zeros
     buffers = kv_step.DecodeBuffers.allocate(batch, weights.shape.vocab, device)
@@ -42,11 +43,7 @@ def prepared_step(weights, batch: int, device: torch.device):
     buffers.positions.fill_(KV_LEN - 200)
     buffers.sampling.temperature.fill_(0.4), buffers.sampling.top_p.fill_(0.95)
     buffers.sampling.top_k.fill_(40), buffers.sampling.repetition_penalty.fill_(1.1)
-
-    def step():
-        kv_step.decode_and_sample(weights, cache, buffers, batch, KV_LEN)
-
-    return step
+    return cache, buffers
 
 
 def kernel_table(step, device: torch.device) -> tuple[list[dict], float]:
@@ -66,22 +63,16 @@ def kernel_table(step, device: torch.device) -> tuple[list[dict], float]:
     return top, total_ms
 
 
-def graph_ms(step, repeats: int = 50) -> float:
-    """Median time of the step replayed as one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step(), step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    graph.replay()
+def graph_ms(weights, cache, buffers, batch: int, repeats: int = 50) -> float:
+    """Median time of the step replayed as one CUDA graph, captured as the engine captures it."""
+    graphs = kv_step.DecodeGraphs(weights, cache, buffers)
+    graphs.capture(batch, KV_LEN)
+    graphs.replay(batch, KV_LEN)
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        graph.replay()
+        graphs.replay(batch, KV_LEN)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
@@ -104,11 +95,12 @@ def main(argv: list[str] | None = None) -> None:
     }
     with torch.inference_mode():
         for batch in BATCHES:
-            step = prepared_step(weights, batch, device)
+            cache, buffers = prepared_step(weights, batch, device)
+            step = functools.partial(kv_step.decode_and_sample, weights, cache, buffers, batch, KV_LEN)
             top, total_ms = kernel_table(step, device)
             row = {"kernel_sum_ms": total_ms, "top": top}
             if device.type == "cuda":
-                row["graph_ms"] = graph_ms(step)
+                row["graph_ms"] = graph_ms(weights, cache, buffers, batch)
             results[str(batch)] = row
             print(
                 f"batch {batch}: kernels {total_ms:.2f} ms"
@@ -116,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             for entry in top[:6]:
                 print(f"    {entry['ms']:8.3f} ms  x{entry['calls']:<4d} {entry['name']}")
-            del step
+            del step, cache, buffers
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     args.out.write_text(json.dumps(results, indent=2) + "\n")

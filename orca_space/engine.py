@@ -35,7 +35,7 @@ import torch
 from . import kv_step
 from .params import SamplingParams
 from .requests import EngineStats, RequestHandle, TokenEvent, describe_failure
-from .sampling import SamplingTensors, sample_next_tokens
+from .sampling import sample_next_tokens
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +359,9 @@ class BatchedEngine:
 
     def _prefill_forward(self, rows: list[tuple[Slot, int]]) -> torch.Tensor:
         chunks = [
-            kv_step.PromptChunk(slot.index, slot.prefilled, slot.handle.prompt_ids[slot.prefilled :][:take])
+            kv_step.PromptChunk(
+                slot.index, slot.prefilled, slot.handle.prompt_ids[slot.prefilled : slot.prefilled + take]
+            )
             for slot, take in rows
         ]
         return kv_step.prefill(self.weights, self.cache, chunks)
@@ -377,10 +379,7 @@ class BatchedEngine:
         seen = torch.zeros(count, self.weights.shape.vocab, dtype=torch.bool, device=device)
         seen[prompt_rows, prompt_ids] = True
         counters = torch.tensor([slot.prompt_len - 1 for slot in slots], device=device)
-        s = self.buffers.sampling
-        params = SamplingTensors(
-            s.temperature[index], s.top_p[index], s.top_k[index], s.repetition_penalty[index]
-        )
+        params = self.buffers.sampling_rows(index)
         shortcuts = eager_shortcuts([slot.handle.params for slot in slots])
         tokens = sample_next_tokens(logits, params, seen, self.buffers.seeds[index], counters, *shortcuts)
         seen[torch.arange(count, device=device), tokens] = True

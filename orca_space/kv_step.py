@@ -388,51 +388,36 @@ def forward(
     cache: KVCache,
     tokens: torch.Tensor,
     positions: torch.Tensor,
-    first_slot: int,
+    slots: slice | torch.Tensor,
     kv_len: int,
 ) -> torch.Tensor:
-    """Run tokens [B, T] at positions [B, T] for slots first_slot .. first_slot + B - 1.
+    """Run tokens [B, T] at positions [B, T] for B slots: a run of them (a slice) or any (long [B]).
 
     Writes their keys and values into the cache and returns the final hidden states
     [B, T, hidden] before the last norm. Each row attends over its slot's first `kv_len` ring
     entries, masked to its own causal sliding window; every position a row can see must
-    already be written (earlier chunks or steps) or be written by this call.
+    already be written (earlier chunks or steps) or be written by this call. A run of slots is
+    read and written through views; other slots attend over gathered copies of their first
+    kv_len entries, and the entries this call wrote are scattered back.
     """
-    B = tokens.shape[0]
-    x = F.embedding(tokens, weights.embed)  # [B, T, hidden]
-    context = step_context(weights, positions, kv_len, cache.cache_len)
-    rows = slice(first_slot, first_slot + B)
-    for index, layer in enumerate(weights.layers):
-        x = layer_forward(x, layer, weights.shape, context, cache.k[index, rows], cache.v[index, rows])
-    return x
-
-
-def logits_of(weights: MistralWeights, hidden: torch.Tensor) -> torch.Tensor:
-    """hidden: [B, hidden] -> logits [B, V] (in the model dtype, as transformers returns them)."""
-    return F.linear(rms_norm(hidden, weights.norm, weights.shape.eps), weights.lm_head)
-
-
-def forward_gathered(
-    weights: MistralWeights,
-    cache: KVCache,
-    tokens: torch.Tensor,
-    positions: torch.Tensor,
-    slots: torch.Tensor,
-    kv_len: int,
-) -> torch.Tensor:
-    """As `forward`, for any B slots (long [B]), not only a contiguous run: each layer attends
-    over a gathered copy of those slots' first kv_len entries, and the entries this call wrote
-    are scattered back into the cache."""
     x = F.embedding(tokens, weights.embed)  # [B, T, hidden]
     context = step_context(weights, positions, kv_len, cache.cache_len)
     for index, layer in enumerate(weights.layers):
         layer_k, layer_v = cache.k[index], cache.v[index]  # [S, KVH, cache_len + tail, D]
+        if isinstance(slots, slice):
+            x = layer_forward(x, layer, weights.shape, context, layer_k[slots], layer_v[slots])
+            continue
         k_rows, v_rows = layer_k[slots, :, :kv_len], layer_v[slots, :, :kv_len]  # copies
         x = layer_forward(x, layer, weights.shape, context, k_rows, v_rows)
         written = (context.rows, slice(None), context.entries)
         layer_k[slots[:, None], :, context.entries] = k_rows[written]
         layer_v[slots[:, None], :, context.entries] = v_rows[written]
     return x
+
+
+def logits_of(weights: MistralWeights, hidden: torch.Tensor) -> torch.Tensor:
+    """hidden: [B, hidden] -> logits [B, V] (in the model dtype, as transformers returns them)."""
+    return F.linear(rms_norm(hidden, weights.norm, weights.shape.eps), weights.lm_head)
 
 
 @dataclass(frozen=True)
@@ -454,9 +439,9 @@ def prefill(weights: MistralWeights, cache: KVCache, chunks: list[PromptChunk]) 
     provides). One chunk runs on a view of its slot's cache, several on gathered copies.
     """
     width = max(len(chunk.tokens) for chunk in chunks)
+    end = max(chunk.start for chunk in chunks) + width
     window = weights.shape.sliding_window or 0
-    wraps = max(chunk.start for chunk in chunks) + width > cache.cache_len
-    if wraps and width > cache.cache_len - window:
+    if end > cache.cache_len and width > cache.cache_len - window:  # wraps, overwriting what it sees
         raise ValueError(
             f"a {width}-token chunk is longer than this ring allows "
             f"({cache.cache_len} entries - a {window}-token window)"
@@ -465,21 +450,13 @@ def prefill(weights: MistralWeights, cache: KVCache, chunks: list[PromptChunk]) 
     tokens = torch.tensor([c.tokens + [0] * (width - len(c.tokens)) for c in chunks], device=device)
     starts = torch.tensor([c.start for c in chunks], device=device)
     positions = starts[:, None] + torch.arange(width, device=device)  # [N, T]
-    kv_len = min(cache.cache_len, max(c.start for c in chunks) + width)
     if len(chunks) == 1:
-        hidden = forward(weights, cache, tokens, positions, chunks[0].slot, kv_len)
+        slots = slice(chunks[0].slot, chunks[0].slot + 1)
     else:
         slots = torch.tensor([c.slot for c in chunks], device=device)
-        hidden = forward_gathered(weights, cache, tokens, positions, slots, kv_len)
+    hidden = forward(weights, cache, tokens, positions, slots, min(cache.cache_len, end))
     last = torch.tensor([len(c.tokens) - 1 for c in chunks], device=device)
     return logits_of(weights, hidden[torch.arange(len(chunks), device=device), last])
-
-
-def prefill_chunk(
-    weights: MistralWeights, cache: KVCache, tokens: torch.Tensor, start: int, slot: int
-) -> torch.Tensor:
-    """One request's chunk: tokens [T] from position `start` into `slot` -> logits [1, V]."""
-    return prefill(weights, cache, [PromptChunk(slot, start, tokens.tolist())])
 
 
 def decode(
@@ -490,7 +467,7 @@ def decode(
     Returns logits [B, V]. Every row's visible keys must lie in the first kv_len ring entries
     (kv_len = cache_len once any row's position has reached it).
     """
-    hidden = forward(weights, cache, tokens[:, None], positions[:, None], 0, kv_len)
+    hidden = forward(weights, cache, tokens[:, None], positions[:, None], slice(0, tokens.shape[0]), kv_len)
     return logits_of(weights, hidden[:, 0])
 
 
@@ -534,7 +511,7 @@ class DecodeBuffers:
     def rows(self, batch: int) -> tuple[torch.Tensor, ...]:
         return self.tokens[:batch], self.positions[:batch], self.seeds[:batch], self.seen[:batch]
 
-    def sampling_rows(self, rows: slice) -> SamplingTensors:
+    def sampling_rows(self, rows: slice | torch.Tensor) -> SamplingTensors:
         s = self.sampling
         return SamplingTensors(s.temperature[rows], s.top_p[rows], s.top_k[rows], s.repetition_penalty[rows])
 

@@ -29,6 +29,11 @@ def make_prompt(length: int, offset: int = 0) -> list[int]:
     return [(7 * i + 13 * length + offset) % 31000 + 100 for i in range(length)]
 
 
+def prefill_chunk(weights, cache, tokens: torch.Tensor, start: int, slot: int) -> torch.Tensor:
+    """One request's chunk: tokens [T] from position `start` into `slot` -> logits [1, V]."""
+    return kv_step.prefill(weights, cache, [kv_step.PromptChunk(slot, start, tokens.tolist())])
+
+
 def greedy_reference(model, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
     out = model.generate(
         torch.tensor([prompt], device=model.device),
@@ -440,9 +445,7 @@ def test_chunked_prefill_then_decode_matches_transformers_logits(window, cache_l
         reference = model(ids).logits[0]  # [40, V]
         cache = kv_step.allocate_kv_cache(weights.shape, 3, cache_len, torch.float32, "cpu")
         cache.k.normal_(), cache.v.normal_()  # stale keys from an earlier request must not leak in
-        ours = [
-            kv_step.prefill_chunk(weights, cache, ids[0, s : min(s + 6, 17)], s, 2) for s in range(0, 17, 6)
-        ]
+        ours = [prefill_chunk(weights, cache, ids[0, s : min(s + 6, 17)], s, 2) for s in range(0, 17, 6)]
         for position in range(17, 40):  # slot 2 decodes next to two idle slots
             tokens, positions = torch.tensor([5, 6, int(ids[0, position])]), torch.tensor([0, 0, position])
             kv_len = kv_step.kv_bucket(position + 1, cache_len)
@@ -554,7 +557,7 @@ def test_a_chunk_longer_than_the_ring_allows_is_refused():
     weights = kv_step.weights_from_hf(model)
     cache = kv_step.allocate_kv_cache(weights.shape, 1, 14, torch.float32, "cpu")
     with pytest.raises(ValueError, match="longer than this ring allows"):
-        kv_step.prefill_chunk(weights, cache, torch.tensor(make_prompt(7)), 10, 0)
+        prefill_chunk(weights, cache, torch.tensor(make_prompt(7)), 10, 0)
 
 
 def test_sliding_window_ring_engine_equals_generate():
