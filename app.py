@@ -11,10 +11,10 @@ import logging
 import os
 import sys
 
-from orca_space.server import launch
 from orca_space.settings import parse_settings
 from orca_space.startup import start_runtime
-from orca_space.ui import build_ui
+from orca_space.web.server import launch
+from orca_space.web.ui import build_ui
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orca_space.engine import BatchedEngine  # noqa: E402
+from orca_space.engines.batched import BatchedEngine  # noqa: E402
 from orca_space.params import SamplingParams  # noqa: E402
 
 log = logging.getLogger("engine_bench")

@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orca_space import kv_step  # noqa: E402
-from orca_space.engine import BatchedEngine  # noqa: E402
+from orca_space.engines import mistral  # noqa: E402
+from orca_space.engines.batched import BatchedEngine  # noqa: E402
 from orca_space.params import SamplingParams  # noqa: E402
 from orca_space.tiny import build_model  # noqa: E402
 
@@ -43,7 +43,7 @@ def hollow_engine(slots: int) -> BatchedEngine:
         engine.buffers.next[:batch] = engine.buffers.tokens[:batch] % 1000 + 100  # an ordinary token
 
     engine.decode_step = decode_step
-    kv_step.prefill = lambda weights, cache, chunks: torch.zeros(len(chunks), vocab)  # called via the module
+    mistral.prefill = lambda weights, cache, chunks: torch.zeros(len(chunks), vocab)  # called via the module
     return engine
 
 

@@ -3,7 +3,7 @@
     python bench/profile_step.py --out profile.json          # CUDA: Mistral-7B's shape, random fp16
     python bench/profile_step.py --tiny --out profile.json   # CPU: the tiny checkpoint (a smoke run)
 
-For each batch size it runs `kv_step.decode_and_sample` (the engine's step) over a cache filled
+For each batch size it runs `decode_step.decode_and_sample` (the engine's step) over a cache filled
 with random keys, under torch.profiler, and reports the top kernels by time and the sum of all
 kernel times; on CUDA it also times the same step replayed as a graph (median of many). Graph
 time minus the kernel sum is what launch gaps cost; the kernel sum against bytes moved / copy
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine_bench import build_full_model, build_tiny_model, sync  # noqa: E402
 
-from orca_space import kv_step  # noqa: E402
+from orca_space.engines import decode_step, kv_cache, mistral  # noqa: E402
 
 BATCHES = (1, 8, 32, 64)
 KV_LEN = 1024  # a 512-token prompt plus its 256-token reply falls in this bucket
@@ -36,9 +36,9 @@ TOP = 12
 
 def prepared_step(weights, batch: int, device: torch.device):
     """Cache and buffers for a step at `batch` rows, every row mid-reply with sampling on."""
-    cache = kv_step.allocate_kv_cache(weights.shape, batch, KV_LEN, weights.dtype, device)
+    cache = kv_cache.allocate_kv_cache(weights.shape, batch, KV_LEN, weights.dtype, device)
     cache.k.normal_(0, 1), cache.v.normal_(0, 1)  # never time on zeros
-    buffers = kv_step.DecodeBuffers.allocate(batch, weights.shape.vocab, device)
+    buffers = decode_step.DecodeBuffers.allocate(batch, weights.shape.vocab, device)
     buffers.tokens.copy_(torch.randint(100, 31000, (batch,)))
     buffers.positions.fill_(KV_LEN - 200)
     buffers.sampling.temperature.fill_(0.4), buffers.sampling.top_p.fill_(0.95)
@@ -65,7 +65,7 @@ def kernel_table(step, device: torch.device) -> tuple[list[dict], float]:
 
 def graph_ms(weights, cache, buffers, batch: int, repeats: int = 50) -> float:
     """Median time of the step replayed as one CUDA graph, captured as the engine captures it."""
-    graphs = kv_step.DecodeGraphs(weights, cache, buffers)
+    graphs = decode_step.DecodeGraphs(weights, cache, buffers)
     graphs.capture(batch, KV_LEN)
     graphs.replay(batch, KV_LEN)
     times = []
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("the full-size profile needs CUDA; use --tiny on the CPU")
     device = torch.device("cpu" if args.tiny else "cuda")
     model = build_tiny_model() if args.tiny else build_full_model("cuda")
-    weights = kv_step.weights_from_hf(model)
+    weights = mistral.weights_from_hf(model)
     results = {
         "device": str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
         "kv_len": KV_LEN,
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode():
         for batch in BATCHES:
             cache, buffers = prepared_step(weights, batch, device)
-            step = functools.partial(kv_step.decode_and_sample, weights, cache, buffers, batch, KV_LEN)
+            step = functools.partial(decode_step.decode_and_sample, weights, cache, buffers, batch, KV_LEN)
             top, total_ms = kernel_table(step, device)
             row = {"kernel_sum_ms": total_ms, "top": top}
             if device.type == "cuda":

@@ -17,9 +17,9 @@ from typing import Protocol
 
 from .chatml import ChatEncoder
 from .detokenizer import StreamingDetokenizer
+from .engines.requests import Engine, EngineError
 from .history import Message, fit_history
 from .params import SamplingParams
-from .requests import Engine, EngineError
 
 MAX_MESSAGE_CHARS = 16_000
 MAX_SYSTEM_CHARS = 8_000

@@ -41,10 +41,10 @@ from huggingface_hub.errors import (
 )
 
 from .chat import Notify
+from .engines.requests import EngineError, EngineStats
 from .history import Message
 from .loading import ModelLoadError
 from .params import SamplingParams
-from .requests import EngineError, EngineStats
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .chat import ChatService
+from .engines.requests import EngineStats
 from .loading import LoadStatus
 from .ratelimit import RateLimiter
-from .requests import EngineStats
 
 
 @dataclass

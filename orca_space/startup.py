@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .chat import ChatLimits, ChatService, LocalBackend
 from .chatml import ChatEncoder
-from .engine import BatchedEngine
+from .engines.batched import BatchedEngine
 from .loading import (
     LoadStatus,
     ModelLoadError,

@@ -10,7 +10,7 @@ import pytest
 from gradio_client import Client
 
 from orca_space.chat import ChatLimits, ChatService, LocalBackend
-from orca_space.engine import BatchedEngine
+from orca_space.engines.batched import BatchedEngine
 from tests.helpers import running_app
 
 GREEDY = dict(max_new_tokens=48, temperature=0.0, top_p=0.95, top_k=40, repetition_penalty=1.0)

@@ -12,10 +12,10 @@ import threading
 import pytest
 import torch
 
-from orca_space import kv_step
-from orca_space.engine import BatchedEngine
+from orca_space.engines import decode_step, kv_cache, mistral
+from orca_space.engines.batched import BatchedEngine
+from orca_space.engines.sampling import SamplingTensors, sample_next_tokens
 from orca_space.params import SamplingParams
-from orca_space.sampling import SamplingTensors, sample_next_tokens
 from tests.helpers import wait_until_idle
 
 NEW_TOKENS = 16
@@ -31,7 +31,7 @@ def make_prompt(length: int, offset: int = 0) -> list[int]:
 
 def prefill_chunk(weights, cache, tokens: torch.Tensor, start: int, slot: int) -> torch.Tensor:
     """One request's chunk: tokens [T] from position `start` into `slot` -> logits [1, V]."""
-    return kv_step.prefill(weights, cache, [kv_step.PromptChunk(slot, start, tokens.tolist())])
+    return mistral.prefill(weights, cache, [mistral.PromptChunk(slot, start, tokens.tolist())])
 
 
 def greedy_reference(model, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
@@ -370,14 +370,14 @@ def test_failed_prefill_fails_only_that_request(new_engine, prompts, references,
     engine = new_engine()
     running = engine.submit(prompts[1], GREEDY)
     first = next(iter(running))
-    real = kv_step.prefill
+    real = mistral.prefill
 
     def failing(*args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
 
-    monkeypatch.setattr(kv_step, "prefill", failing)
+    monkeypatch.setattr(mistral, "prefill", failing)
     failed = final_event(engine.submit(prompts[3], GREEDY))
-    monkeypatch.setattr(kv_step, "prefill", real)
+    monkeypatch.setattr(mistral, "prefill", real)
     assert failed.finish_reason == "error" and "ran out of memory" in failed.error
     assert [first.token, *tokens_of(running)] == references[1], "the running stream is unaffected"
 
@@ -407,7 +407,7 @@ def test_failed_warm_up_is_reported_not_hung(tiny_model, monkeypatch):
     def no_memory(*args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
 
-    monkeypatch.setattr(kv_step, "allocate_kv_cache", no_memory)
+    monkeypatch.setattr(kv_cache, "allocate_kv_cache", no_memory)
     engine = BatchedEngine(tiny_model, (), 512, slots=2)
     assert engine.wait_ready(10) is False, "a failed warm-up answers at once"
     assert "ran out of memory" in engine.stats().failure
@@ -438,18 +438,18 @@ def test_chunked_prefill_then_decode_matches_transformers_logits(window, cache_l
 
     model = build_model().eval()
     model.config.sliding_window = window
-    weights = kv_step.weights_from_hf(model)
-    assert kv_step.cache_length(40, window, 6) == (40 if window == 4096 else 14)
+    weights = mistral.weights_from_hf(model)
+    assert kv_cache.cache_length(40, window, 6) == (40 if window == 4096 else 14)
     ids = torch.tensor([make_prompt(40)])
     with torch.no_grad():
         reference = model(ids).logits[0]  # [40, V]
-        cache = kv_step.allocate_kv_cache(weights.shape, 3, cache_len, torch.float32, "cpu")
+        cache = kv_cache.allocate_kv_cache(weights.shape, 3, cache_len, torch.float32, "cpu")
         cache.k.normal_(), cache.v.normal_()  # stale keys from an earlier request must not leak in
         ours = [prefill_chunk(weights, cache, ids[0, s : min(s + 6, 17)], s, 2) for s in range(0, 17, 6)]
         for position in range(17, 40):  # slot 2 decodes next to two idle slots
             tokens, positions = torch.tensor([5, 6, int(ids[0, position])]), torch.tensor([0, 0, position])
-            kv_len = kv_step.kv_bucket(position + 1, cache_len)
-            ours.append(kv_step.decode(weights, cache, tokens, positions, kv_len)[2:])
+            kv_len = kv_cache.kv_bucket(position + 1, cache_len)
+            ours.append(mistral.decode(weights, cache, tokens, positions, kv_len)[2:])
     ours = torch.cat(ours[2:])  # the last chunk's logits are position 16's
     assert torch.allclose(ours, reference[16:], atol=1e-4), (ours - reference[16:]).abs().max()
     if window == 8:
@@ -471,8 +471,8 @@ def test_stacked_projections_change_nothing_and_copy_nothing():
     ids = torch.tensor([make_prompt(20)])
     with torch.no_grad():
         before, bytes_before = model(ids).logits, storage_bytes(model)
-    weights = kv_step.weights_from_hf(model)
-    again = kv_step.weights_from_hf(model)  # a second engine on the same model
+    weights = mistral.weights_from_hf(model)
+    again = mistral.weights_from_hf(model)  # a second engine on the same model
     layer, attn = weights.layers[0], model.model.layers[0].self_attn
     assert again.layers[0].qkv is layer.qkv, "stacked once"
     assert attn.q_proj.weight.data_ptr() == layer.qkv.data_ptr()
@@ -483,7 +483,7 @@ def test_stacked_projections_change_nothing_and_copy_nothing():
         assert torch.equal(model(ids).logits, before)
     with torch.no_grad():  # a weight replaced after stacking is not silently ignored
         attn.k_proj.weight.data = attn.k_proj.weight.data.clone() * 2
-    restacked = kv_step.weights_from_hf(model).layers[0].qkv
+    restacked = mistral.weights_from_hf(model).layers[0].qkv
     assert restacked is not layer.qkv and attn.k_proj.weight.data_ptr() != layer.qkv.data_ptr()
     assert torch.equal(
         restacked[attn.q_proj.weight.shape[0] :][: attn.k_proj.weight.shape[0]], attn.k_proj.weight
@@ -500,10 +500,10 @@ def test_rope_is_bit_identical_to_transformers(dtype):
     q = projected[..., : H * D].view(B, T, H, D).transpose(1, 2)  # not contiguous
     positions = torch.arange(T)[None] + torch.tensor([[0], [100], [4000]])
     inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
-    cos, signed_sin = kv_step.rope_cos_sin(positions, inv_freq, 1.0, dtype)
+    cos, signed_sin = mistral.rope_cos_sin(positions, inv_freq, 1.0, dtype)
     angles = torch.cat([positions[..., None].float() * inv_freq] * 2, dim=-1)
     expected, _ = apply_rotary_pos_emb(q, q, angles.cos().to(dtype), angles.sin().to(dtype))
-    assert torch.equal(kv_step.apply_rope(q, cos, signed_sin), expected)
+    assert torch.equal(mistral.apply_rope(q, cos, signed_sin), expected)
 
 
 def test_packed_prefill_matches_transformers_logits():
@@ -513,22 +513,22 @@ def test_packed_prefill_matches_transformers_logits():
 
     model = build_model().eval()
     model.config.sliding_window = 8
-    weights = kv_step.weights_from_hf(model)
+    weights = mistral.weights_from_hf(model)
     a, b = make_prompt(19), make_prompt(17, offset=5)
     with torch.no_grad():
         expected_a, expected_b = (model(torch.tensor([p])).logits[0] for p in (a, b))
-        cache = kv_step.allocate_kv_cache(weights.shape, 3, 14, torch.float32, "cpu")
+        cache = kv_cache.allocate_kv_cache(weights.shape, 3, 14, torch.float32, "cpu")
         cache.k.normal_(), cache.v.normal_()
         rounds = [((0, 6), (0, 4)), ((6, 12), (4, 9)), ((12, 17), (9, 15))]
         for (a0, a1), (b0, b1) in rounds:
-            chunks = [kv_step.PromptChunk(2, a0, a[a0:a1]), kv_step.PromptChunk(0, b0, b[b0:b1])]
-            logits = kv_step.prefill(weights, cache, chunks)
+            chunks = [mistral.PromptChunk(2, a0, a[a0:a1]), mistral.PromptChunk(0, b0, b[b0:b1])]
+            logits = mistral.prefill(weights, cache, chunks)
             assert torch.allclose(logits[0], expected_a[a1 - 1], atol=1e-4), (a0, a1)
             assert torch.allclose(logits[1], expected_b[b1 - 1], atol=1e-4), (b0, b1)
         for step in range(2):  # then decode steps over the view of slots 0..2
             pa, pb = 17 + step, 15 + step
             tokens, positions = torch.tensor([b[pb], 9, a[pa]]), torch.tensor([pb, 0, pa])
-            logits = kv_step.decode(weights, cache, tokens, positions, 14)
+            logits = mistral.decode(weights, cache, tokens, positions, 14)
             assert torch.allclose(logits[2], expected_a[pa], atol=1e-4)
             assert torch.allclose(logits[0], expected_b[pb], atol=1e-4)
 
@@ -540,8 +540,8 @@ def test_ring_mask_sees_exactly_the_window():
     for start in range(0, 60, 5):
         for take in (1, 3, chunk):
             positions = torch.arange(start, start + take)[None]
-            visible = kv_step.attention_mask(positions, cache_len, cache_len, window)[0, 0]  # [T, L]
-            held = kv_step.cached_positions(positions[:, -1], cache_len, cache_len)[0]
+            visible = mistral.attention_mask(positions, cache_len, cache_len, window)[0, 0]  # [T, L]
+            held = kv_cache.cached_positions(positions[:, -1], cache_len, cache_len)[0]
             for t, p in enumerate(positions[0].tolist()):
                 seen = sorted(held[visible[t]].tolist())
                 assert seen == list(range(max(0, p - window + 1), p + 1)), (start, take, p)
@@ -554,8 +554,8 @@ def test_a_chunk_longer_than_the_ring_allows_is_refused():
 
     model = build_model().eval()
     model.config.sliding_window = 8
-    weights = kv_step.weights_from_hf(model)
-    cache = kv_step.allocate_kv_cache(weights.shape, 1, 14, torch.float32, "cpu")
+    weights = mistral.weights_from_hf(model)
+    cache = kv_cache.allocate_kv_cache(weights.shape, 1, 14, torch.float32, "cpu")
     with pytest.raises(ValueError, match="longer than this ring allows"):
         prefill_chunk(weights, cache, torch.tensor(make_prompt(7)), 10, 0)
 
@@ -571,7 +571,7 @@ def test_sliding_window_ring_engine_equals_generate():
     engine = BatchedEngine(model, (), context_length=1024, slots=4, chunk_size=8)
     try:
         assert engine.wait_ready(30) and engine.cache_len == engine.cache.cache_len == 24
-        assert engine.cache.k.shape[3] == 24 + kv_step.UNUSED_TAIL
+        assert engine.cache.k.shape[3] == 24 + kv_cache.UNUSED_TAIL
         params = SamplingParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.0)
         with engine._wakeup:
             handles = [engine.submit(p, params) for p in chosen]
@@ -581,7 +581,7 @@ def test_sliding_window_ring_engine_equals_generate():
 
 
 GIB = 2**30
-MISTRAL_7B = kv_step.ModelShape(
+MISTRAL_7B = mistral.ModelShape(
     layers=32, heads=32, kv_heads=8, head_dim=128, vocab=32002, sliding_window=4096, eps=1e-5
 )
 
@@ -590,27 +590,27 @@ def test_capacity_is_planned_from_free_memory():
     per_token = MISTRAL_7B.kv_bytes_per_token(torch.float16)
     assert per_token == 128 * 1024
     # A 24 GB card with the 14.5 GB of weights loaded has about 8.5 GB left: a few 8k contexts.
-    assert kv_step.plan_capacity(int(8.5e9), per_token, 8192) == 5
+    assert kv_cache.plan_capacity(int(8.5e9), per_token, 8192) == 5
     # An 80 GB card has about 65 GB left: many.
-    assert kv_step.plan_capacity(int(65e9), per_token, 8192) == 55
-    assert kv_step.plan_capacity(int(65e9), per_token, 2048) == 64, "capped at max_slots"
-    assert kv_step.plan_capacity(2 * GIB, per_token, 8192) == 0, "nothing fits: the caller says so"
+    assert kv_cache.plan_capacity(int(65e9), per_token, 8192) == 55
+    assert kv_cache.plan_capacity(int(65e9), per_token, 2048) == 64, "capped at max_slots"
+    assert kv_cache.plan_capacity(2 * GIB, per_token, 8192) == 0, "nothing fits: the caller says so"
     # The sliding window's ring: an 8k context needs 4096 + 512 entries per slot, not 8192.
-    ring = kv_step.cache_length(8192, MISTRAL_7B.sliding_window, 512)
-    assert ring == 4608 and kv_step.cache_length(4096, 4096, 512) == 4096
-    assert kv_step.plan_capacity(int(8.5e9), per_token, ring) == 9, "nearly twice the chats on 24 GB"
+    ring = kv_cache.cache_length(8192, MISTRAL_7B.sliding_window, 512)
+    assert ring == 4608 and kv_cache.cache_length(4096, 4096, 512) == 4096
+    assert kv_cache.plan_capacity(int(8.5e9), per_token, ring) == 9, "nearly twice the chats on 24 GB"
 
 
 def test_buckets_cover_every_size():
-    assert kv_step.kv_buckets(8192) == [256, 512, 1024, 2048, 4096, 8192]
-    assert [kv_step.kv_bucket(n, 8192) for n in (1, 256, 257, 5000, 8192)] == [256, 256, 512, 8192, 8192]
-    assert kv_step.kv_bucket(300, 300) == 300
-    assert kv_step.batch_buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64]
-    assert kv_step.batch_buckets(5) == [1, 2, 4, 5]
-    assert kv_step.batch_buckets(64, smallest=2) == [2, 4, 8, 16, 32, 48, 64]
-    assert kv_step.batch_buckets(1, smallest=2) == [1]
-    sizes = kv_step.batch_buckets(64)
-    assert [kv_step.batch_bucket(n, sizes) for n in (1, 3, 17, 33, 64)] == [1, 4, 32, 48, 64]
+    assert kv_cache.kv_buckets(8192) == [256, 512, 1024, 2048, 4096, 8192]
+    assert [kv_cache.kv_bucket(n, 8192) for n in (1, 256, 257, 5000, 8192)] == [256, 256, 512, 8192, 8192]
+    assert kv_cache.kv_bucket(300, 300) == 300
+    assert decode_step.batch_buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert decode_step.batch_buckets(5) == [1, 2, 4, 5]
+    assert decode_step.batch_buckets(64, smallest=2) == [2, 4, 8, 16, 32, 48, 64]
+    assert decode_step.batch_buckets(1, smallest=2) == [1]
+    sizes = decode_step.batch_buckets(64)
+    assert [decode_step.batch_bucket(n, sizes) for n in (1, 3, 17, 33, 64)] == [1, 4, 32, 48, 64]
 
 
 # -- on a GPU: the same greedy equality with fp16 and captured graphs --
@@ -657,7 +657,7 @@ def test_cuda_graphs_greedy_equals_generate(cuda_model, prompts, compile_step):
     engine, alone, batched = run_cuda_engine(
         cuda_model, prompts, [GREEDY] * len(prompts), compile_step=compile_step
     )
-    expected_batches = [2, 4, 8] if compile_step else [1, 2, 4, 8]  # see kv_step.batch_buckets
+    expected_batches = [2, 4, 8] if compile_step else [1, 2, 4, 8]  # see decode_step.batch_buckets
     assert engine.batch_sizes == expected_batches
     assert engine.graphs is not None and len(engine.graphs.graphs) == len(expected_batches) * 3, (
         "every batch size x keys 256/512/1024"
@@ -696,12 +696,12 @@ def test_decode_step_compiles_as_one_graph_and_samples_as_eager():
 
     model = build_model().eval()
     model.config.sliding_window = 8  # a wrapped ring: the remainder arithmetic is compiled too
-    weights = kv_step.weights_from_hf(model)
+    weights = mistral.weights_from_hf(model)
     slots, cache_len = 4, 14
     with torch.inference_mode():
-        cache = kv_step.allocate_kv_cache(weights.shape, slots, cache_len, torch.float32, "cpu")
+        cache = kv_cache.allocate_kv_cache(weights.shape, slots, cache_len, torch.float32, "cpu")
         cache.k.normal_(), cache.v.normal_()
-        buffers = kv_step.DecodeBuffers.allocate(slots, weights.shape.vocab, "cpu")
+        buffers = decode_step.DecodeBuffers.allocate(slots, weights.shape.vocab, "cpu")
         buffers.tokens.copy_(torch.tensor([5, 600, 7000, 31999]))
         buffers.positions.copy_(torch.tensor([3, 13, 30, 0]))
         buffers.seeds.copy_(torch.tensor([1, 2, 3, 4]))
@@ -709,10 +709,10 @@ def test_decode_step_compiles_as_one_graph_and_samples_as_eager():
         buffers.sampling.top_k.copy_(torch.tensor([[0], [40], [0], [5]]))
         buffers.sampling.top_p.copy_(torch.tensor([[1.0], [0.9], [0.5], [1.0]]))
         buffers.sampling.repetition_penalty.copy_(torch.tensor([[1.0], [1.1], [1.3], [1.0]]))
-        compiled = torch.compile(kv_step.decode_and_sample, fullgraph=True, dynamic=True)
+        compiled = torch.compile(decode_step.decode_and_sample, fullgraph=True, dynamic=True)
         graphs_before = counters["stats"]["unique_graphs"]
         results = []
-        for step in (kv_step.decode_and_sample, compiled):
+        for step in (decode_step.decode_and_sample, compiled):
             k, v, seen = cache.k.clone(), cache.v.clone(), buffers.seen.clone()
             step(weights, cache, buffers, slots, cache_len)
             results.append((buffers.next.clone(), cache.k.clone()))
@@ -752,10 +752,10 @@ def test_attention_accepts_a_non_contiguous_sdpa_output(monkeypatch):
         return out.transpose(1, 2).contiguous().transpose(1, 2)
 
     q, k, v = torch.randn(2, 8, 3, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
-    mask = kv_step.grouped_mask(torch.ones(2, 1, 3, 5, dtype=torch.bool), 4)
-    expected = kv_step.attend(q, k, v, mask)
+    mask = mistral.grouped_mask(torch.ones(2, 1, 3, 5, dtype=torch.bool), 4)
+    expected = mistral.attend(q, k, v, mask)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", transposed_layout)
-    assert torch.equal(kv_step.attend(q, k, v, mask), expected)
+    assert torch.equal(mistral.attend(q, k, v, mask), expected)
 
 
 def test_extreme_logits_never_index_out_of_range():

@@ -8,9 +8,9 @@ import re
 import pytest
 
 from orca_space.chat import ChatLimits, ChatService, LocalBackend, normalize_history
-from orca_space.engine import BatchedEngine
+from orca_space.engines.batched import BatchedEngine
+from orca_space.engines.requests import EngineError
 from orca_space.params import SamplingParams
-from orca_space.requests import EngineError
 from tests.helpers import wait_until_idle
 
 DEFAULTS = dict(max_new_tokens=100, temperature=0.4, top_p=0.95, top_k=40, repetition_penalty=1.1)
@@ -255,7 +255,7 @@ async def test_engine_error_is_raised_as_engine_error(encoder, tokenizer):
         context_length = 512
 
         def submit(self, prompt_ids, params):
-            from orca_space.requests import RequestHandle
+            from orca_space.engines.requests import RequestHandle
 
             handle = RequestHandle(prompt_ids, params)
             handle.finish("error", "the GPU ran out of memory")

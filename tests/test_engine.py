@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from orca_space.engine import BatchedEngine
+from orca_space.engines.batched import BatchedEngine
 from orca_space.params import SamplingParams
 from tests.helpers import wait_until_idle
 

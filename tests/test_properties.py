@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from orca_space.chat import ChatLimits, ChatService, LocalBackend
 from orca_space.chatml import ROLES
 from orca_space.detokenizer import REPLACEMENT_CHAR, StreamingDetokenizer
-from orca_space.requests import RequestHandle, TokenEvent
+from orca_space.engines.requests import RequestHandle, TokenEvent
 from orca_space.tiny import IM_END_ID, IM_START_ID, VOCAB_SIZE
 
 BOS_ID, EOS_ID = 1, 2

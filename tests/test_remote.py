@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 from gradio_client import Client
 
+from orca_space.engines.requests import EngineError
 from orca_space.loading import ModelLoadError
 from orca_space.params import SamplingParams
 from orca_space.remote import RemoteBackend
-from orca_space.requests import EngineError
 from tests.helpers import free_port, running_app, wait_for_url
 
 HELLO = [{"role": "system", "content": "You are a test."}, {"role": "user", "content": "Hello there!"}]

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
-from orca_space.requests import EngineStats
+from orca_space.engines.requests import EngineStats
 from orca_space.runtime import ChatRuntime
-from orca_space.server import health, public_link_warning
 from orca_space.settings import parse_settings
+from orca_space.web.server import health, public_link_warning
 
 
 def test_public_link_without_login_warns():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orca_space.runtime import ChatRuntime
-from orca_space.ui import DEFAULT_SYSTEM_MESSAGE, build_ui, status_markdown
+from orca_space.web.ui import DEFAULT_SYSTEM_MESSAGE, build_ui, status_markdown
 
 
 def test_status_line_follows_loading():
@@ -45,7 +45,7 @@ async def test_closing_a_reply_closes_its_stream_at_once():
     then (that is what cancels the engine request), not when the garbage collector runs."""
     import asyncio
 
-    from orca_space.ui import make_respond
+    from orca_space.web.ui import make_respond
 
     closed = asyncio.Event()
 

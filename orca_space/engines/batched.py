@@ -10,7 +10,7 @@ capture and replay both happen there, and callers only ever touch the queue. Eac
    one forward), so a long prompt costs the other streams one chunk of delay per step instead
    of freezing them;
 4) runs one decode step for all slots past their prompt: forward and per-row sampling on the
-   device (`kv_step.decode_and_sample`), replayed as a CUDA graph at a padded batch size.
+   device (`decode_step.decode_and_sample`), replayed as a CUDA graph at a padded batch size.
 
 Row b of a decode step is slot b, so a step at batch B covers slots [0, B); new requests take
 the lowest free slot to keep B small. Rows that are not decoding (free, or still prefilling)
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import kv_step
-from .params import SamplingParams
+from ..params import SamplingParams
+from . import decode_step, kv_cache, mistral
 from .requests import EngineStats, RequestHandle, TokenEvent, describe_failure
 from .sampling import sample_next_tokens
 
@@ -68,10 +68,10 @@ class Slot:
         return self.prompt_len + self.generated - 1 if self.decoding else self.prefilled
 
 
-def default_slots(device: torch.device, weights: kv_step.MistralWeights, cache_len: int) -> int:
+def default_slots(device: torch.device, weights: mistral.MistralWeights, cache_len: int) -> int:
     if device.type != "cuda":
         return CPU_SLOTS
-    # Stacking the projections (kv_step.stacked_rows) freed the old weights into PyTorch's cache,
+    # Stacking the projections (mistral.stacked_rows) freed the old weights into PyTorch's cache,
     # which the driver still counts as used: hand it back first.
     torch.cuda.empty_cache()
     free_bytes, _ = torch.cuda.mem_get_info(device)
@@ -82,7 +82,7 @@ def default_slots(device: torch.device, weights: kv_step.MistralWeights, cache_l
         "planning KV slots: %.1f GiB free, %.1f GiB cached in holes", free_bytes / 2**30, stranded / 2**30
     )
     bytes_per_token = weights.shape.kv_bytes_per_token(weights.dtype)
-    slots = kv_step.plan_capacity(free_bytes, bytes_per_token, cache_len)
+    slots = kv_cache.plan_capacity(free_bytes, bytes_per_token, cache_len)
     if slots == 0:
         raise torch.cuda.OutOfMemoryError(
             f"no room for even one {cache_len}-entry KV cache ({bytes_per_token * cache_len / 2**30:.1f} "
@@ -107,18 +107,18 @@ class BatchedEngine:
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        self.weights = kv_step.weights_from_hf(model)
+        self.weights = mistral.weights_from_hf(model)
         self.device = self.weights.device
         self.stop_ids = frozenset(stop_ids)
         self.context_length = context_length
         self.chunk_size = chunk_size
-        # Ring entries per slot (see kv_step): fewer than the context when the window allows.
-        self.cache_len = kv_step.cache_length(context_length, self.weights.shape.sliding_window, chunk_size)
+        # Ring entries per slot (see kv_cache): fewer than the context when the window allows.
+        self.cache_len = kv_cache.cache_length(context_length, self.weights.shape.sliding_window, chunk_size)
         self.capacity = slots or default_slots(self.device, self.weights, self.cache_len)
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
-        self.compile_step = compile_step  # with graphs only: see `kv_step.DecodeGraphs`
+        self.compile_step = compile_step  # with graphs only: see `decode_step.DecodeGraphs`
         self.pad_batches = self.use_graphs  # round decode batches up to the captured sizes
-        self.batch_sizes = kv_step.batch_buckets(self.capacity, smallest=2 if compile_step else 1)
+        self.batch_sizes = decode_step.batch_buckets(self.capacity, smallest=2 if compile_step else 1)
         self._on_progress = on_progress
         self.warmup_message = "Starting the engine…"
         self.ready_s: float | None = None  # seconds from construction to serving
@@ -192,18 +192,18 @@ class BatchedEngine:
     def _warm_up(self) -> None:
         """Allocate the cache and buffers and, on CUDA, capture every decode-step graph."""
         shape = self.weights.shape
-        self.cache = kv_step.allocate_kv_cache(
+        self.cache = kv_cache.allocate_kv_cache(
             shape, self.capacity, self.cache_len, self.weights.dtype, self.device
         )
-        self.buffers = kv_step.DecodeBuffers.allocate(self.capacity, shape.vocab, self.device)
+        self.buffers = decode_step.DecodeBuffers.allocate(self.capacity, shape.vocab, self.device)
         self.graphs = (
-            kv_step.DecodeGraphs(self.weights, self.cache, self.buffers, self.compile_step)
+            decode_step.DecodeGraphs(self.weights, self.cache, self.buffers, self.compile_step)
             if self.use_graphs
             else None
         )
         if self.graphs is not None:
             shapes = [
-                (batch, kv_len) for batch in self.batch_sizes for kv_len in kv_step.kv_buckets(self.cache_len)
+                (batch, kv_len) for batch in self.batch_sizes for kv_len in kv_cache.kv_buckets(self.cache_len)
             ]
             for done, (batch, kv_len) in enumerate(shapes):
                 if done == 0 and self.compile_step:  # the first capture compiles: most of a minute, silent
@@ -359,12 +359,12 @@ class BatchedEngine:
 
     def _prefill_forward(self, rows: list[tuple[Slot, int]]) -> torch.Tensor:
         chunks = [
-            kv_step.PromptChunk(
+            mistral.PromptChunk(
                 slot.index, slot.prefilled, slot.handle.prompt_ids[slot.prefilled : slot.prefilled + take]
             )
             for slot, take in rows
         ]
-        return kv_step.prefill(self.weights, self.cache, chunks)
+        return mistral.prefill(self.weights, self.cache, chunks)
 
     def _first_tokens(self, slots: list[Slot], logits: torch.Tensor) -> None:
         """These prompts are in: set up their slots' `seen` rows and sample every first token
@@ -394,7 +394,7 @@ class BatchedEngine:
             return
         batch = max(s.index for s in rows) + 1
         if self.pad_batches:
-            batch = kv_step.batch_bucket(batch, self.batch_sizes)
+            batch = decode_step.batch_bucket(batch, self.batch_sizes)
         try:
             tokens = self._run_decode_step(batch)
         except Exception as exc:  # every request in the step
@@ -411,7 +411,7 @@ class BatchedEngine:
             if slot is not None:
                 positions[index] = slot.next_position
                 tokens[index] = slot.last_token if slot.decoding else 0
-        kv_len = kv_step.kv_bucket(max(positions) + 1, self.cache_len)
+        kv_len = kv_cache.kv_bucket(max(positions) + 1, self.cache_len)
         self.buffers.tokens[:batch].copy_(torch.tensor(tokens))
         self.buffers.positions[:batch].copy_(torch.tensor(positions))
         if self.graphs is not None:
@@ -423,7 +423,7 @@ class BatchedEngine:
 
     def decode_step(self, batch: int, kv_len: int, all_greedy: bool, top_k_bound: int | None) -> None:
         """The eager decode step (CPU, or CUDA without graphs); tests patch this to inject faults."""
-        kv_step.decode_and_sample(
+        decode_step.decode_and_sample(
             self.weights, self.cache, self.buffers, batch, kv_len, all_greedy, top_k_bound
         )
 

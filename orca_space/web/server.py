@@ -10,8 +10,8 @@ from fastapi.responses import PlainTextResponse
 from fastapi.routing import APIRoute
 from starlette.middleware import Middleware
 
-from .runtime import ChatRuntime
-from .settings import Settings
+from ..runtime import ChatRuntime
+from ..settings import Settings
 
 log = logging.getLogger(__name__)
 # Bigger request bodies are refused before anything parses them. Every chat turn the page sends

@@ -1,17 +1,10 @@
 """The batched engine's model math: Mistral's forward as small functions over a slot-indexed KV cache.
 
 In the spirit of gpt-fast, the transformer is a few pure functions of tensors: they read the
-weights of a loaded transformers `MistralForCausalLM` (no copy) and a static KV cache shaped
-[layers, slots, kv_heads, cache_len, head_dim], where each slot holds one request at its own
-length. Nothing here allocates per step beyond temporaries and nothing reads a tensor back to
-the host, so a whole decode step (forward and sampling) can be replayed as a CUDA graph.
-
-The cache is a ring: position p lives at entry p % cache_len. Mistral's sliding window means a
-query never sees keys more than `window` positions back, so a slot needs `window + chunk`
-entries however long the context (a prefill chunk writes all its keys before its first query
-attends, and must not overwrite keys that query still sees). For Mistral 7B at an 8k context
-that is 4608 entries instead of 8192: nearly twice the concurrent chats in the same memory, and
-decode steps past position 4608 attend over 4608 keys instead of the whole context.
+weights of a loaded transformers `MistralForCausalLM` (no copy) and the ring KV cache of
+`kv_cache.py`, where each slot holds one request at its own length. Nothing here allocates per
+step beyond temporaries and nothing reads a tensor back to the host, so a whole decode step
+(forward and sampling, `decode_step.py`) can be replayed as a CUDA graph.
 
 Shapes in comments: B rows (slots), T new tokens per row, L attended key positions, H query
 heads, KVH key/value heads, G = H // KVH query heads per key/value head, D head dim, V vocab.
@@ -25,11 +18,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .sampling import SamplingTensors, sample_next_tokens
+from .kv_cache import KVCache, cached_positions
 
 # Rope variants whose frequencies depend on the sequence length cannot use a fixed table.
 DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
-SMALLEST_KV_BUCKET = 256
 
 
 @dataclass(frozen=True)
@@ -156,82 +148,6 @@ def weights_from_hf(model) -> MistralWeights:
     )
 
 
-# Entries allocated past the ring's end and never used. The decode step attends over the first
-# kv_len entries; were kv_len ever the whole allocated length, that slice would be contiguous
-# where shorter ones are not, and torch.compile would compile the step a second time for it.
-UNUSED_TAIL = 1
-
-
-@dataclass(frozen=True)
-class KVCache:
-    k: torch.Tensor  # [layers, slots, KVH, cache_len + UNUSED_TAIL, D]
-    v: torch.Tensor  # [layers, slots, KVH, cache_len + UNUSED_TAIL, D]
-    cache_len: int  # ring entries per slot: position p is stored at p % cache_len
-
-    @property
-    def slots(self) -> int:
-        return self.k.shape[1]
-
-
-def cache_length(context_length: int, window: int | None, chunk_size: int) -> int:
-    """Ring entries a slot needs: the whole context, or less when the sliding window allows.
-
-    A chunk of T <= chunk_size tokens starting at s writes entries for positions s .. s+T-1,
-    overwriting positions s-R .. s+T-1-R; its first query needs keys back to s-window+1, so
-    R = window + chunk_size loses nothing any query can see.
-    """
-    if window is None or context_length <= window + chunk_size:
-        return context_length
-    return window + chunk_size
-
-
-def allocate_kv_cache(shape: ModelShape, slots: int, cache_len: int, dtype, device) -> KVCache:
-    size = (shape.layers, slots, shape.kv_heads, cache_len + UNUSED_TAIL, shape.head_dim)
-    # Zeros, not empty: positions past a row's length are masked, but NaN garbage times a zero
-    # attention weight would still be NaN.
-    return KVCache(
-        torch.zeros(size, dtype=dtype, device=device),
-        torch.zeros(size, dtype=dtype, device=device),
-        cache_len,
-    )
-
-
-def plan_capacity(
-    free_bytes: int,
-    bytes_per_token: int,
-    cache_len: int,
-    reserve_bytes: int = 2 * 2**30,
-    reserve_fraction: float = 0.05,
-    max_slots: int = 64,
-) -> int:
-    """How many slots of `cache_len` entries fit in the memory left after loading the weights.
-
-    `reserve_*` keeps room for prefill activations, the sampler's [B, V] temporaries and the
-    CUDA graphs' pool. Returns 0 when not even one request fits (the caller says so).
-    """
-    usable = free_bytes - reserve_bytes - int(free_bytes * reserve_fraction)
-    per_slot = bytes_per_token * cache_len
-    return max(0, min(max_slots, usable // per_slot))
-
-
-def kv_bucket(needed: int, cache_len: int) -> int:
-    """Entries to attend over: the next power of two >= needed (min 256), capped at the cache
-    length (which a ring that has wrapped always needs whole).
-
-    Attending over the whole static cache would read every slot's full context each step; a
-    few fixed lengths keep the reads near what is used while staying graph-capturable.
-    """
-    return min(cache_len, max(SMALLEST_KV_BUCKET, 1 << max(0, needed - 1).bit_length()))
-
-
-def kv_buckets(cache_len: int) -> list[int]:
-    """Every value `kv_bucket` can return for this cache."""
-    buckets, size = [], SMALLEST_KV_BUCKET
-    while size < cache_len:
-        buckets.append(size)
-        size *= 2
-    return buckets + [cache_len]
-
 
 # -- the transformer, one small function per piece --
 
@@ -270,14 +186,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     """
     swapped = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)  # cat(x2, x1)
     return x * cos + swapped * signed_sin
-
-
-def cached_positions(latest: torch.Tensor, kv_len: int, cache_len: int) -> torch.Tensor:
-    """latest: [B], each row's newest written position -> [B, L]: the position each of the
-    first L ring entries holds (negative where nothing has been written yet)."""
-    entries = torch.arange(kv_len, device=latest.device)  # [L]
-    newest = latest[:, None]  # [B, 1]
-    return newest - torch.remainder(newest - entries, cache_len)
 
 
 def attention_mask(positions: torch.Tensor, kv_len: int, cache_len: int, window: int | None) -> torch.Tensor:
@@ -471,130 +379,3 @@ def decode(
     return logits_of(weights, hidden[:, 0])
 
 
-# -- the decode step the engine replays: static buffers in, sampled tokens out --
-
-
-@dataclass(frozen=True)
-class DecodeBuffers:
-    """One row per slot. The engine writes the inputs; the step reads rows [:B] and writes `next`.
-
-    Fixed addresses are what lets a CUDA graph captured once be replayed with new values.
-    """
-
-    tokens: torch.Tensor  # long [S]: each slot's last token, fed this step
-    positions: torch.Tensor  # long [S]: where that token goes in the slot's cache
-    seeds: torch.Tensor  # long [S]: each request's sampling seed (see sample_next_tokens)
-    sampling: SamplingTensors  # [S, 1] each
-    seen: torch.Tensor  # bool [S, V]: tokens in each request's prompt or reply so far
-    next: torch.Tensor  # long [S]: the step's sampled tokens
-
-    @classmethod
-    def allocate(cls, slots: int, vocab: int, device) -> DecodeBuffers:
-        def column(dtype, fill=0.0):
-            return torch.full((slots, 1), fill, dtype=dtype, device=device)
-
-        longs = lambda: torch.zeros(slots, dtype=torch.long, device=device)  # noqa: E731
-        return cls(
-            tokens=longs(),
-            positions=longs(),
-            seeds=longs(),
-            sampling=SamplingTensors(
-                temperature=column(torch.float32),
-                top_p=column(torch.float32, 1.0),
-                top_k=column(torch.long),
-                repetition_penalty=column(torch.float32, 1.0),
-            ),
-            seen=torch.zeros(slots, vocab, dtype=torch.bool, device=device),
-            next=longs(),
-        )
-
-    def rows(self, batch: int) -> tuple[torch.Tensor, ...]:
-        return self.tokens[:batch], self.positions[:batch], self.seeds[:batch], self.seen[:batch]
-
-    def sampling_rows(self, rows: slice | torch.Tensor) -> SamplingTensors:
-        s = self.sampling
-        return SamplingTensors(s.temperature[rows], s.top_p[rows], s.top_k[rows], s.repetition_penalty[rows])
-
-
-def decode_and_sample(
-    weights: MistralWeights,
-    cache: KVCache,
-    buffers: DecodeBuffers,
-    batch: int,
-    kv_len: int,
-    all_greedy: bool = False,
-    top_k_bound: int | None = None,
-) -> None:
-    """The whole decode step for slots [0, batch): forward, per-row sampling, `seen` update.
-
-    No host sync anywhere, so on CUDA it is captured once per (batch, kv_len) and replayed
-    (with the defaults: the eager shortcuts `all_greedy` and `top_k_bound` depend on the rows).
-    The sampler's counter is the input position: unique per token of a request.
-    """
-    tokens, positions, seeds, seen = buffers.rows(batch)
-    logits = decode(weights, cache, tokens, positions, kv_len)  # [B, V]
-    params = buffers.sampling_rows(slice(0, batch))
-    chosen = sample_next_tokens(logits, params, seen, seeds, positions, all_greedy, top_k_bound)  # [B]
-    seen.scatter_(1, chosen[:, None], True)
-    buffers.next[:batch].copy_(chosen)
-
-
-class DecodeGraphs:
-    """`decode_and_sample` captured as one CUDA graph per (batch, kv_len) bucket.
-
-    Capture and replay must happen on the same thread (the engine thread): CUDA-graph state is
-    thread-local in PyTorch. Graphs share one memory pool: they never run concurrently and each
-    writes its result into `buffers.next` (allocated outside the pool), which makes sharing safe
-    in any replay order (pytorch/pytorch#166975; vLLM relies on the same).
-
-    `compile_step` first compiles the step once with symbolic batch and key lengths (Inductor
-    fuses the norms, rope and sampler arithmetic), then captures that code per bucket the same
-    way. It costs a compile at warm-up (a minute or more for the 7B model).
-    """
-
-    def __init__(
-        self, weights: MistralWeights, cache: KVCache, buffers: DecodeBuffers, compile_step: bool = False
-    ) -> None:
-        self.weights, self.cache, self.buffers = weights, cache, buffers
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.pool = torch.cuda.graph_pool_handle()
-        # One side stream for every warm-up: the caching allocator keeps blocks per stream.
-        self.warmup_stream = torch.cuda.Stream()
-        self.step_fn = (
-            torch.compile(decode_and_sample, fullgraph=True, dynamic=True)
-            if compile_step
-            else decode_and_sample
-        )
-
-    def capture(self, batch: int, kv_len: int) -> None:
-        def step() -> None:
-            self.step_fn(self.weights, self.cache, self.buffers, batch, kv_len)
-
-        side = self.warmup_stream
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up runs: lazy inits, workspaces, compiles happen outside capture
-            step()
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            step()
-        self.graphs[(batch, kv_len)] = graph
-
-    def replay(self, batch: int, kv_len: int) -> None:
-        self.graphs[(batch, kv_len)].replay()
-
-
-def batch_buckets(slots: int, smallest: int = 1) -> list[int]:
-    """Batch sizes to capture: powers of two from `smallest`, then steps of 16, up to `slots`
-    (always included). A compiled step starts at 2: torch.compile specializes a batch of 1
-    (it compiles it separately, a minute more of warm-up for the 7B model), and a second row
-    costs a memory-bound step almost nothing."""
-    sizes = [size for size in (1, 2, 4, 8, 16) if smallest <= size < slots]
-    sizes += list(range(32, slots, 16))
-    return sizes + [slots]
-
-
-def batch_bucket(needed: int, sizes: list[int]) -> int:
-    """The smallest of the captured batch `sizes` that holds `needed` rows."""
-    return next(size for size in sizes if size >= needed)

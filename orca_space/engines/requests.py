@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from .params import SamplingParams
+from ..params import SamplingParams
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 

@@ -13,10 +13,10 @@ import logging
 
 import gradio as gr
 
-from .params import LIMITS, PARAMETER_ORDER, check_value
-from .ratelimit import client_key
-from .requests import EngineError
-from .runtime import ChatRuntime
+from ..engines.requests import EngineError
+from ..params import LIMITS, PARAMETER_ORDER, check_value
+from ..ratelimit import client_key
+from ..runtime import ChatRuntime
 
 log = logging.getLogger(__name__)
 

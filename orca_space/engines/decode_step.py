@@ -1,0 +1,142 @@
+"""The decode step the engine replays: static buffers in, sampled tokens out.
+
+One step is the forward for every decoding slot and each row's own sampling, with no host sync,
+so on CUDA it is captured once per (batch, key-length) bucket as a CUDA graph and replayed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .kv_cache import KVCache
+from .mistral import MistralWeights, decode
+from .sampling import SamplingTensors, sample_next_tokens
+
+
+@dataclass(frozen=True)
+class DecodeBuffers:
+    """One row per slot. The engine writes the inputs; the step reads rows [:B] and writes `next`.
+
+    Fixed addresses are what lets a CUDA graph captured once be replayed with new values.
+    """
+
+    tokens: torch.Tensor  # long [S]: each slot's last token, fed this step
+    positions: torch.Tensor  # long [S]: where that token goes in the slot's cache
+    seeds: torch.Tensor  # long [S]: each request's sampling seed (see sample_next_tokens)
+    sampling: SamplingTensors  # [S, 1] each
+    seen: torch.Tensor  # bool [S, V]: tokens in each request's prompt or reply so far
+    next: torch.Tensor  # long [S]: the step's sampled tokens
+
+    @classmethod
+    def allocate(cls, slots: int, vocab: int, device) -> DecodeBuffers:
+        def column(dtype, fill=0.0):
+            return torch.full((slots, 1), fill, dtype=dtype, device=device)
+
+        longs = lambda: torch.zeros(slots, dtype=torch.long, device=device)  # noqa: E731
+        return cls(
+            tokens=longs(),
+            positions=longs(),
+            seeds=longs(),
+            sampling=SamplingTensors(
+                temperature=column(torch.float32),
+                top_p=column(torch.float32, 1.0),
+                top_k=column(torch.long),
+                repetition_penalty=column(torch.float32, 1.0),
+            ),
+            seen=torch.zeros(slots, vocab, dtype=torch.bool, device=device),
+            next=longs(),
+        )
+
+    def rows(self, batch: int) -> tuple[torch.Tensor, ...]:
+        return self.tokens[:batch], self.positions[:batch], self.seeds[:batch], self.seen[:batch]
+
+    def sampling_rows(self, rows: slice | torch.Tensor) -> SamplingTensors:
+        s = self.sampling
+        return SamplingTensors(s.temperature[rows], s.top_p[rows], s.top_k[rows], s.repetition_penalty[rows])
+
+
+def decode_and_sample(
+    weights: MistralWeights,
+    cache: KVCache,
+    buffers: DecodeBuffers,
+    batch: int,
+    kv_len: int,
+    all_greedy: bool = False,
+    top_k_bound: int | None = None,
+) -> None:
+    """The whole decode step for slots [0, batch): forward, per-row sampling, `seen` update.
+
+    No host sync anywhere, so on CUDA it is captured once per (batch, kv_len) and replayed
+    (with the defaults: the eager shortcuts `all_greedy` and `top_k_bound` depend on the rows).
+    The sampler's counter is the input position: unique per token of a request.
+    """
+    tokens, positions, seeds, seen = buffers.rows(batch)
+    logits = decode(weights, cache, tokens, positions, kv_len)  # [B, V]
+    params = buffers.sampling_rows(slice(0, batch))
+    chosen = sample_next_tokens(logits, params, seen, seeds, positions, all_greedy, top_k_bound)  # [B]
+    seen.scatter_(1, chosen[:, None], True)
+    buffers.next[:batch].copy_(chosen)
+
+
+class DecodeGraphs:
+    """`decode_and_sample` captured as one CUDA graph per (batch, kv_len) bucket.
+
+    Capture and replay must happen on the same thread (the engine thread): CUDA-graph state is
+    thread-local in PyTorch. Graphs share one memory pool: they never run concurrently and each
+    writes its result into `buffers.next` (allocated outside the pool), which makes sharing safe
+    in any replay order (pytorch/pytorch#166975; vLLM relies on the same).
+
+    `compile_step` first compiles the step once with symbolic batch and key lengths (Inductor
+    fuses the norms, rope and sampler arithmetic), then captures that code per bucket the same
+    way. It costs a compile at warm-up (a minute or more for the 7B model).
+    """
+
+    def __init__(
+        self, weights: MistralWeights, cache: KVCache, buffers: DecodeBuffers, compile_step: bool = False
+    ) -> None:
+        self.weights, self.cache, self.buffers = weights, cache, buffers
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        # One side stream for every warm-up: the caching allocator keeps blocks per stream.
+        self.warmup_stream = torch.cuda.Stream()
+        self.step_fn = (
+            torch.compile(decode_and_sample, fullgraph=True, dynamic=True)
+            if compile_step
+            else decode_and_sample
+        )
+
+    def capture(self, batch: int, kv_len: int) -> None:
+        def step() -> None:
+            self.step_fn(self.weights, self.cache, self.buffers, batch, kv_len)
+
+        side = self.warmup_stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up runs: lazy inits, workspaces, compiles happen outside capture
+            step()
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            step()
+        self.graphs[(batch, kv_len)] = graph
+
+    def replay(self, batch: int, kv_len: int) -> None:
+        self.graphs[(batch, kv_len)].replay()
+
+
+def batch_buckets(slots: int, smallest: int = 1) -> list[int]:
+    """Batch sizes to capture: powers of two from `smallest`, then steps of 16, up to `slots`
+    (always included). A compiled step starts at 2: torch.compile specializes a batch of 1
+    (it compiles it separately, a minute more of warm-up for the 7B model), and a second row
+    costs a memory-bound step almost nothing."""
+    sizes = [size for size in (1, 2, 4, 8, 16) if smallest <= size < slots]
+    sizes += list(range(32, slots, 16))
+    return sizes + [slots]
+
+
+def batch_bucket(needed: int, sizes: list[int]) -> int:
+    """The smallest of the captured batch `sizes` that holds `needed` rows."""
+    return next(size for size in sizes if size >= needed)
+
