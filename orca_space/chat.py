@@ -1,16 +1,15 @@
-"""The chat service: from what the browser sends to a stream of reply text.
+"""The chat service: from what the browser sends to a stream of growing replies.
 
 It checks every input (nothing from the browser is trusted, history included), fits the
 history to the context by whole turns, and streams the reply from a `ChatBackend`: the local
-engine or a remote server. It knows nothing of gradio; `ui.py` maps its errors to the page.
+engine or a remote server. It knows nothing of gradio; `web/ui.py` maps its errors to the page.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from time import monotonic
 from typing import Protocol
@@ -20,6 +19,7 @@ from .detokenizer import StreamingDetokenizer
 from .engines.requests import Engine, EngineError
 from .history import Message, fit_history
 from .params import SamplingParams
+from .replies import Reply, ReplyDelta, accumulate, coalesce
 
 MAX_MESSAGE_CHARS = 16_000
 MAX_SYSTEM_CHARS = 8_000
@@ -54,11 +54,11 @@ Notify = Callable[[str], None]  # shows the user a short notice (the UI passes g
 
 
 class ChatBackend(Protocol):
-    """Where replies come from. `stream_reply` yields text deltas and raises `EngineError`."""
+    """Where replies come from. `stream_reply` yields `ReplyDelta`s and raises `EngineError`."""
 
     def stream_reply(
         self, messages: list[Message], params: SamplingParams, notify: Notify | None = None
-    ) -> AsyncIterator[str]: ...
+    ) -> AsyncIterator[ReplyDelta]: ...
 
 
 class ChatService:
@@ -102,74 +102,15 @@ class ChatService:
     def _message_cost(self, message: Message) -> int:
         return len(self.encoder.encode_message(message["role"], message["content"]))
 
-    async def stream(self, chat: PreparedChat, notify: Notify | None = None) -> AsyncIterator[str]:
-        """The reply so far, growing with each item (what a chat window shows), at most one
-        update per `update_interval_s` (see `coalesce`)."""
-        updates = coalesce(self._growing_reply(chat, notify), self.limits.update_interval_s)
-        async with contextlib.aclosing(updates):
-            async for text in updates:
-                yield text
-
-    async def _growing_reply(self, chat: PreparedChat, notify: Notify | None) -> AsyncIterator[str]:
-        reply = ""
+    async def stream(self, chat: PreparedChat, notify: Notify | None = None) -> AsyncIterator[Reply]:
+        """The reply so far with its figures, growing with each item (what a chat window shows),
+        at most one update per `update_interval_s` (see `replies.coalesce`)."""
+        started = monotonic()
         deltas = self.backend.stream_reply(chat.messages, chat.params, notify)
-        async with contextlib.aclosing(deltas):  # a stop closes the backend's stream at once
-            async for delta in deltas:
-                # A model can spell a NUL in byte pieces (<0x00>), and the history check refuses NUL.
-                delta = delta.replace("\x00", "")
-                if delta:
-                    reply += delta
-                    yield reply
-
-
-_END = object()
-
-
-async def _next_or_end(source: AsyncIterator[str]) -> object:
-    try:
-        return await anext(source)
-    except StopAsyncIteration:  # as a value: a task should not end by raising it
-        return _END
-
-
-async def coalesce(texts: AsyncGenerator[str, None], interval: float) -> AsyncIterator[str]:
-    """The latest of a stream of growing texts, at most once per `interval` seconds.
-
-    The first text goes out at once. A text that arrives sooner is held, and goes out when its
-    time comes even if the source has gone quiet meanwhile (the next item is awaited in a task,
-    with a timeout). When the source ends, or fails, what is held goes out first. Closing this
-    generator (a stop, a closed tab) cancels the pending read and closes the source.
-    """
-    latest, held, shown_at = "", False, -math.inf
-    pending: asyncio.Task | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(_next_or_end(texts))
-            wait = max(0.0, shown_at + interval - monotonic()) if held else None
-            done, _ = await asyncio.wait({pending}, timeout=wait)
-            if done:
-                finished, pending = pending, None
-                item = finished.result()  # the source's error, if it failed
-                if item is _END:
-                    break
-                latest, held = item, True
-                if monotonic() - shown_at < interval:
-                    continue
-            held, shown_at = False, monotonic()
-            yield latest
-        if held:
-            yield latest
-    except Exception:
-        if held:  # show what arrived before the failure, then report it
-            held = False
-            yield latest
-        raise
-    finally:
-        if pending is not None:
-            pending.cancel()
-            await asyncio.wait({pending})  # let the source unwind before closing it
-        await texts.aclose()
+        updates = coalesce(accumulate(deltas, chat.prompt_tokens, started), self.limits.update_interval_s)
+        async with contextlib.aclosing(updates):
+            async for reply in updates:
+                yield reply
 
 
 def check_text(name: str, value: object, max_chars: int, allow_empty: bool = True) -> str:
@@ -242,7 +183,7 @@ class LocalBackend:
 
     async def stream_reply(
         self, messages: list[Message], params: SamplingParams, notify: Notify | None = None
-    ) -> AsyncIterator[str]:
+    ) -> AsyncIterator[ReplyDelta]:
         prompt_ids = await asyncio.to_thread(self.encoder.encode_chat, messages)  # off the event loop
         handle = self.engine.submit(prompt_ids, params)
         detokenizer = StreamingDetokenizer(self.tokenizer)
@@ -254,10 +195,11 @@ class LocalBackend:
                 )
             async for event in handle:
                 if event.token is not None:
-                    yield detokenizer.add_token(event.token)
+                    yield ReplyDelta(detokenizer.add_token(event.token), tokens=1)
                 elif event.finish_reason == "error":
                     raise EngineError(event.error or "generation failed")
-            yield detokenizer.finalize()
+                elif event.finish_reason in ("stop", "length"):
+                    yield ReplyDelta(detokenizer.finalize(), finish_reason=event.finish_reason)
         finally:
             # Runs on stop, on a closed tab (gradio closes the generator) and on errors alike.
             handle.cancel()

@@ -45,6 +45,7 @@ from .engines.requests import EngineError, EngineStats
 from .history import Message
 from .loading import ModelLoadError
 from .params import SamplingParams
+from .replies import ReplyDelta
 
 log = logging.getLogger(__name__)
 
@@ -89,24 +90,26 @@ class RemoteBackend:
     # -- chat side --
     async def stream_reply(
         self, messages: list[Message], params: SamplingParams, notify: Notify | None = None
-    ) -> AsyncIterator[str]:
-        """Text deltas of the reply; raises `EngineError` with a sentence for the user.
+    ) -> AsyncIterator[ReplyDelta]:
+        """The reply's pieces; raises `EngineError` with a sentence for the user.
         (`notify` is unused: the server queues out of our sight.)"""
         client = self._new_client()  # referenced until `finally`: see the module docstring
         stream = None
         self._active += 1
         try:
             stream = await self._open_stream(client, messages, params)
-            finished = False
+            finish = None
             async for chunk in stream:
                 for choice in chunk.choices or ():  # usage-only chunks have no choices
-                    finished = finished or choice.finish_reason is not None
+                    finish = finish or choice.finish_reason
                     if choice.delta is not None and choice.delta.content:
-                        yield choice.delta.content
-            if not finished:
+                        # These servers send a chunk per token (a count, not a measure).
+                        yield ReplyDelta(choice.delta.content, tokens=1)
+            if finish is None:
                 raise EngineError(
                     f"The model server at {self.endpoint} stopped before the reply was finished; try again."
                 )
+            yield ReplyDelta(finish_reason="length" if finish == "length" else "stop")
         except EngineError:
             raise
         except Exception as exc:  # never a stack trace for the user: one sentence instead

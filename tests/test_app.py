@@ -62,7 +62,7 @@ def expected_greedy_reply(tiny_model, tokenizer, encoder, messages, max_new_toke
             messages[0]["content"],
             {**GREEDY, "max_new_tokens": max_new_tokens},
         )
-        return [t async for t in service.stream(chat)][-1]
+        return [reply async for reply in service.stream(chat)][-1].text
 
     try:
         return asyncio.run(run())

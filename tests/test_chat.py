@@ -11,6 +11,7 @@ from orca_space.chat import ChatLimits, ChatService, LocalBackend, normalize_his
 from orca_space.engines.batched import BatchedEngine
 from orca_space.engines.requests import EngineError
 from orca_space.params import SamplingParams
+from orca_space.replies import ReplyDelta
 from tests.helpers import wait_until_idle
 
 DEFAULTS = dict(max_new_tokens=100, temperature=0.4, top_p=0.95, top_k=40, repetition_penalty=1.1)
@@ -26,7 +27,7 @@ class RecordingBackend:
     async def stream_reply(self, messages, params, notify=None):
         self.calls.append((messages, params))
         for piece in self.pieces:
-            yield piece
+            yield ReplyDelta(piece, tokens=1)
 
 
 def make_service(encoder, backend=None, context_length=512, **limits):
@@ -36,7 +37,7 @@ def make_service(encoder, backend=None, context_length=512, **limits):
 
 
 async def collect(service, chat):
-    return [text async for text in service.stream(chat)]
+    return [reply.text async for reply in service.stream(chat)]
 
 
 def test_prepare_builds_system_history_and_new_message(encoder):
@@ -130,7 +131,7 @@ class TimedBackend:
     async def stream_reply(self, messages, params, notify=None):
         for at, piece in self.timed_pieces:
             self.clock[0] = at
-            yield piece
+            yield ReplyDelta(piece, tokens=1)
 
 
 @pytest.mark.anyio
@@ -144,10 +145,10 @@ class TimedBackend:
     ],
 )
 async def test_fast_tokens_are_coalesced_into_screen_updates(encoder, monkeypatch, timed_pieces, expected):
-    from orca_space import chat as chat_module
+    from orca_space import replies
 
     clock = [0.0]
-    monkeypatch.setattr(chat_module, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(replies, "monotonic", lambda: clock[0])
     service = make_service(encoder, TimedBackend(timed_pieces, clock), update_interval_s=0.05)
     assert await collect(service, service.prepare("hi", [], "", DEFAULTS)) == expected
 
@@ -168,15 +169,15 @@ class ScriptedBackend:
                 elif step is None:
                     await asyncio.Event().wait()  # a server that stops sending
                 else:
-                    yield step
+                    yield ReplyDelta(step, tokens=1)
         finally:
             self.closed.set()
 
 
 async def timed_updates(service, chat):
     start, updates = asyncio.get_running_loop().time(), []
-    async for text in service.stream(chat):
-        updates.append((round(asyncio.get_running_loop().time() - start, 2), text))
+    async for reply in service.stream(chat):
+        updates.append((round(asyncio.get_running_loop().time() - start, 2), reply.text))
     return updates
 
 
@@ -195,8 +196,8 @@ async def test_held_text_is_shown_before_a_failure_is_reported(encoder):
     service = make_service(encoder, backend, update_interval_s=10.0)
     shown = []
     with pytest.raises(EngineError, match="server stopped"):
-        async for text in service.stream(service.prepare("hi", [], "", DEFAULTS)):
-            shown.append(text)
+        async for reply in service.stream(service.prepare("hi", [], "", DEFAULTS)):
+            shown.append(reply.text)
     assert shown == ["The answer", "The answer is 42."]
 
 
@@ -206,7 +207,7 @@ async def test_stopping_the_stream_closes_the_backend(encoder, how):
     backend = ScriptedBackend(["Hello", None])
     service = make_service(encoder, backend, update_interval_s=0.05)
     updates = service.stream(service.prepare("hi", [], "", DEFAULTS))
-    assert await anext(updates) == "Hello"
+    assert (await anext(updates)).text == "Hello"
     if how == "close between updates":
         await updates.aclose()
     else:  # what gradio does on stop: cancel the task that awaits the next update

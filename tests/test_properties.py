@@ -170,7 +170,7 @@ def test_any_streamed_reply_is_accepted_back_as_history(tokenizer, encoder, ids)
 
     async def reply_shown() -> str:
         chat = service.prepare("hi", [], "", GREEDY)
-        return ([""] + [text async for text in service.stream(chat)])[-1]
+        return ([""] + [reply.text async for reply in service.stream(chat)])[-1]
 
     reply = asyncio.run(reply_shown())
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]

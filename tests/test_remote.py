@@ -28,6 +28,7 @@ from orca_space.engines.requests import EngineError
 from orca_space.loading import ModelLoadError
 from orca_space.params import SamplingParams
 from orca_space.remote import RemoteBackend
+from orca_space.replies import ReplyDelta
 from tests.helpers import free_port, running_app, wait_for_url
 
 HELLO = [{"role": "system", "content": "You are a test."}, {"role": "user", "content": "Hello there!"}]
@@ -110,8 +111,9 @@ def run(coroutine):
     return asyncio.run(asyncio.wait_for(coroutine, timeout=60))
 
 
-async def collect(stream: AsyncIterator[str]) -> list[str]:
-    return [delta async for delta in stream]
+async def collect(stream: AsyncIterator[ReplyDelta]) -> list[str]:
+    """The texts of the pieces that carry text."""
+    return [delta.text async for delta in stream if delta.text]
 
 
 def reply(backend: RemoteBackend, params: SamplingParams, messages=HELLO) -> str:
@@ -195,6 +197,25 @@ def fake_backend(fake: FakeServer, **kwargs) -> RemoteBackend:
 def test_streams_deltas_and_skips_chunks_without_content(fake):
     deltas = run(collect(fake_backend(fake).stream_reply(HELLO, GREEDY)))
     assert deltas == ["Hel", "lo"], "deltas pass through as they come; an empty delta is not an error"
+
+
+@pytest.mark.parametrize("server_says, we_say", [("stop", "stop"), ("length", "length"), ("eos_token", "stop")])
+def test_counts_tokens_and_passes_the_finish_reason_on(fake, monkeypatch, server_says, we_say):
+    def answer(handler):
+        handler.send_response(200)
+        handler.send_header("content-type", "text/event-stream")
+        handler.end_headers()
+        handler.wfile.write(sse_chunk("Hel") + sse_chunk(None) + sse_chunk("lo"))
+        handler.wfile.write(sse_chunk(None, finish_reason=server_says) + b"data: [DONE]\n\n")
+
+    monkeypatch.setattr(fake, "answer", answer)
+
+    async def pieces():
+        return [d async for d in fake_backend(fake).stream_reply(HELLO, GREEDY)]
+
+    got = run(pieces())
+    assert sum(d.tokens for d in got) == 2, "a token per chunk that carries text"
+    assert got[-1] == ReplyDelta(finish_reason=we_say) and all(d.finish_reason is None for d in got[:-1])
 
 
 def test_sends_model_messages_and_openai_sampling_fields(fake):
@@ -283,7 +304,8 @@ def test_streams_a_multi_chunk_reply_from_transformers_serve(serve, tiny_dir):
     async def stream() -> list[str]:
         deltas = []
         async for delta in backend.stream_reply(HELLO, GREEDY):
-            deltas.append(delta)
+            if delta.text:
+                deltas.append(delta.text)
             seen_active.append(backend.stats().active)
         return deltas
 

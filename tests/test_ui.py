@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from orca_space.replies import Reply
 from orca_space.runtime import ChatRuntime
 from orca_space.web.ui import DEFAULT_SYSTEM_MESSAGE, build_ui, status_markdown
 
@@ -56,7 +57,7 @@ async def test_closing_a_reply_closes_its_stream_at_once():
         async def stream(self, chat, notify=None):
             try:
                 while True:
-                    yield "more text"
+                    yield Reply("more text")
             finally:
                 closed.set()
 

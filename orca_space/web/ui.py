@@ -229,8 +229,8 @@ def make_respond(runtime: ChatRuntime):
             # Closed explicitly, not whenever the garbage collector gets to it: closing the
             # stream is what cancels the request in the engine (or the HTTP stream) on a stop.
             async with contextlib.aclosing(service.stream(chat, notify=gr.Info)) as updates:
-                async for text in updates:
-                    yield text
+                async for reply in updates:
+                    yield reply.text
         except EngineError as exc:
             raise gr.Error(str(exc)) from None
 
