@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .chat import ChatService
+from .engines.ladder import EngineChoice
 from .engines.requests import EngineStats
 from .loading import LoadStatus
 from .ratelimit import RateLimiter
@@ -19,6 +20,7 @@ class ChatRuntime:
     status: LoadStatus = field(default_factory=LoadStatus)
     service: ChatService | None = None
     engine: object | None = None  # anything with `stats() -> EngineStats`
+    engine_choice: EngineChoice | None = None  # which local engine serves, and why
     limiter: RateLimiter | None = None  # per user or address; None = no limit
     trusted_proxy_hops: int = 0
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from .chat import ChatLimits, ChatService, LocalBackend
 from .chatml import ChatEncoder
 from .engines.batched import BatchedEngine
+from .engines.ladder import EngineChoice
 from .loading import (
     LoadStatus,
     ModelLoadError,
@@ -78,6 +79,7 @@ def start_local_runtime(settings: Settings) -> ChatRuntime:
         if not engine.wait_ready():  # on CUDA the decode graphs are captured first
             raise ModelLoadError(f"The engine could not start: {engine.stats().failure}")
         runtime.engine = engine
+        runtime.engine_choice = EngineChoice("graphs" if engine.use_graphs else "eager")
         runtime.service = ChatService(
             LocalBackend(engine, encoder, tokenizer), encoder, chat_limits(settings)
         )

@@ -14,7 +14,7 @@ import torch
 
 from orca_space.engines import decode_step, kv_cache, mistral
 from orca_space.engines.batched import BatchedEngine
-from orca_space.engines.sampling import SamplingTensors, sample_next_tokens
+from orca_space.engines.sampling import NON_FINITE, SamplingTensors, sample_next_tokens
 from orca_space.params import SamplingParams
 from tests.helpers import wait_until_idle
 
@@ -83,7 +83,7 @@ def new_engine(tiny_model):
 def record_calls(monkeypatch, engine: BatchedEngine) -> list[tuple]:
     """Log ('prefill', request id, tokens) and ('decode', batch, decoding rows) as they run."""
     log: list[tuple] = []
-    real_prefill, real_decode = engine._prefill_forward, engine.decode_step
+    real_prefill, real_decode = engine._prefill_forward, engine.eager_step
 
     def prefill(rows):
         log.extend(("prefill", slot.handle.id, take) for slot, take in rows)
@@ -95,7 +95,7 @@ def record_calls(monkeypatch, engine: BatchedEngine) -> list[tuple]:
         return real_decode(batch, *args)
 
     monkeypatch.setattr(engine, "_prefill_forward", prefill)
-    monkeypatch.setattr(engine, "decode_step", decode)
+    monkeypatch.setattr(engine, "eager_step", decode)
     return log
 
 
@@ -344,7 +344,7 @@ def test_prompt_that_does_not_fit_is_an_error_event(new_engine):
 
 def test_failed_decode_step_fails_its_requests_only(new_engine, prompts, references, monkeypatch):
     engine = new_engine(slots=3)
-    real = engine.decode_step
+    real = engine.eager_step
     injected = threading.Event()
 
     def fails_once_with_two_rows(*args):
@@ -354,7 +354,7 @@ def test_failed_decode_step_fails_its_requests_only(new_engine, prompts, referen
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
         return real(*args)
 
-    monkeypatch.setattr(engine, "decode_step", fails_once_with_two_rows)
+    monkeypatch.setattr(engine, "eager_step", fails_once_with_two_rows)
     with engine._wakeup:  # two short prompts decode while the long one is still being prefilled
         first, second, prefilling = (engine.submit(prompts[i], GREEDY) for i in (0, 1, 4))
     later = engine.submit(prompts[2], GREEDY)
@@ -736,7 +736,7 @@ def test_a_fatal_device_error_stops_the_engine_for_everyone(new_engine, prompts,
     def device_assert(*args):
         raise torch.AcceleratorError("CUDA error: device-side assert triggered (injected)")
 
-    monkeypatch.setattr(engine, "decode_step", device_assert)
+    monkeypatch.setattr(engine, "eager_step", device_assert)
     event = final_event(engine.submit(prompts[0], GREEDY))
     assert event.finish_reason == "error" and "engine stopped" in event.error
     engine._thread.join(5)
@@ -765,5 +765,48 @@ def test_extreme_logits_never_index_out_of_range():
     logits[1, 9] = float("nan")
     params = SamplingTensors.from_params([SamplingParams(temperature=0.01, top_k=0, top_p=0.5)] * 2, "cpu")
     seen = torch.zeros(2, 50, dtype=torch.bool)
+    logits[1, 9] = 1.0  # finite again: only a NaN or infinite *input* marks a row NON_FINITE
     tokens = sample_next_tokens(logits, params, seen, torch.tensor([1, 2]), torch.tensor([0, 0]))
     assert tokens.tolist()[0] == 7 and 0 <= tokens.tolist()[1] < 50
+
+
+@pytest.mark.parametrize("all_greedy, top_k_bound", [(False, None), (False, 40), (True, None)])
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])
+def test_rows_with_non_finite_logits_are_marked_and_the_others_are_untouched(all_greedy, top_k_bound, poison):
+    torch.manual_seed(0)
+    logits = torch.randn(4, 300) * 3
+    temperature = 0.0 if all_greedy else 0.8
+    params = SamplingTensors.from_params([SamplingParams(temperature=temperature, top_k=40)] * 4, "cpu")
+    seen, seeds, counters = torch.zeros(4, 300, dtype=torch.bool), torch.arange(4), torch.arange(4) * 7
+    clean = sample_next_tokens(logits, params, seen, seeds, counters, all_greedy, top_k_bound)
+    logits[2, 123] = poison
+    tokens = sample_next_tokens(logits, params, seen, seeds, counters, all_greedy, top_k_bound)
+    assert tokens[2] == NON_FINITE, "one bad number makes the whole row untrustworthy"
+    assert tokens[[0, 1, 3]].tolist() == clean[[0, 1, 3]].tolist(), "other rows sample as before"
+
+
+def test_non_finite_logits_fail_their_request_by_name_and_the_others_finish(
+    new_engine, prompts, references, monkeypatch
+):
+    engine = new_engine(slots=3)
+    real_decode = decode_step.decode
+    poisoned_slot = []
+
+    def decode_with_a_nan_row(weights, cache, tokens, positions, kv_len):
+        logits = real_decode(weights, cache, tokens, positions, kv_len)
+        if poisoned_slot and logits.shape[0] > poisoned_slot[0]:
+            logits[poisoned_slot[0]] = float("nan")  # fp16 overflow in one request's forward
+        return logits
+
+    monkeypatch.setattr(decode_step, "decode", decode_with_a_nan_row)
+    poisoned_slot.append(1)  # the second request's slot
+    with engine._wakeup:  # all three share every decode step
+        handles = [engine.submit(prompts[i], GREEDY) for i in (0, 1, 2)]
+    events = [list(h) for h in handles]
+    poisoned_slot.clear()
+    bad = events[1][-1]
+    assert bad.finish_reason == "error" and "not finite" in bad.error, bad
+    for i in (0, 2):
+        assert [e.token for e in events[i] if e.token is not None] == references[i], "the others finish"
+    assert engine.stats().non_finite_replies == 1 and engine.stats().alive
+    assert tokens_of(engine.submit(prompts[1], GREEDY)) == references[1], "the next request works"

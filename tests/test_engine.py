@@ -140,7 +140,7 @@ def test_prompt_too_long_is_an_error_event(engine):
 
 
 def test_exception_reaches_only_its_request(engine, prompt, monkeypatch):
-    real = engine.decode_step
+    real = engine.eager_step
     calls = {"n": 0}
 
     def failing_once(*args):
@@ -149,7 +149,7 @@ def test_exception_reaches_only_its_request(engine, prompt, monkeypatch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
         return real(*args)
 
-    monkeypatch.setattr(engine, "decode_step", failing_once)
+    monkeypatch.setattr(engine, "eager_step", failing_once)
     events = list(engine.submit(prompt, GREEDY))
     assert events[-1].finish_reason == "error" and "ran out of memory" in events[-1].error
     assert engine.stats().alive

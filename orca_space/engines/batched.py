@@ -35,12 +35,16 @@ import torch
 from ..params import SamplingParams
 from . import decode_step, kv_cache, mistral
 from .requests import EngineStats, RequestHandle, TokenEvent, describe_failure
-from .sampling import sample_next_tokens
+from .sampling import NON_FINITE, sample_next_tokens
 
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 512  # prompt tokens prefilled per loop iteration
 CPU_SLOTS = 4  # on the CPU there is no memory to plan; a few slots show the batching
+NON_FINITE_MESSAGE = (
+    "the model's numbers overflowed while writing this reply (its next-token scores were not "
+    "finite), so it was stopped rather than shown as nonsense; try again, or lower the temperature"
+)
 ProgressCallback = Callable[[str, "float | None"], None]
 
 
@@ -128,6 +132,7 @@ class BatchedEngine:
         self._slots: list[Slot | None] = [None] * self.capacity
         self._closing = False
         self.failure: str | None = None
+        self.non_finite_replies = 0  # requests ended because their logits were not finite
         self._started = time.monotonic()
         self._thread = threading.Thread(target=self._serve, name="orca-batched-engine", daemon=True)
         self._thread.start()
@@ -164,6 +169,7 @@ class BatchedEngine:
             queued=queued,
             capacity=self.capacity,
             failure=self.failure,
+            non_finite_replies=self.non_finite_replies,
         )
 
     def wait_ready(self, timeout: float | None = None) -> bool:
@@ -382,7 +388,7 @@ class BatchedEngine:
         params = self.buffers.sampling_rows(index)
         shortcuts = eager_shortcuts([slot.handle.params for slot in slots])
         tokens = sample_next_tokens(logits, params, seen, self.buffers.seeds[index], counters, *shortcuts)
-        seen[torch.arange(count, device=device), tokens] = True
+        seen[torch.arange(count, device=device), tokens.clamp(min=0)] = True  # NON_FINITE: ends anyway
         self.buffers.seen[index] = seen
         for slot, token in zip(slots, tokens.tolist()):
             self._accept(slot, token)
@@ -418,10 +424,10 @@ class BatchedEngine:
             self.graphs.replay(batch, kv_len)
         else:
             decoding = [s.handle.params for s in self._slots[:batch] if s is not None and s.decoding]
-            self.decode_step(batch, kv_len, *eager_shortcuts(decoding))
+            self.eager_step(batch, kv_len, *eager_shortcuts(decoding))
         return self.buffers.next[:batch].tolist()  # the one host sync per step
 
-    def decode_step(self, batch: int, kv_len: int, all_greedy: bool, top_k_bound: int | None) -> None:
+    def eager_step(self, batch: int, kv_len: int, all_greedy: bool, top_k_bound: int | None) -> None:
         """The eager decode step (CPU, or CUDA without graphs); tests patch this to inject faults."""
         decode_step.decode_and_sample(
             self.weights, self.cache, self.buffers, batch, kv_len, all_greedy, top_k_bound
@@ -431,6 +437,11 @@ class BatchedEngine:
         """Stream a sampled token, or finish the request on a stop token or its token limit."""
         slot.generated += 1
         slot.last_token = token
+        if token == NON_FINITE:
+            self.non_finite_replies += 1
+            log.error("request %s: the model's logits stopped being finite numbers", slot.handle.id)
+            self._release(slot, "error", NON_FINITE_MESSAGE)
+            return
         if token in self.stop_ids:
             self._release(slot, "stop")
             return

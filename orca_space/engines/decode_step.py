@@ -76,7 +76,7 @@ def decode_and_sample(
     logits = decode(weights, cache, tokens, positions, kv_len)  # [B, V]
     params = buffers.sampling_rows(slice(0, batch))
     chosen = sample_next_tokens(logits, params, seen, seeds, positions, all_greedy, top_k_bound)  # [B]
-    seen.scatter_(1, chosen[:, None], True)
+    seen.scatter_(1, chosen.clamp(min=0)[:, None], True)  # a NON_FINITE row's request ends anyway
     buffers.next[:batch].copy_(chosen)
 
 

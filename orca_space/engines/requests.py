@@ -39,6 +39,7 @@ class EngineStats:
     queued: int  # requests waiting for a slot
     capacity: int  # requests that can generate at once
     failure: str | None = None  # why the engine thread died, if it did
+    non_finite_replies: int = 0  # requests ended because the model's logits were not finite
 
 
 class EngineError(RuntimeError):

@@ -45,6 +45,11 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
+# The token a row gets when its logits were not all finite numbers (fp16 overflow in the model):
+# the engine fails that request by name instead of streaming what `argmax` makes of NaN.
+NON_FINITE = -1
+
+
 def sample_next_tokens(
     logits: torch.Tensor,
     params: SamplingTensors,
@@ -54,21 +59,35 @@ def sample_next_tokens(
     all_greedy: bool = False,
     top_k_bound: int | None = None,
 ) -> torch.Tensor:
-    """The next token per row. Long [B].
+    """The next token per row, or `NON_FINITE` for a row whose logits are not all finite. Long [B].
 
     logits: [B, V]; seen: [B, V] bool; seeds, counters: long [B]. Every row takes the sampling
-    path and greedy rows are picked with `torch.where`: a graph cannot branch on data. The draw inverts the nucleus's CDF at a uniform hashed from (seed, counter),
-    so a row's sample depends on its own seed and counter only, never on which rows share the
-    batch, and no generator state has to live inside a graph.
+    path and greedy rows are picked with `torch.where`: a graph cannot branch on data. The draw
+    inverts the nucleus's CDF at a uniform hashed from (seed, counter), so a row's sample depends
+    on its own seed and counter only, never on which rows share the batch, and no generator
+    state has to live inside a graph.
 
     Host-known shortcuts for eager use: `all_greedy` skips the sampling; `top_k_bound` (when
     every row has 0 < top_k <= top_k_bound) ranks only that many candidates instead of sorting V
     (the same draw, except that exactly tied logits may be ranked in another order).
     """
+    finite = torch.isfinite(logits).all(dim=-1)  # [B]
     logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
-    greedy_choice = logits.argmax(dim=-1)
-    if all_greedy:
-        return greedy_choice
+    chosen = logits.argmax(dim=-1)
+    if not all_greedy:
+        drawn = draw_from_nucleus(logits, params, seeds, counters, top_k_bound)
+        chosen = torch.where(params.temperature.squeeze(1) == 0, chosen, drawn)
+    return torch.where(finite, chosen, NON_FINITE)
+
+
+def draw_from_nucleus(
+    logits: torch.Tensor,
+    params: SamplingTensors,
+    seeds: torch.Tensor,
+    counters: torch.Tensor,
+    top_k_bound: int | None,
+) -> torch.Tensor:
+    """Temperature, top-k and top-p, then one draw per row (see `sample_next_tokens`). Long [B]."""
     scaled = logits / torch.where(params.temperature > 0, params.temperature, 1.0)
     # Never let a row's numbers (a huge logit over a tiny temperature) index out of range: on
     # CUDA that is a device-side assert, which poisons the whole process, not one request.
@@ -89,8 +108,7 @@ def sample_next_tokens(
     target = uniform_from_counter(seeds, counters).unsqueeze(1) * total
     # Rounding can put `target` at the CDF's end: clamp to the last kept rank.
     pick = torch.minimum(torch.searchsorted(cdf, target, right=True), kept - 1)
-    drawn = order.gather(-1, pick).squeeze(1)
-    return torch.where(params.temperature.squeeze(1) == 0, greedy_choice, drawn)
+    return order.gather(-1, pick).squeeze(1)
 
 
 _MASK32 = 0xFFFFFFFF
