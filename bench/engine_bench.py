@@ -298,62 +298,74 @@ def engine_measurements(model, workload: Workload, device: torch.device, compile
     try:
         if not engine.wait_ready(600):
             raise RuntimeError("the engine did not get ready within 10 minutes")
-        params = SamplingParams(max_new_tokens=workload.new_tokens, seed=0, **SPACE_SAMPLING)
-
-        def run(prompts, tokens=workload.new_tokens):
-            return asyncio.run(
-                stream_all(engine, prompts, SamplingParams(**{**asdict(params), "max_new_tokens": tokens}))
-            )
-
-        run(random_prompts(1, workload.prompt_len, seed=1))  # warm-up: first prefill, first steps
-        ttft = {}
-        for length in workload.ttft_lengths:
-            firsts = []
-            for repeat in range(workload.repeats + 1):
-                streams, start, _ = run(random_prompts(1, length, seed=100 + repeat), tokens=1)
-                firsts.append((streams[0][0] - start) * 1e3)
-            ttft[length] = statistics.median(firsts[1:])  # the first one warms this length up
-        single = [
-            decode_rate(run(random_prompts(1, workload.prompt_len, seed=200 + r))[0][0])
-            for r in range(workload.repeats)
-        ]
-        burst = burst_ttft(run, workload.repeats)
-        per_stream, aggregate = {}, {}
-        for count in workload.concurrency:
-            run(random_prompts(count, workload.prompt_len, seed=count), tokens=8)  # warm-up at this size
-            streams, start, end = run(random_prompts(count, workload.prompt_len, seed=count))
-            per_stream[str(count)] = statistics.median(decode_rate(t) for t in streams)
-            aggregate[str(count)] = sum(len(t) for t in streams) / (end - start)
-            log.info(
-                "engine: %d streams, %.1f tok/s each, %.1f aggregate",
-                count,
-                per_stream[str(count)],
-                aggregate[str(count)],
-            )
-        sync(device)
-        if device.type == "cuda":
-            peak_gb, peak_kind = torch.cuda.max_memory_allocated(device) / 1e9, "cuda_max_memory_allocated"
-        else:
-            peak_gb, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, "process_max_rss"
-        return {
-            "single_stream_tok_s": statistics.median(single),
-            "ttft_512_ms": ttft.get(512),
-            "ttft_4096_ms": ttft.get(4096),
-            "per_stream_tok_s": per_stream,
-            "aggregate_tok_s": aggregate,
-            "burst_ttft_ms": burst,
-            "ready_s": engine.ready_s,
-            "peak_mem_gb": peak_gb,
-            "peak_mem_kind": peak_kind,
-            "slots": engine.capacity,
-            "graphs": len(engine.graphs.graphs) if engine.graphs is not None else 0,
-            "compile_step": compile_step,
-            "prompt_len": workload.prompt_len,
-            "new_tokens": workload.new_tokens,
-            "context_length": workload.context_length,
-        }
+        return {**measure_engine(engine, workload, device), "compile_step": compile_step}
     finally:
         engine.close()
+
+
+def measure_engine(engine, workload: Workload, device: torch.device, on_figure=None) -> dict:
+    """Time to first token, single-stream and concurrent rates of a ready engine; `on_figure`
+    (if given) gets the results so far after each measurement."""
+    params = SamplingParams(max_new_tokens=workload.new_tokens, seed=0, **SPACE_SAMPLING)
+    results: dict = {}
+
+    def record(**figures) -> None:
+        results.update(figures)
+        if on_figure is not None:
+            on_figure(dict(results))
+
+    def run(prompts, tokens=workload.new_tokens):
+        return asyncio.run(
+            stream_all(engine, prompts, SamplingParams(**{**asdict(params), "max_new_tokens": tokens}))
+        )
+
+    run(random_prompts(1, workload.prompt_len, seed=1))  # warm-up: first prefill, first steps
+    for length in workload.ttft_lengths:
+        if length + 1 > engine.context_length:
+            continue
+        firsts = []
+        for repeat in range(workload.repeats + 1):
+            streams, start, _ = run(random_prompts(1, length, seed=100 + repeat), tokens=1)
+            firsts.append((streams[0][0] - start) * 1e3)
+        record(**{f"ttft_{length}_ms": statistics.median(firsts[1:])})  # the first warms this length up
+    single = [
+        decode_rate(run(random_prompts(1, workload.prompt_len, seed=200 + r))[0][0])
+        for r in range(workload.repeats)
+    ]
+    record(single_stream_tok_s=statistics.median(single))
+    record(burst_ttft_ms=burst_ttft(run, workload.repeats))
+    per_stream, aggregate = {}, {}
+    for count in workload.concurrency:
+        if count > engine.capacity:  # more streams than slots is a queue, not a batch: not measured here
+            continue
+        run(random_prompts(count, workload.prompt_len, seed=count), tokens=8)  # warm-up at this size
+        streams, start, end = run(random_prompts(count, workload.prompt_len, seed=count))
+        per_stream[str(count)] = statistics.median(decode_rate(t) for t in streams)
+        aggregate[str(count)] = sum(len(t) for t in streams) / (end - start)
+        log.info(
+            "engine: %d streams, %.1f tok/s each, %.1f aggregate",
+            count,
+            per_stream[str(count)],
+            aggregate[str(count)],
+        )
+        record(per_stream_tok_s=dict(per_stream), aggregate_tok_s=dict(aggregate))
+    sync(device)
+    if device.type == "cuda":
+        peak_gb, peak_kind = torch.cuda.max_memory_allocated(device) / 1e9, "cuda_max_memory_allocated"
+    else:
+        peak_gb, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, "process_max_rss"
+    graphs = getattr(engine, "graphs", None)
+    record(
+        ready_s=engine.ready_s,
+        peak_mem_gb=peak_gb,
+        peak_mem_kind=peak_kind,
+        slots=engine.capacity,
+        graphs=len(graphs.graphs) if graphs is not None else 0,
+        prompt_len=workload.prompt_len,
+        new_tokens=workload.new_tokens,
+        context_length=engine.context_length,
+    )
+    return results
 
 
 # -- the run --

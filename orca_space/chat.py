@@ -173,6 +173,18 @@ def message_text(content: object, where: str) -> str:
     return "".join(texts)
 
 
+def queue_notice(place: int, capacity: int) -> str:
+    if capacity == 1:
+        return (
+            f"The model is writing someone else's reply: you are number {place} in line, "
+            "and yours starts when it is done."
+        )
+    return (
+        f"All {capacity} reply slots are busy: you are number {place} in line, "
+        "and your reply starts when a slot frees up."
+    )
+
+
 class LocalBackend:
     """Replies from an in-process `Engine`: ChatML ids in, detokenized text out."""
 
@@ -189,10 +201,7 @@ class LocalBackend:
         detokenizer = StreamingDetokenizer(self.tokenizer)
         try:
             if notify is not None and (place := self.engine.position(handle)):
-                notify(
-                    f"All {self.engine.capacity} reply slots are busy: you are number {place} "
-                    "in line, and your reply starts when a slot frees up."
-                )
+                notify(queue_notice(place, self.engine.capacity))
             async for event in handle:
                 if event.token is not None:
                     yield ReplyDelta(detokenizer.add_token(event.token), tokens=1)

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .chat import MAX_MESSAGE_CHARS
+from .engines.ladder import DEFAULT_WARMUP_TIMEOUT_S, ENGINE_CHOICES
 from .tiny import MODEL_ID
 
 
@@ -45,6 +46,19 @@ OPTIONS = (
     ),
     Option("--backend", "ORCA_BACKEND", "where replies come from: local or remote", "local"),
     Option(
+        "--engine",
+        "ORCA_ENGINE",
+        "local engine: auto (graphs, then eager, then reference), graphs, eager or reference",
+        "auto",
+    ),
+    Option(
+        "--warmup-timeout",
+        "ORCA_WARMUP_TIMEOUT",
+        "seconds an engine may take to warm up before auto tries the next",
+        DEFAULT_WARMUP_TIMEOUT_S,
+        float,
+    ),
+    Option(
         "--endpoint", "ORCA_ENDPOINT", "remote OpenAI-compatible server URL (with --backend remote)", None
     ),
     Option("--api-key", "ORCA_API_KEY", "token for the remote server (default: HF_TOKEN)", None),
@@ -79,6 +93,8 @@ class Settings:
     max_queue: int = 64
     trusted_proxy_hops: int = 0
     backend: str = "local"
+    engine: str = "auto"
+    warmup_timeout: float = DEFAULT_WARMUP_TIMEOUT_S
     endpoint: str | None = None
     api_key: str | None = None
     request_timeout: float = 60.0
@@ -110,6 +126,10 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
         parser.error("--rate-limit and --trusted-proxy-hops cannot be negative")
     if values["backend"] not in BACKENDS:
         parser.error(f"--backend must be one of {', '.join(BACKENDS)}")
+    if values["engine"] not in ENGINE_CHOICES:
+        parser.error(f"--engine must be one of {', '.join(ENGINE_CHOICES)}")
+    if values["warmup_timeout"] <= 0:
+        parser.error("--warmup-timeout must be positive")
     if values["backend"] == "remote" and not values["endpoint"]:
         parser.error("--backend remote needs --endpoint URL (or ORCA_ENDPOINT)")
     if values["request_timeout"] <= 0 or values["remote_concurrency"] < 1:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from .chat import ChatLimits, ChatService, LocalBackend
 from .chatml import ChatEncoder
-from .engines.batched import BatchedEngine
-from .engines.ladder import EngineChoice
+from .engines.batched import CHUNK_SIZE
+from .engines.ladder import EngineChoice, rungs_to_try, start_engine
+from .engines.selfcheck import PROBE_TOKENS
 from .loading import (
     LoadStatus,
-    ModelLoadError,
     load_in_background,
     load_model,
     load_tokenizer,
@@ -60,6 +60,7 @@ def start_local_runtime(settings: Settings) -> ChatRuntime:
     def load(status: LoadStatus) -> None:
         # Before any download: without a GPU, 14.5 GB of weights would be fetched for nothing.
         device = pick_device(require_cuda=not demo)
+        rungs_to_try(settings.engine, cuda=device == "cuda")  # an engine this machine cannot run: say so now
         checkpoint = (
             demo_checkpoint(status)
             if settings.demo
@@ -69,24 +70,21 @@ def start_local_runtime(settings: Settings) -> ChatRuntime:
         tokenizer = load_tokenizer(checkpoint)
         model = load_model(checkpoint, device)
         encoder = ChatEncoder(tokenizer)
-        engine = BatchedEngine(
+        engine, choice = start_engine(
             model,
             encoder.controls.stop_ids,
             settings.context_length,
+            probe_prompts(encoder, settings.context_length),
+            choice=settings.engine,
+            warmup_timeout=settings.warmup_timeout,
             on_progress=lambda message, fraction: status.update("loading", message, fraction),
         )
         atexit.register(engine.close)  # stop the model thread before the interpreter tears down
-        if not engine.wait_ready():  # on CUDA the decode graphs are captured first
-            raise ModelLoadError(f"The engine could not start: {engine.stats().failure}")
-        runtime.engine = engine
-        runtime.engine_choice = EngineChoice("graphs" if engine.use_graphs else "eager")
+        runtime.engine, runtime.engine_choice = engine, choice
         runtime.service = ChatService(
             LocalBackend(engine, encoder, tokenizer), encoder, chat_limits(settings)
         )
-        status.update(
-            "ready",
-            f"Ready: {runtime.model_name} on {device.upper()}, {engine.capacity} chats at once.",
-        )
+        status.update("ready", ready_message(runtime, device, engine, choice))
 
     load_in_background(load, runtime.status)
     return runtime
@@ -123,6 +121,36 @@ def start_runtime(settings: Settings) -> ChatRuntime:
     if settings.backend == "remote":
         return start_remote_runtime(settings)
     return start_local_runtime(settings)
+
+
+# The self-check's probes (see engines/selfcheck.py): a short chat, and one longer than a prefill
+# chunk, so that chunked prefill and a packed decode step are both compared with the model.
+SHORT_PROBE = "Hello! Who are you, and what can you do?"
+PROBE_SYSTEM = "You are a helpful assistant. Answer briefly."
+LONG_PROBE = (
+    "Orcas live in every ocean, from the Arctic to the Antarctic. They hunt in family groups "
+    "called pods, and each pod has calls of its own that the young learn from their elders. "
+)
+
+
+def probe_prompts(encoder: ChatEncoder, context_length: int) -> list[list[int]]:
+    """The self-check's prompts, as ChatML ids; the long one is cut to fit the context."""
+    short = encoder.encode_chat([{"role": "user", "content": SHORT_PROBE}])
+    text = LONG_PROBE * (2 + CHUNK_SIZE // max(1, len(encoder.encode_message("user", LONG_PROBE))))
+    system = {"role": "system", "content": PROBE_SYSTEM}
+    long = encoder.encode_chat([system, {"role": "user", "content": text}])
+    room = context_length - PROBE_TOKENS
+    return [short[:room], long[: min(CHUNK_SIZE + 64, room)]]
+
+
+def ready_message(runtime: ChatRuntime, device: str, engine, choice: EngineChoice) -> str:
+    """The console's and the page's last word on loading: what serves, and why not faster."""
+    at_once = f"{engine.capacity} chats at once" if engine.capacity > 1 else "one chat at a time"
+    message = f"Ready: {runtime.model_name} on {device.upper()}, {at_once}, on the {choice.engine} engine."
+    if choice.degraded:
+        left = "; ".join(f"{f.rung} failed: {f.reason}" for f in choice.fallback)
+        message += f" Not the fastest engine: {left}."
+    return message
 
 
 def demo_checkpoint(status: LoadStatus, directory: Path = DEMO_DIR) -> Path:

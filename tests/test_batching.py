@@ -410,7 +410,10 @@ def test_failed_warm_up_is_reported_not_hung(tiny_model, monkeypatch):
     monkeypatch.setattr(kv_cache, "allocate_kv_cache", no_memory)
     engine = BatchedEngine(tiny_model, (), 512, slots=2)
     assert engine.wait_ready(10) is False, "a failed warm-up answers at once"
-    assert "ran out of memory" in engine.stats().failure
+    failure = engine.stats().failure
+    assert failure.startswith("allocating the KV cache (2 slots") and "ran out of memory" in failure, (
+        "the failure names the stage that failed, not 'generation failed'"
+    )
     assert final_event(engine.submit(make_prompt(5), GREEDY)).finish_reason == "error"
     engine.close()
 
@@ -459,9 +462,12 @@ def test_chunked_prefill_then_decode_matches_transformers_logits(window, cache_l
         assert not torch.allclose(unwindowed[-1], reference[-1], atol=1e-2), "the window must matter here"
 
 
-def test_stacked_projections_change_nothing_and_copy_nothing():
+@pytest.mark.parametrize("through_host", [False, True], ids=["in place", "through the host (as on CUDA)"])
+def test_stacked_projections_change_nothing_and_copy_nothing(through_host, monkeypatch):
     """q/k/v and gate/up become one matrix each; the model's own weights become views of them."""
     from orca_space.tiny import build_model
+
+    monkeypatch.setattr(mistral, "restack_through_host", lambda device: through_host)
 
     def storage_bytes(model) -> int:
         storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
@@ -556,8 +562,27 @@ def test_a_chunk_longer_than_the_ring_allows_is_refused():
     model.config.sliding_window = 8
     weights = mistral.weights_from_hf(model)
     cache = kv_cache.allocate_kv_cache(weights.shape, 1, 14, torch.float32, "cpu")
-    with pytest.raises(ValueError, match="longer than this ring allows"):
+    with pytest.raises(ValueError, match="does not fit this cache"):
         prefill_chunk(weights, cache, torch.tensor(make_prompt(7)), 10, 0)
+
+
+def test_a_long_and_a_short_prompt_arriving_together_both_succeed_without_a_ring(tiny_model):
+    """--context-length 700 (the whole context fits: no ring): a 690-token prompt and a 200-token
+    one arriving together used to fail both ("a 200-token chunk is longer than this ring allows")."""
+    engine = BatchedEngine(tiny_model, (), context_length=700, slots=2)
+    try:
+        assert engine.cache_len == 700, "no ring at this context"
+        long, short = make_prompt(690), make_prompt(200, offset=9)
+        params = SamplingParams(max_new_tokens=8, temperature=0.0, repetition_penalty=1.0)
+        with engine._wakeup:  # both land in the same engine iteration
+            handles = [engine.submit(long, params), engine.submit(short, params)]
+        events = [handle.collect(60) for handle in handles]
+        assert [e[-1].finish_reason for e in events] == ["length", "length"], [e[-1] for e in events]
+        assert [[x.token for x in e if x.token is not None] for e in events] == [
+            greedy_reference(tiny_model, p, 8) for p in (long, short)
+        ], "and both equal generate"
+    finally:
+        engine.close()
 
 
 def test_sliding_window_ring_engine_equals_generate():
@@ -639,13 +664,15 @@ def assert_same_greedy(model, prompt, ours, reference, tie_tolerance=0.05):
 
 
 def run_cuda_engine(model, prompts, params, **options):
+    """Returns (engine, shapes captured, each prompt alone, all together); the engine is closed."""
     engine = BatchedEngine(model, (), 1024, slots=8, chunk_size=CHUNK, **options)
     try:
         assert engine.wait_ready(300), engine.stats().failure
+        captured = sorted(engine.graphs.graphs) if engine.graphs is not None else []
         alone = [tokens_of(engine.submit(p, q)) for p, q in zip(prompts, params)]
         with engine._wakeup:  # all admitted together, so every run batches the same way
             handles = [engine.submit(p, q) for p, q in zip(prompts, params)]
-        return engine, alone, [tokens_of(h) for h in handles]
+        return engine, captured, alone, [tokens_of(h) for h in handles]
     finally:
         engine.close()
 
@@ -654,14 +681,13 @@ def run_cuda_engine(model, prompts, params, **options):
 @pytest.mark.parametrize("compile_step", [False, True])
 def test_cuda_graphs_greedy_equals_generate(cuda_model, prompts, compile_step):
     references = [greedy_reference(cuda_model, p) for p in prompts]
-    engine, alone, batched = run_cuda_engine(
+    engine, captured, alone, batched = run_cuda_engine(
         cuda_model, prompts, [GREEDY] * len(prompts), compile_step=compile_step
     )
     expected_batches = [2, 4, 8] if compile_step else [1, 2, 4, 8]  # see decode_step.batch_buckets
     assert engine.batch_sizes == expected_batches
-    assert engine.graphs is not None and len(engine.graphs.graphs) == len(expected_batches) * 3, (
-        "every batch size x keys 256/512/1024"
-    )
+    assert len(captured) == len(expected_batches) * 3, "every batch size x keys 256/512/1024"
+    assert engine.cache is None and engine.graphs is None, "a closed engine holds no GPU memory"
     for prompt, ours_alone, ours_batched, reference in zip(prompts, alone, batched, references):
         assert_same_greedy(cuda_model, prompt, ours_alone, reference)
         assert_same_greedy(cuda_model, prompt, ours_batched, reference)
@@ -674,7 +700,7 @@ def test_cuda_graphs_equal_eager_steps_when_sampling(cuda_model, prompts):
         SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, top_k=0, seed=i)
         for i in range(len(prompts))
     ]
-    _, _, graphed = run_cuda_engine(cuda_model, prompts, params)
+    _, _, _, graphed = run_cuda_engine(cuda_model, prompts, params)
     eager = BatchedEngine(cuda_model, (), 1024, slots=8, chunk_size=CHUNK, use_graphs=False)
     eager.pad_batches = True  # the graphs' batch sizes, so cuBLAS picks the same kernels
     try:
@@ -684,6 +710,75 @@ def test_cuda_graphs_equal_eager_steps_when_sampling(cuda_model, prompts):
         assert [tokens_of(h) for h in handles] == graphed
     finally:
         eager.close()
+
+
+@pytest.mark.gpu
+def test_the_engine_attends_with_the_memory_efficient_kernel_on_cuda(cuda_model, prompts, monkeypatch):
+    """PyTorch >= 2.11 prefers cuDNN attention on Hopper when a mask is passed; the engine runs
+    (and captures) its attention with memory-efficient (math as fallback) instead."""
+    seen = []
+    real = mistral.attend
+
+    def recording(*args):
+        seen.append(
+            (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled())
+        )
+        return real(*args)
+
+    monkeypatch.setattr(mistral, "attend", recording)
+    run_cuda_engine(cuda_model, prompts[:2], [GREEDY] * 2)
+    assert seen and set(seen) == {(False, True)}, set(seen)
+
+
+@pytest.mark.gpu
+def test_host_staging_sends_inputs_without_syncing():
+    from orca_space.engines.device import HostStaging
+
+    staging = HostStaging(torch.device("cuda"), size=4)
+    targets = [
+        torch.zeros(3, dtype=torch.long, device="cuda"),
+        torch.zeros(2, dtype=torch.long, device="cuda"),
+    ]
+    torch.cuda.set_sync_debug_mode("error")  # any host sync below raises
+    try:
+        for step in range(3):
+            staging.copy_into(targets, [[step, 1, 2], [3, step]])
+            moved = staging.to_device([[7] * 10, [step]])  # longer than the buffer: it grows
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert targets[0].tolist() == [2, 1, 2] and targets[1].tolist() == [3, 2]
+    assert moved[0].tolist() == [7] * 10 and moved[1].tolist() == [2]
+
+
+@pytest.mark.gpu
+def test_restacking_through_the_host_leaves_no_memory_behind():
+    from orca_space.tiny import build_model
+
+    model = build_model().to("cuda", torch.float16).eval()
+    ids = torch.tensor([make_prompt(20)], device="cuda")
+    with torch.no_grad():
+        before = model(ids).logits
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    for layer in model.model.layers:
+        mistral.restack_layer(layer)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == allocated, "every weight once, no copy left over"
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+
+
+@pytest.mark.gpu
+def test_auto_serves_on_cuda_graphs_that_pass_the_self_check(cuda_model, encoder):
+    from orca_space.engines.ladder import start_engine
+    from orca_space.startup import probe_prompts
+
+    engine, chosen = start_engine(cuda_model, encoder.controls.stop_ids, 1024, probe_prompts(encoder, 1024))
+    try:
+        assert chosen.engine == "graphs" and not chosen.fallback, chosen.story()
+        assert chosen.self_check.passed and chosen.self_check.tokens_checked > 0
+    finally:
+        engine.close()
 
 
 def test_decode_step_compiles_as_one_graph_and_samples_as_eager():

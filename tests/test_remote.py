@@ -199,7 +199,9 @@ def test_streams_deltas_and_skips_chunks_without_content(fake):
     assert deltas == ["Hel", "lo"], "deltas pass through as they come; an empty delta is not an error"
 
 
-@pytest.mark.parametrize("server_says, we_say", [("stop", "stop"), ("length", "length"), ("eos_token", "stop")])
+@pytest.mark.parametrize(
+    "server_says, we_say", [("stop", "stop"), ("length", "length"), ("eos_token", "stop")]
+)
 def test_counts_tokens_and_passes_the_finish_reason_on(fake, monkeypatch, server_says, we_say):
     def answer(handler):
         handler.send_response(200)

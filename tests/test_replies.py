@@ -34,8 +34,9 @@ async def test_figures_come_from_the_deltas_and_the_clock(monkeypatch):
     out = await collect(accumulate(deltas_at(timed, clock), prompt_tokens=17, started=0.0))
     assert [r.text for r in out] == ["Hel", "Hello!", "Hello!"], "an empty piece changes nothing shown"
     final = out[-1].stats
-    assert final == ReplyStats(prompt_tokens=17, tokens=3, first_token_s=0.25, decode_s=pytest.approx(0.1),
-                               finish_reason="length")
+    assert final == ReplyStats(
+        prompt_tokens=17, tokens=3, first_token_s=0.25, decode_s=pytest.approx(0.1), finish_reason="length"
+    )
     assert final.tokens_per_s == pytest.approx(20.0), "2 tokens after the first, in 0.1 s"
     assert out[-1].finished and not out[0].finished
 
@@ -50,9 +51,13 @@ def test_a_rate_needs_two_tokens():
 @pytest.mark.parametrize("max_new_tokens, finish", [(6, "length"), (400, None)])
 async def test_local_replies_count_the_engines_tokens(tiny_model, tokenizer, encoder, max_new_tokens, finish):
     engine = BatchedEngine(tiny_model, encoder.controls.stop_ids, context_length=1024)
-    service = ChatService(LocalBackend(engine, encoder, tokenizer), encoder, ChatLimits(1024, update_interval_s=0))
+    service = ChatService(
+        LocalBackend(engine, encoder, tokenizer), encoder, ChatLimits(1024, update_interval_s=0)
+    )
     try:
-        params = dict(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
+        params = dict(
+            max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0
+        )
         chat = service.prepare("Count for me.", [], "sys", params)
         last = (await collect(service.stream(chat)))[-1]
         handle = engine.submit(encoder.encode_chat(chat.messages), SamplingParams(**params))

@@ -1,4 +1,4 @@
-"""The in-process engine: continuous batching, every active request shares each decode step.
+"""The batched engine: continuous batching, every active request shares each decode step.
 
 It knows token ids only: prompt ids in, `TokenEvent`s out (see `requests.py`). One thread owns
 the model, the KV cache and, on CUDA, the captured graphs: CUDA-graph state is thread-local, so
@@ -7,92 +7,63 @@ capture and replay both happen there, and callers only ever touch the queue. Eac
 1) drops cancelled requests, freeing their slots at once;
 2) admits waiting requests (FIFO) into free slots of the static KV cache;
 3) prefills up to `chunk_size` prompt tokens (oldest request first, several short prompts in
-   one forward), so a long prompt costs the other streams one chunk of delay per step instead
-   of freezing them;
+   one forward: `scheduling.prefill_rows`), so a long prompt costs the other streams one chunk
+   of delay per step instead of freezing them;
 4) runs one decode step for all slots past their prompt: forward and per-row sampling on the
-   device (`decode_step.decode_and_sample`), replayed as a CUDA graph at a padded batch size.
+   device (`decode_step.decode_and_sample`), replayed as a CUDA graph at a padded batch size
+   (`use_graphs`), or run eagerly.
 
 Row b of a decode step is slot b, so a step at batch B covers slots [0, B); new requests take
 the lowest free slot to keep B small. Rows that are not decoding (free, or still prefilling)
 ride along harmlessly: they write at their slot's next position, an entry the slot's own request
 overwrites before reading and whose old key no query of it can see any more. Errors are values:
-a failed prefill or decode step fails the requests in it (and only those), and the
-engine keeps serving.
+a failed prefill or decode step fails the requests in it (and only those), a row whose logits are
+not finite fails its own request, and the engine keeps serving.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
 from ..params import SamplingParams
-from . import decode_step, kv_cache, mistral
-from .requests import EngineStats, RequestHandle, TokenEvent, describe_failure
+from . import decode_step, device, kv_cache, mistral
+from .requests import NON_FINITE_MESSAGE, EngineStats, RequestHandle, TokenEvent, describe_failure
 from .sampling import NON_FINITE, sample_next_tokens
+from .scheduling import Slot, eager_shortcuts, prefill_rows
 
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 512  # prompt tokens prefilled per loop iteration
-CPU_SLOTS = 4  # on the CPU there is no memory to plan; a few slots show the batching
-NON_FINITE_MESSAGE = (
-    "the model's numbers overflowed while writing this reply (its next-token scores were not "
-    "finite), so it was stopped rather than shown as nonsense; try again, or lower the temperature"
-)
 ProgressCallback = Callable[[str, "float | None"], None]
 
 
-@dataclass
-class Slot:
-    """A request holding one row of the KV cache."""
-
-    handle: RequestHandle
-    index: int
-    prefilled: int = 0  # prompt tokens already in the cache
-    generated: int = 0  # tokens sampled so far, a final stop token included
-    last_token: int = 0  # the latest sampled token: the next decode step's input
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.handle.prompt_ids)
-
-    @property
-    def decoding(self) -> bool:
-        return self.prefilled == self.prompt_len
-
-    @property
-    def next_position(self) -> int:
-        """Where this slot writes next: its next prompt token, or its last sampled token."""
-        return self.prompt_len + self.generated - 1 if self.decoding else self.prefilled
+class WarmUpFailed(RuntimeError):
+    """A warm-up stage failed; the message says which ("capturing the decode step ... failed: ...")."""
 
 
-def default_slots(device: torch.device, weights: mistral.MistralWeights, cache_len: int) -> int:
-    if device.type != "cuda":
-        return CPU_SLOTS
-    # Stacking the projections (mistral.stacked_rows) freed the old weights into PyTorch's cache,
-    # which the driver still counts as used: hand it back first.
-    torch.cuda.empty_cache()
-    free_bytes, _ = torch.cuda.mem_get_info(device)
-    # What stays cached is a hole between live weights (transformers loads them into one block):
-    # no use to a KV cache allocated whole. Logged, so a GPU run shows whether it matters.
-    stranded = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    log.info(
-        "planning KV slots: %.1f GiB free, %.1f GiB cached in holes", free_bytes / 2**30, stranded / 2**30
-    )
-    bytes_per_token = weights.shape.kv_bytes_per_token(weights.dtype)
-    slots = kv_cache.plan_capacity(free_bytes, bytes_per_token, cache_len)
-    if slots == 0:
-        raise torch.cuda.OutOfMemoryError(
-            f"no room for even one {cache_len}-entry KV cache ({bytes_per_token * cache_len / 2**30:.1f} "
-            f"GiB) in the {free_bytes / 2**30:.1f} GiB left after loading; lower --context-length"
-        )
-    return slots
+class WarmUpAbandoned(RuntimeError):
+    """The engine was closed while warming up (its warm-up ran past the ladder's deadline)."""
+
+
+@contextlib.contextmanager
+def stage(what: str) -> Iterator[None]:
+    """Name the warm-up stage in any failure inside it."""
+    try:
+        yield
+    except (WarmUpAbandoned, WarmUpFailed):
+        raise
+    except Exception as exc:
+        oom = isinstance(exc, torch.cuda.OutOfMemoryError)
+        detail = f"the GPU ran out of memory ({exc})" if oom else f"{type(exc).__name__}: {exc}"
+        raise WarmUpFailed(f"{what} failed: {detail}") from exc
 
 
 class BatchedEngine:
@@ -118,11 +89,16 @@ class BatchedEngine:
         self.chunk_size = chunk_size
         # Ring entries per slot (see kv_cache): fewer than the context when the window allows.
         self.cache_len = kv_cache.cache_length(context_length, self.weights.shape.sliding_window, chunk_size)
-        self.capacity = slots or default_slots(self.device, self.weights, self.cache_len)
+        self.capacity = slots or device.default_slots(self.device, self.weights, self.cache_len)
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self.compile_step = compile_step  # with graphs only: see `decode_step.DecodeGraphs`
         self.pad_batches = self.use_graphs  # round decode batches up to the captured sizes
         self.batch_sizes = decode_step.batch_buckets(self.capacity, smallest=2 if compile_step else 1)
+        self.attention = device.attention_kernel_name(self.device)
+        self.staging = device.HostStaging(self.device)
+        self.cache: kv_cache.KVCache | None = None
+        self.buffers: decode_step.DecodeBuffers | None = None
+        self.graphs: decode_step.DecodeGraphs | None = None
         self._on_progress = on_progress
         self.warmup_message = "Starting the engine…"
         self.ready_s: float | None = None  # seconds from construction to serving
@@ -138,8 +114,10 @@ class BatchedEngine:
         self._thread.start()
 
     # -- caller side --
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
-        handle = RequestHandle(list(prompt_ids), params)
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, record_logits: bool = False
+    ) -> RequestHandle:
+        handle = RequestHandle(list(prompt_ids), params, record_logits)
         with self._wakeup:
             if self.failure or self._closing:
                 handle.finish("error", self.failure or "the engine is shutting down")
@@ -178,6 +156,8 @@ class BatchedEngine:
         return self._settled.wait(timeout) and self.failure is None
 
     def close(self, timeout: float = 10.0) -> None:
+        """Stop serving and release the KV cache, buffers and graphs. A warm-up stuck inside one
+        capture cannot be interrupted: it stops at the next stage and releases then."""
         with self._wakeup:
             self._closing = True
             for handle in [*self._pending, *(s.handle for s in self._slots if s is not None)]:
@@ -185,7 +165,7 @@ class BatchedEngine:
             self._wakeup.notify()
         self._thread.join(timeout)
 
-    # -- engine thread: setup --
+    # -- engine thread: warm-up --
     def _progress(self, message: str, fraction: float | None = None) -> None:
         self.warmup_message = message
         log.info("%s%s", message, "" if fraction is None else f" ({fraction:.0%})")
@@ -196,48 +176,73 @@ class BatchedEngine:
                 log.exception("progress callback failed")
 
     def _warm_up(self) -> None:
-        """Allocate the cache and buffers and, on CUDA, capture every decode-step graph."""
-        shape = self.weights.shape
-        self.cache = kv_cache.allocate_kv_cache(
-            shape, self.capacity, self.cache_len, self.weights.dtype, self.device
-        )
-        self.buffers = decode_step.DecodeBuffers.allocate(self.capacity, shape.vocab, self.device)
-        self.graphs = (
-            decode_step.DecodeGraphs(self.weights, self.cache, self.buffers, self.compile_step)
-            if self.use_graphs
-            else None
-        )
-        if self.graphs is not None:
-            shapes = [
-                (batch, kv_len) for batch in self.batch_sizes for kv_len in kv_cache.kv_buckets(self.cache_len)
-            ]
-            for done, (batch, kv_len) in enumerate(shapes):
-                if done == 0 and self.compile_step:  # the first capture compiles: most of a minute, silent
-                    message = "Compiling the decode step (a minute or so), then capturing it…"
-                else:
-                    message = (
-                        f"Capturing decode steps ({done + 1} of {len(shapes)}: batch {batch}, {kv_len} keys)…"
-                    )
-                self._progress(message, done / len(shapes))
-                self.graphs.capture(batch, kv_len)
-            torch.cuda.synchronize(self.device)
+        """Allocate the cache and buffers and, with graphs, capture every decode-step graph."""
+        shape, dtype = self.weights.shape, self.weights.dtype
+        entries = self.capacity * (self.cache_len + kv_cache.UNUSED_TAIL)
+        size = f"{self.capacity} slots of {self.cache_len} entries, "
+        size += f"{entries * shape.kv_bytes_per_token(dtype) / 2**30:.1f} GiB"
+        with stage(f"allocating the KV cache ({size})"):
+            self.cache = kv_cache.allocate_kv_cache(shape, self.capacity, self.cache_len, dtype, self.device)
+        with stage("allocating the decode buffers"):
+            self.buffers = decode_step.DecodeBuffers.allocate(self.capacity, shape.vocab, self.device, dtype)
+        if self.use_graphs:
+            self._capture_graphs()
+        log.info("attention kernel: %s", self.attention)
         self.ready_s = time.monotonic() - self._started
         self._progress(f"Engine ready in {self.ready_s:.1f}s: {self.capacity} concurrent requests.", 1.0)
         self._settled.set()
 
+    def _capture_graphs(self) -> None:
+        """One graph per (batch, keys) bucket, the largest first: smaller graphs then fit in the
+        memory pool the largest one already took, instead of growing it."""
+        with stage("setting up CUDA-graph capture"):
+            self.graphs = decode_step.DecodeGraphs(self.weights, self.cache, self.buffers, self.compile_step)
+        buckets = kv_cache.kv_buckets(self.cache_len)
+        shapes = [(batch, kv_len) for batch in reversed(self.batch_sizes) for kv_len in reversed(buckets)]
+        for done, (batch, kv_len) in enumerate(shapes):
+            if self._closing:
+                raise WarmUpAbandoned("closed while capturing the decode step")
+            if done == 0 and self.compile_step:  # the first capture compiles: most of a minute, silent
+                what, message = "compiling the decode step", "Compiling the decode step (a minute or so)…"
+            else:
+                what = f"capturing the decode step for batch {batch} over {kv_len} keys"
+                message = (
+                    f"Capturing decode steps ({done + 1} of {len(shapes)}: batch {batch}, {kv_len} keys)…"
+                )
+            self._progress(message, done / len(shapes))
+            with stage(what):
+                self.graphs.capture(batch, kv_len)
+        if self.device.type == "cuda":
+            with stage("capturing the decode step"):
+                torch.cuda.synchronize(self.device)  # a capture's failure can surface only here
+
+    def _release_device_state(self) -> None:
+        """Graphs, buffers and cache go (a closed or failed engine holds no GPU memory)."""
+        self.graphs = self.buffers = self.cache = None
+        device.release_cached_memory(self.device)
+
     # -- engine thread: the loop --
     def _serve(self) -> None:
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), device.chosen_attention(self.device):
                 self._warm_up()
                 while self._wait_for_work():
                     self._iteration()
+        except WarmUpAbandoned:
+            self.failure = "warm-up was abandoned"
+            self._settled.set()
+        except WarmUpFailed as exc:
+            self.failure = str(exc)
+            log.error("engine warm-up failed: %s", exc, exc_info=exc.__cause__)
+            self._settled.set()
         except BaseException as exc:  # the thread itself is dying: say so, fail everyone
             self.failure = f"the engine stopped: {describe_failure(exc)}"
             log.critical(self.failure, exc_info=True)
             self._settled.set()
             self._fail_all(self.failure)
             raise
+        finally:
+            self._release_device_state()
 
     def _wait_for_work(self) -> bool:
         with self._wakeup:
@@ -308,13 +313,12 @@ class BatchedEngine:
         slot.handle.finish(reason, error)
 
     def _fail(self, slots: list[Slot], exc: Exception) -> None:
-        if is_fatal_device_error(exc):
+        if device.is_fatal_device_error(exc):
             raise exc  # the CUDA context is gone for everyone: let `_serve` record it and fail all
         log.error("step failed for requests %s", [s.handle.id for s in slots], exc_info=exc)
         for slot in slots:
             self._release(slot, "error", describe_failure(exc))
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # after an OOM, hand the fragments back
+        device.release_cached_memory(self.device)  # after an OOM, hand the fragments back
 
     def _fail_all(self, reason: str) -> None:
         with self._wakeup:
@@ -326,7 +330,8 @@ class BatchedEngine:
 
     # -- prefill --
     def _prefill(self) -> None:
-        rows = self._prefill_rows()
+        window = self.weights.shape.sliding_window
+        rows = prefill_rows(self._active_slots(), self.chunk_size, self.cache_len, window)
         if not rows:
             return
         try:
@@ -344,25 +349,6 @@ class BatchedEngine:
             except Exception as exc:  # the requests whose first token this was
                 self._fail(finished, exc)
 
-    def _prefill_rows(self) -> list[tuple[Slot, int]]:
-        """Which prompts to prefill now, and how many tokens of each: the oldest first, and more
-        in the same forward while all of them, padded to the longest, fit `chunk_size` tokens.
-
-        Many short prompts arriving together then cost one forward, not one each: on CUDA an
-        eager forward is hundreds of kernel launches, whatever its length.
-        """
-        rows: list[tuple[Slot, int]] = []
-        width = 0
-        for slot in sorted(self._active_slots(), key=lambda s: s.handle.id):  # oldest first
-            if slot.decoding:
-                continue
-            take = min(self.chunk_size, slot.prompt_len - slot.prefilled)
-            if rows and (len(rows) + 1) * max(width, take) > self.chunk_size:
-                break  # first come, first served: no younger prompt jumps this one
-            rows.append((slot, take))
-            width = max(width, take)
-        return rows
-
     def _prefill_forward(self, rows: list[tuple[Slot, int]]) -> torch.Tensor:
         chunks = [
             mistral.PromptChunk(
@@ -370,28 +356,41 @@ class BatchedEngine:
             )
             for slot, take in rows
         ]
-        return mistral.prefill(self.weights, self.cache, chunks)
+        return mistral.prefill(self.weights, self.cache, chunks, self.staging.to_device)
 
     def _first_tokens(self, slots: list[Slot], logits: torch.Tensor) -> None:
         """These prompts are in: set up their slots' `seen` rows and sample every first token
-        from the prompts' last logits [N, V], in one go (one sampler run, not one per prompt)."""
-        device, count = self.device, len(slots)
-        index = torch.tensor([slot.index for slot in slots], device=device)
-        prompt_rows = torch.repeat_interleave(
-            torch.arange(count, device=device),
-            torch.tensor([slot.prompt_len for slot in slots], device=device),
+        from the prompts' last logits [N, V], in one go (one sampler run, not one per prompt).
+        Every index is built on the host and sent in one copy: nothing here waits for the device
+        until the tokens are read back."""
+        count = len(slots)
+        index, prompt_rows, prompt_ids, counters, rows = self.staging.to_device(
+            [
+                [slot.index for slot in slots],
+                [row for row, slot in enumerate(slots) for _ in range(slot.prompt_len)],
+                [token for slot in slots for token in slot.handle.prompt_ids],
+                [slot.prompt_len - 1 for slot in slots],
+                list(range(count)),
+            ]
         )
-        prompt_ids = torch.tensor([t for slot in slots for t in slot.handle.prompt_ids], device=device)
-        seen = torch.zeros(count, self.weights.shape.vocab, dtype=torch.bool, device=device)
+        seen = torch.zeros(count, self.weights.shape.vocab, dtype=torch.bool, device=self.device)
         seen[prompt_rows, prompt_ids] = True
-        counters = torch.tensor([slot.prompt_len - 1 for slot in slots], device=device)
         params = self.buffers.sampling_rows(index)
         shortcuts = eager_shortcuts([slot.handle.params for slot in slots])
         tokens = sample_next_tokens(logits, params, seen, self.buffers.seeds[index], counters, *shortcuts)
-        seen[torch.arange(count, device=device), tokens.clamp(min=0)] = True  # NON_FINITE: ends anyway
+        seen[rows, tokens.clamp(min=0)] = True  # NON_FINITE: that request ends anyway
         self.buffers.seen[index] = seen
+        recorded = self._recorded_logits(slots, lambda i, slot: logits[i])
         for slot, token in zip(slots, tokens.tolist()):
-            self._accept(slot, token)
+            self._accept(slot, token, recorded.get(slot.index))
+
+    def _recorded_logits(self, slots: list[Slot], logits_of: Callable) -> dict[int, torch.Tensor]:
+        """slot index -> this step's logits on the CPU, for the requests that record them."""
+        return {
+            slot.index: logits_of(i, slot).to("cpu", torch.float32, copy=True)
+            for i, slot in enumerate(slots)
+            if slot.handle.record_logits
+        }
 
     # -- decode --
     def _decode(self) -> None:
@@ -403,11 +402,12 @@ class BatchedEngine:
             batch = decode_step.batch_bucket(batch, self.batch_sizes)
         try:
             tokens = self._run_decode_step(batch)
+            recorded = self._recorded_logits(rows, lambda i, slot: self.buffers.logits[slot.index])
         except Exception as exc:  # every request in the step
             self._fail(rows, exc)
             return
         for slot in rows:
-            self._accept(slot, tokens[slot.index])
+            self._accept(slot, tokens[slot.index], recorded.get(slot.index))
 
     def _run_decode_step(self, batch: int) -> list[int]:
         """Fill rows [0, batch) of the input buffers, run the step, read the sampled tokens back."""
@@ -418,22 +418,26 @@ class BatchedEngine:
                 positions[index] = slot.next_position
                 tokens[index] = slot.last_token if slot.decoding else 0
         kv_len = kv_cache.kv_bucket(max(positions) + 1, self.cache_len)
-        self.buffers.tokens[:batch].copy_(torch.tensor(tokens))
-        self.buffers.positions[:batch].copy_(torch.tensor(positions))
+        self.staging.copy_into(
+            [self.buffers.tokens[:batch], self.buffers.positions[:batch]], [tokens, positions]
+        )
         if self.graphs is not None:
             self.graphs.replay(batch, kv_len)
         else:
-            decoding = [s.handle.params for s in self._slots[:batch] if s is not None and s.decoding]
-            self.eager_step(batch, kv_len, *eager_shortcuts(decoding))
+            decoding = [s for s in self._slots[:batch] if s is not None and s.decoding]
+            keep_logits = any(s.handle.record_logits for s in decoding)
+            self.eager_step(batch, kv_len, *eager_shortcuts([s.handle.params for s in decoding]), keep_logits)
         return self.buffers.next[:batch].tolist()  # the one host sync per step
 
-    def eager_step(self, batch: int, kv_len: int, all_greedy: bool, top_k_bound: int | None) -> None:
+    def eager_step(
+        self, batch: int, kv_len: int, all_greedy: bool, top_k_bound: int | None, keep_logits: bool = False
+    ) -> None:
         """The eager decode step (CPU, or CUDA without graphs); tests patch this to inject faults."""
         decode_step.decode_and_sample(
-            self.weights, self.cache, self.buffers, batch, kv_len, all_greedy, top_k_bound
+            self.weights, self.cache, self.buffers, batch, kv_len, all_greedy, top_k_bound, keep_logits
         )
 
-    def _accept(self, slot: Slot, token: int) -> None:
+    def _accept(self, slot: Slot, token: int, logits: torch.Tensor | None = None) -> None:
         """Stream a sampled token, or finish the request on a stop token or its token limit."""
         slot.generated += 1
         slot.last_token = token
@@ -445,24 +449,6 @@ class BatchedEngine:
         if token in self.stop_ids:
             self._release(slot, "stop")
             return
-        slot.handle.deliver(TokenEvent(token=token))
+        slot.handle.deliver(TokenEvent(token=token, logits=logits))
         if slot.generated == slot.handle.params.max_new_tokens:
             self._release(slot, "length")
-
-
-def is_fatal_device_error(exc: BaseException) -> bool:
-    """A device-side assert or illegal address poisons the CUDA context for the whole process;
-    only running out of memory is a failure of the one step."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return False
-    accelerator_error = getattr(torch, "AcceleratorError", ())
-    return isinstance(exc, accelerator_error) or (isinstance(exc, RuntimeError) and "CUDA error" in str(exc))
-
-
-def eager_shortcuts(params: list[SamplingParams]) -> tuple[bool, int | None]:
-    """What the host knows about a step's rows that lets an eager step skip work: whether all
-    are greedy, and a top-k bound when every sampling row has one (rank K, not the vocabulary).
-    Rows not listed (idle ones) may come out wrong; their tokens are never read."""
-    sampling = [p for p in params if not p.greedy]
-    bound = max((p.top_k for p in sampling), default=1) if all(p.top_k > 0 for p in sampling) else None
-    return not sampling, bound

@@ -28,9 +28,10 @@ class DecodeBuffers:
     sampling: SamplingTensors  # [S, 1] each
     seen: torch.Tensor  # bool [S, V]: tokens in each request's prompt or reply so far
     next: torch.Tensor  # long [S]: the step's sampled tokens
+    logits: torch.Tensor  # [S, V] in the model dtype: the step's logits, when kept (see below)
 
     @classmethod
-    def allocate(cls, slots: int, vocab: int, device) -> DecodeBuffers:
+    def allocate(cls, slots: int, vocab: int, device, logits_dtype=torch.float32) -> DecodeBuffers:
         def column(dtype, fill=0.0):
             return torch.full((slots, 1), fill, dtype=dtype, device=device)
 
@@ -47,6 +48,7 @@ class DecodeBuffers:
             ),
             seen=torch.zeros(slots, vocab, dtype=torch.bool, device=device),
             next=longs(),
+            logits=torch.zeros(slots, vocab, dtype=logits_dtype, device=device),
         )
 
     def rows(self, batch: int) -> tuple[torch.Tensor, ...]:
@@ -65,15 +67,21 @@ def decode_and_sample(
     kv_len: int,
     all_greedy: bool = False,
     top_k_bound: int | None = None,
+    keep_logits: bool = False,
 ) -> None:
     """The whole decode step for slots [0, batch): forward, per-row sampling, `seen` update.
 
     No host sync anywhere, so on CUDA it is captured once per (batch, kv_len) and replayed
     (with the defaults: the eager shortcuts `all_greedy` and `top_k_bound` depend on the rows).
-    The sampler's counter is the input position: unique per token of a request.
+    The sampler's counter is the input position: unique per token of a request. `keep_logits`
+    copies the logits into `buffers.logits` for requests that record them (the self-check):
+    captured graphs always keep them (one [B, V] copy, microseconds against a step of
+    milliseconds); an eager step only when asked.
     """
     tokens, positions, seeds, seen = buffers.rows(batch)
     logits = decode(weights, cache, tokens, positions, kv_len)  # [B, V]
+    if keep_logits:
+        buffers.logits[:batch].copy_(logits)
     params = buffers.sampling_rows(slice(0, batch))
     chosen = sample_next_tokens(logits, params, seen, seeds, positions, all_greedy, top_k_bound)  # [B]
     seen.scatter_(1, chosen.clamp(min=0)[:, None], True)  # a NON_FINITE row's request ends anyway
@@ -109,7 +117,7 @@ class DecodeGraphs:
 
     def capture(self, batch: int, kv_len: int) -> None:
         def step() -> None:
-            self.step_fn(self.weights, self.cache, self.buffers, batch, kv_len)
+            self.step_fn(self.weights, self.cache, self.buffers, batch, kv_len, keep_logits=True)
 
         side = self.warmup_stream
         side.wait_stream(torch.cuda.current_stream())
@@ -139,4 +147,3 @@ def batch_buckets(slots: int, smallest: int = 1) -> list[int]:
 def batch_bucket(needed: int, sizes: list[int]) -> int:
     """The smallest of the captured batch `sizes` that holds `needed` rows."""
     return next(size for size in sizes if size >= needed)
-

@@ -49,6 +49,20 @@ def cache_length(context_length: int, window: int | None, chunk_size: int) -> in
     return window + chunk_size
 
 
+def padded_forward_fits(end: int, width: int, cache_len: int, window: int | None) -> bool:
+    """Whether a prefill forward whose rows are padded to `width` tokens, the furthest ending at
+    position `end` (exclusive), keeps every key its queries can see.
+
+    Padding writes keys past a row's real end. Within the ring's first lap (end <= cache_len)
+    those entries are written again before anything reads them. Past it, a row's writes wrap
+    onto entries holding older positions, which is safe only while the padded width leaves the
+    window intact (width <= cache_len - window, as `cache_length` provides for a real ring). A
+    cache that is no ring (the context fits it whole) has no such room: its padded rows must
+    end within it.
+    """
+    return end <= cache_len or width <= cache_len - (window or 0)
+
+
 def allocate_kv_cache(shape: ModelShape, slots: int, cache_len: int, dtype, device) -> KVCache:
     size = (shape.layers, slots, shape.kv_heads, cache_len + UNUSED_TAIL, shape.head_dim)
     # Zeros, not empty: positions past a row's length are masked, but NaN garbage times a zero
@@ -103,5 +117,3 @@ def cached_positions(latest: torch.Tensor, kv_len: int, cache_len: int) -> torch
     entries = torch.arange(kv_len, device=latest.device)  # [L]
     newest = latest[:, None]  # [B, 1]
     return newest - torch.remainder(newest - entries, cache_len)
-
-

@@ -1,15 +1,44 @@
-"""Which local engine serves: the rungs tried, the one chosen, and why.
+"""Which local engine serves: the ladder of engines, fastest first, each tried until one passes.
 
-The ladder (fastest first) is `graphs` (the batched engine with its decode step replayed as
-CUDA graphs), `eager` (the same engine without graphs) and `reference` (transformers'
-`generate` with a streamer, one request at a time).
+1) `graphs`: the batched engine with its decode step replayed as CUDA graphs (CUDA only);
+2) `eager`: the same batched engine, each step launched kernel by kernel;
+3) `reference`: transformers' `generate` with a streamer, one request at a time.
+
+`auto` walks them in order. A rung fails when building it raises, when its warm-up fails or runs
+past the deadline (a hung capture must not hang the Space), or when its self-check
+(`selfcheck.py`) disagrees with the model's own forward. A failed rung is closed (its graphs, KV
+cache and thread released; a warm-up stuck inside one capture lets go when that returns) before
+the next is built. The log tells the story in order: which rung was tried, why it was left, which
+one serves. A named engine (`--engine eager`) is tried alone: its failure is the app's.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from ..loading import ModelLoadError
+from .batched import BatchedEngine
+from .device import release_cached_memory
+from .reference import ReferenceEngine
+from .requests import Engine
+from .selfcheck import SelfCheckResult, run_self_check
+
+log = logging.getLogger(__name__)
+
 RUNGS = ("graphs", "eager", "reference")
+ENGINE_CHOICES = ("auto", *RUNGS)
+DEFAULT_WARMUP_TIMEOUT_S = 300.0  # the 7B model captures its graphs in seconds; compiling takes a minute
+SELF_CHECK_TIMEOUT_S = 120.0  # seconds, not minutes, even for the slowest rung
+# What the page says each rung costs, in plain words.
+RUNG_SPEED = {
+    "graphs": "the fastest engine",
+    "eager": "slower than the CUDA-graph engine (every step launched kernel by kernel)",
+    "reference": "much slower: one reply at a time, the others wait in line",
+}
+ProgressCallback = Callable[[str, "float | None"], None]
 
 
 @dataclass(frozen=True)
@@ -26,8 +55,112 @@ class EngineChoice:
 
     engine: str
     fallback: tuple[RungFailure, ...] = ()
+    self_check: SelfCheckResult | None = None
 
     @property
     def degraded(self) -> bool:
         """Whether a faster rung was tried and failed: the page then says it is slower."""
         return bool(self.fallback)
+
+    def story(self) -> str:
+        """One line for the console and the page: what serves, and why not something faster."""
+        left = "; ".join(f"{f.rung} failed: {f.reason}" for f in self.fallback)
+        return f"the {self.engine} engine serves" + (f" ({left})" if left else "")
+
+
+class RungFailed(Exception):
+    """This rung cannot serve; the message says why."""
+
+
+def rungs_to_try(choice: str, cuda: bool) -> list[str]:
+    if choice not in ENGINE_CHOICES:
+        raise ModelLoadError(f"--engine must be one of {', '.join(ENGINE_CHOICES)}, got {choice!r}.")
+    if choice == "auto":
+        return [rung for rung in RUNGS if cuda or rung != "graphs"]
+    if choice == "graphs" and not cuda:
+        raise ModelLoadError(
+            "--engine graphs replays CUDA graphs and needs a CUDA GPU, which this machine does not have; "
+            "use --engine eager (or auto)."
+        )
+    return [choice]
+
+
+def build_rung(rung: str, model, stop_ids: Iterable[int], context_length: int, on_progress) -> Engine:
+    if rung == "reference":
+        return ReferenceEngine(model, stop_ids, context_length)
+    return BatchedEngine(
+        model, stop_ids, context_length, use_graphs=rung == "graphs", on_progress=on_progress
+    )
+
+
+def start_engine(
+    model,
+    stop_ids: Iterable[int],
+    context_length: int,
+    probes: list[list[int]],
+    choice: str = "auto",
+    warmup_timeout: float = DEFAULT_WARMUP_TIMEOUT_S,
+    on_progress: ProgressCallback | None = None,
+) -> tuple[Engine, EngineChoice]:
+    """The first rung that warms up and passes its self-check, and the story of the ladder."""
+    progress = on_progress or (lambda message, fraction=None: None)
+    rungs = rungs_to_try(choice, model.device.type == "cuda")
+    failures: list[RungFailure] = []
+    for rung in rungs:
+        above = f" ({failures[-1].rung} failed: {failures[-1].reason})" if failures else ""
+        progress(f"Starting the {rung} engine{above}…", None)
+        log.info("engine ladder: trying the %s engine", rung)
+        try:
+            engine, check = start_rung(
+                rung, model, stop_ids, context_length, probes, warmup_timeout, progress
+            )
+        except RungFailed as exc:
+            log.warning("engine ladder: the %s engine failed: %s", rung, exc)
+            failures.append(RungFailure(rung, str(exc)))
+            continue
+        chosen = EngineChoice(rung, tuple(failures), check)
+        log.info("engine ladder: %s", chosen.story())
+        return engine, chosen
+    tried = "; ".join(f"{f.rung}: {f.reason}" for f in failures)
+    raise ModelLoadError(f"No engine could start on this machine ({tried}).")
+
+
+def start_rung(
+    rung: str,
+    model,
+    stop_ids: Iterable[int],
+    context_length: int,
+    probes: list[list[int]],
+    warmup_timeout: float,
+    progress: ProgressCallback,
+) -> tuple[Engine, SelfCheckResult]:
+    """Build, warm up and self-check one rung; RungFailed (after releasing it) if it cannot serve."""
+    try:
+        engine = build_rung(rung, model, stop_ids, context_length, progress)
+    except Exception as exc:  # e.g. no memory left for even one KV-cache slot
+        log.debug("building the %s engine failed", rung, exc_info=True)
+        raise RungFailed(f"starting it failed: {type(exc).__name__}: {exc}") from None
+    try:
+        started = time.monotonic()
+        if not engine.wait_ready(warmup_timeout):
+            failure = engine.stats().failure
+            raise RungFailed(failure or f"its warm-up ran past the {warmup_timeout:g} s deadline")
+        log.info("engine ladder: the %s engine warmed up in %.1f s", rung, time.monotonic() - started)
+        progress(f"Checking the {rung} engine against the model's own forward…", None)
+        check = run_self_check(engine, model, probes, SELF_CHECK_TIMEOUT_S)
+        log.info("engine ladder: the %s engine's %s", rung, check.summary())
+        if not check.passed:
+            raise RungFailed(f"its self-check failed: {check.problem}")
+        return engine, check
+    except BaseException:
+        close_and_release(engine, rung)
+        raise
+
+
+def close_and_release(engine: Engine, rung: str) -> None:
+    engine.close(timeout=2.0)  # a failed warm-up has already ended its thread; a stuck one won't
+    if engine.stats().alive:  # stuck inside a capture: it lets its memory go when that returns
+        log.warning(
+            "the %s engine is still stuck in its warm-up; it releases its memory when it returns", rung
+        )
+    release_cached_memory(engine.device)

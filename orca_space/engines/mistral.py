@@ -12,13 +12,14 @@ heads, KVH key/value heads, G = H // KVH query heads per key/value head, D head 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from .kv_cache import KVCache, cached_positions
+from .kv_cache import KVCache, cached_positions, padded_forward_fits
 
 # Rope variants whose frequencies depend on the sequence length cannot use a fixed table.
 DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
@@ -72,23 +73,62 @@ class MistralWeights:
         return self.embed.device
 
 
-def stacked_rows(owner: torch.nn.Module, name: str, linears: list[torch.nn.Linear]) -> torch.Tensor:
-    """The linears' weights stacked by rows in one tensor, each linear's weight re-pointed to its
-    slice of it: one matrix product where there were several (at batch 1 the small k and v
-    products are mostly launch and tail), and no second copy of the weights. The model computes
-    exactly as before. A second call (a second engine on the same model) reuses the first's.
+def restack_layer(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder layer's q/k/v and gate/up weights, each stacked by rows in one tensor, with the
+    linears' weights re-pointed to their slices: one matrix product where there were several (at
+    batch 1 the small k and v products are mostly launch and tail) and no second copy. The model
+    computes exactly as before; a second call (a second engine on the same model) reuses the first's.
+
+    On CUDA the layer's projection weights all go through host memory first: copied out, freed,
+    then allocated again, the stacked ones and o and down alike, largest first. transformers loads
+    a model into one reserved block, so stacking in place (a new stacked copy, then the parts
+    freed) would leave holes between live weights that a KV cache allocated whole cannot use;
+    allocated again into the memory they freed, the layer's weights fill its own holes.
     """
-    stacked = getattr(owner, name, None)
-    if stacked is not None and _views_of(stacked, linears):
-        return stacked
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv_parts, gate_up_parts = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
+    qkv, gate_up = getattr(attn, "orca_qkv", None), getattr(mlp, "orca_gate_up", None)
+    if (
+        qkv is not None
+        and gate_up is not None
+        and _views_of(qkv, qkv_parts)
+        and _views_of(gate_up, gate_up_parts)
+    ):
+        return qkv, gate_up
+    groups = {"gate_up": gate_up_parts, "qkv": qkv_parts}
+    through_host = restack_through_host(attn.q_proj.weight.device)
+    if through_host:  # largest first, each into room the layer itself freed
+        groups = {"gate_up": gate_up_parts, "down": [mlp.down_proj], "qkv": qkv_parts, "o": [attn.o_proj]}
+    stacked = restack(groups, through_host)
+    object.__setattr__(attn, "orca_qkv", stacked["qkv"])  # plain attributes: not parameters or buffers
+    object.__setattr__(mlp, "orca_gate_up", stacked["gate_up"])
+    return stacked["qkv"], stacked["gate_up"]
+
+
+def restack_through_host(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def restack(groups: dict[str, list[torch.nn.Linear]], through_host: bool) -> dict[str, torch.Tensor]:
+    """Each group's weights stacked by rows, every linear re-pointed to its slice."""
     with torch.no_grad():
-        stacked = torch.cat([linear.weight for linear in linears])
-        start = 0
-        for linear in linears:
-            rows = linear.weight.shape[0]
-            linear.weight.data = stacked[start : start + rows]
-            start += rows
-    object.__setattr__(owner, name, stacked)  # a plain attribute: not a parameter or buffer
+        if through_host:
+            device = next(iter(groups.values()))[0].weight.device
+            on_host = {
+                name: torch.cat([linear.weight.cpu() for linear in group]) for name, group in groups.items()
+            }
+            for group in groups.values():
+                for linear in group:
+                    linear.weight.data = linear.weight.data.new_empty(0)  # frees its memory
+            stacked = {name: weights.to(device) for name, weights in on_host.items()}
+        else:
+            stacked = {name: torch.cat([linear.weight for linear in group]) for name, group in groups.items()}
+        for name, group in groups.items():
+            start = 0
+            for linear in group:
+                rows = linear.out_features
+                linear.weight.data = stacked[name][start : start + rows]
+                start += rows
     return stacked
 
 
@@ -102,9 +142,21 @@ def _views_of(stacked: torch.Tensor, linears: list[torch.nn.Linear]) -> bool:
     return start == stacked.shape[0]
 
 
+def layer_weights(layer) -> LayerWeights:
+    qkv, gate_up = restack_layer(layer)  # first: through the host it re-allocates o and down too
+    return LayerWeights(
+        attn_norm=layer.input_layernorm.weight,
+        qkv=qkv,
+        o=layer.self_attn.o_proj.weight,
+        mlp_norm=layer.post_attention_layernorm.weight,
+        gate_up=gate_up,
+        down=layer.mlp.down_proj.weight,
+    )
+
+
 def weights_from_hf(model) -> MistralWeights:
     """The weights of a loaded `MistralForCausalLM`, without copies; raises ValueError for what we
-    can't run. The q/k/v and gate/up projections are stacked (see `stacked_rows`), so the model's
+    can't run. The q/k/v and gate/up projections are stacked (see `restack_layer`), so the model's
     own weights become views of the stacked tensors."""
     config = model.config
     if getattr(config, "hidden_act", "silu") != "silu":
@@ -122,21 +174,7 @@ def weights_from_hf(model) -> MistralWeights:
         sliding_window=getattr(config, "sliding_window", None),
         eps=config.rms_norm_eps,
     )
-    layers = tuple(
-        LayerWeights(
-            attn_norm=layer.input_layernorm.weight,
-            qkv=stacked_rows(
-                layer.self_attn,
-                "orca_qkv",
-                [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
-            ),
-            o=layer.self_attn.o_proj.weight,
-            mlp_norm=layer.post_attention_layernorm.weight,
-            gate_up=stacked_rows(layer.mlp, "orca_gate_up", [layer.mlp.gate_proj, layer.mlp.up_proj]),
-            down=layer.mlp.down_proj.weight,
-        )
-        for layer in model.model.layers
-    )
+    layers = tuple(layer_weights(layer) for layer in model.model.layers)
     return MistralWeights(
         shape=shape,
         embed=model.model.embed_tokens.weight,
@@ -146,7 +184,6 @@ def weights_from_hf(model) -> MistralWeights:
         inv_freq=rotary.inv_freq.detach().float(),
         rope_scale=float(getattr(rotary, "attention_scaling", 1.0)),
     )
-
 
 
 # -- the transformer, one small function per piece --
@@ -337,34 +374,53 @@ class PromptChunk:
     tokens: list[int]
 
 
-def prefill(weights: MistralWeights, cache: KVCache, chunks: list[PromptChunk]) -> torch.Tensor:
+def prefill(
+    weights: MistralWeights,
+    cache: KVCache,
+    chunks: list[PromptChunk],
+    to_device: ToDevice | None = None,
+) -> torch.Tensor:
     """Several requests' prompt chunks in one forward, one row each, padded to the longest.
 
     Returns logits [N, V], row i at chunk i's last real token (the next-token logits once a
     prompt is all in). Padding tokens are written past a chunk's end: positions the request
     writes again before any query of it reads them, and ring entries whose old keys no later
-    query sees (a chunk, padding included, must fit `cache_len - window`, as `cache_length`
-    provides). One chunk runs on a view of its slot's cache, several on gathered copies.
+    query sees (`kv_cache.padded_forward_fits`, which the engine's scheduling keeps to). One
+    chunk runs on a view of its slot's cache, several on gathered copies. `to_device` moves the
+    index lists to the device (the engine passes its pinned staging).
     """
     width = max(len(chunk.tokens) for chunk in chunks)
     end = max(chunk.start for chunk in chunks) + width
-    window = weights.shape.sliding_window or 0
-    if end > cache.cache_len and width > cache.cache_len - window:  # wraps, overwriting what it sees
+    window = weights.shape.sliding_window
+    if not padded_forward_fits(end, width, cache.cache_len, window):  # it would overwrite what it sees
         raise ValueError(
-            f"a {width}-token chunk is longer than this ring allows "
-            f"({cache.cache_len} entries - a {window}-token window)"
+            f"a {width}-token chunk ending at position {end} does not fit this cache "
+            f"({cache.cache_len} entries, a {window or 0}-token window)"
         )
-    device = weights.device
-    tokens = torch.tensor([c.tokens + [0] * (width - len(c.tokens)) for c in chunks], device=device)
-    starts = torch.tensor([c.start for c in chunks], device=device)
-    positions = starts[:, None] + torch.arange(width, device=device)  # [N, T]
-    if len(chunks) == 1:
-        slots = slice(chunks[0].slot, chunks[0].slot + 1)
-    else:
-        slots = torch.tensor([c.slot for c in chunks], device=device)
+    to_device = to_device or _plain_to_device(weights.device)
+    tokens, starts, slot_ids, last = to_device(
+        [
+            [t for c in chunks for t in c.tokens + [0] * (width - len(c.tokens))],
+            [c.start for c in chunks],
+            [c.slot for c in chunks],
+            [len(c.tokens) - 1 for c in chunks],
+        ]
+    )
+    tokens = tokens.view(len(chunks), width)
+    positions = starts[:, None] + torch.arange(width, device=weights.device)  # [N, T]
+    slots = slice(chunks[0].slot, chunks[0].slot + 1) if len(chunks) == 1 else slot_ids
     hidden = forward(weights, cache, tokens, positions, slots, min(cache.cache_len, end))
-    last = torch.tensor([len(c.tokens) - 1 for c in chunks], device=device)
-    return logits_of(weights, hidden[torch.arange(len(chunks), device=device), last])
+    return logits_of(weights, hidden[torch.arange(len(chunks), device=weights.device), last])
+
+
+ToDevice = Callable[[list[list[int]]], list[torch.Tensor]]
+
+
+def _plain_to_device(device: torch.device) -> ToDevice:
+    def to_device(rows: list[list[int]]) -> list[torch.Tensor]:
+        return [torch.tensor(row, dtype=torch.long, device=device) for row in rows]
+
+    return to_device
 
 
 def decode(
@@ -377,5 +433,3 @@ def decode(
     """
     hidden = forward(weights, cache, tokens[:, None], positions[:, None], slice(0, tokens.shape[0]), kv_len)
     return logits_of(weights, hidden[:, 0])
-
-

@@ -3,7 +3,7 @@
 The engine knows token ids only. A caller submits prompt ids with `SamplingParams` and gets a
 `RequestHandle`; it iterates the handle (sync or async) for `TokenEvent`s and may `cancel()` it
 at any time. Errors come back as a final event, never as an exception on the engine's thread.
-`engine.BatchedEngine` implements `Engine`; another engine can take its place behind it.
+`batched.BatchedEngine` and `reference.ReferenceEngine` implement `Engine`.
 """
 
 from __future__ import annotations
@@ -12,13 +12,22 @@ import asyncio
 import itertools
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from ..params import SamplingParams
 
+if TYPE_CHECKING:
+    import torch
+
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+# Why a request ended whose logits stopped being numbers (fp16 overflow with real weights can do it).
+NON_FINITE_MESSAGE = (
+    "the model's numbers overflowed while writing this reply (its next-token scores were not "
+    "finite), so it was stopped rather than shown as nonsense; try again, or lower the temperature"
+)
 
 
 @dataclass(frozen=True)
@@ -26,6 +35,8 @@ class TokenEvent:
     token: int | None = None  # a generated token; stop tokens are never sent
     finish_reason: FinishReason | None = None  # set on the last event only
     error: str | None = None  # why, when finish_reason == "error"
+    logits: torch.Tensor | None = None  # [V] on the CPU: the scores this token was chosen from,
+    # for requests submitted with record_logits (the self-check); None otherwise
 
     @property
     def finished(self) -> bool:
@@ -52,10 +63,11 @@ _request_ids = itertools.count(1)
 class RequestHandle:
     """One request's stream of events, filled by the engine thread, read by one caller."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, record_logits: bool = False) -> None:
         self.id = next(_request_ids)
         self.prompt_ids = prompt_ids
         self.params = params
+        self.record_logits = record_logits
         self._events: queue.SimpleQueue[TokenEvent] = queue.SimpleQueue()
         self._cancelled = threading.Event()
         self._done = False  # set by the engine after the final event
@@ -77,6 +89,16 @@ class RequestHandle:
             yield event
             if event.finished:
                 return
+
+    def collect(self, timeout: float) -> list[TokenEvent]:
+        """Every event up to the final one; TimeoutError if the request is not done in time."""
+        deadline, events = time.monotonic() + timeout, []
+        while not events or not events[-1].finished:
+            try:
+                events.append(self._events.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                raise TimeoutError(f"request {self.id} did not finish within {timeout:.0f} s") from None
+        return events
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
         # Register the loop before the first look at the queue, so an event the engine puts
@@ -118,8 +140,14 @@ class RequestHandle:
 class Engine(Protocol):
     context_length: int
     capacity: int  # requests that generate at once; more wait in the engine's queue
+    device: torch.device
+    attention: str  # the attention kernel, as the log and /healthz name it
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle: ...
+    def wait_ready(self, timeout: float | None = None) -> bool: ...
+
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, record_logits: bool = False
+    ) -> RequestHandle: ...
 
     def position(self, handle: RequestHandle) -> int: ...
 

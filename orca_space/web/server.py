@@ -42,8 +42,23 @@ def health(runtime: ChatRuntime) -> dict[str, Any]:
         "active": stats.active if stats else 0,
         "queued": stats.queued if stats else 0,
         "capacity": stats.capacity if stats else 0,
+        "non_finite_replies": stats.non_finite_replies if stats else 0,
     }
+    body.update(engine_fields(runtime))
     return body
+
+
+def engine_fields(runtime: ChatRuntime) -> dict[str, Any]:
+    """Which engine serves, and why not a faster one: `fallback` lists each rung left, with why."""
+    choice = runtime.engine_choice
+    if choice is None:
+        return {"engine": "remote" if runtime.engine is not None else None, "fallback": []}
+    return {
+        "engine": choice.engine,
+        "fallback": [{"engine": f.rung, "reason": f.reason} for f in choice.fallback],
+        "attention": getattr(runtime.engine, "attention", None),
+        "self_check": choice.self_check.summary() if choice.self_check else None,
+    }
 
 
 class BodySizeLimit:

@@ -13,6 +13,7 @@ import logging
 
 import gradio as gr
 
+from ..engines.ladder import RUNG_SPEED
 from ..engines.requests import EngineError
 from ..params import LIMITS, PARAMETER_ORDER, check_value
 from ..ratelimit import client_key
@@ -127,13 +128,22 @@ def header_markdown(runtime: ChatRuntime) -> str:
 def status_markdown(runtime: ChatRuntime) -> str:
     status = runtime.status
     if status.ready:
-        return ""
+        return degraded_engine_markdown(runtime)
     if status.failed:
         return f"❌ **The model could not be loaded.** {status.message}"
     bar = (
         "" if status.fraction is None else f" `{'█' * int(status.fraction * 20):░<20}` {status.fraction:.0%}"
     )
     return f"⏳ {status.message}{bar}"
+
+
+def degraded_engine_markdown(runtime: ChatRuntime) -> str:
+    """When a faster engine failed on this GPU, say so, in plain words, for as long as it serves."""
+    choice = runtime.engine_choice
+    if choice is None or not choice.degraded:
+        return ""
+    why = "; ".join(f"the {f.rung} engine failed ({f.reason})" for f in choice.fallback)
+    return f"⚠️ **Running on the {choice.engine} engine, {RUNG_SPEED[choice.engine]}**: {why}."
 
 
 def refresh_status(runtime: ChatRuntime):

@@ -1,0 +1,73 @@
+"""What the batched engine decides on the host each iteration: which prompts to prefill together,
+and what it knows about a step's rows that lets an eager step skip work. Pure functions of the
+slots, so they are tested without a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..params import SamplingParams
+from .kv_cache import padded_forward_fits
+from .requests import RequestHandle
+
+
+@dataclass
+class Slot:
+    """A request holding one row of the KV cache."""
+
+    handle: RequestHandle
+    index: int
+    prefilled: int = 0  # prompt tokens already in the cache
+    generated: int = 0  # tokens sampled so far, a final stop token included
+    last_token: int = 0  # the latest sampled token: the next decode step's input
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.handle.prompt_ids)
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == self.prompt_len
+
+    @property
+    def next_position(self) -> int:
+        """Where this slot writes next: its next prompt token, or its last sampled token."""
+        return self.prompt_len + self.generated - 1 if self.decoding else self.prefilled
+
+
+def prefill_rows(
+    slots: list[Slot], chunk_size: int, cache_len: int, window: int | None
+) -> list[tuple[Slot, int]]:
+    """Which prompts to prefill now, and how many tokens of each: the oldest first, and more in
+    the same forward while all of them, padded to the longest, fit `chunk_size` tokens and the
+    padding overwrites no key a query of theirs still sees (`padded_forward_fits`).
+
+    Many short prompts arriving together then cost one forward, not one each: on CUDA an eager
+    forward is hundreds of kernel launches, whatever its length. The oldest prompt always goes
+    (alone it always fits: its chunk ends within its context, or within the ring's spare room).
+    """
+    rows: list[tuple[Slot, int]] = []
+    width, furthest_start = 0, 0
+    for slot in sorted(slots, key=lambda s: s.handle.id):  # oldest first
+        if slot.decoding:
+            continue
+        take = min(chunk_size, slot.prompt_len - slot.prefilled)
+        wider, start = max(width, take), max(furthest_start, slot.prefilled)
+        if rows and (
+            (len(rows) + 1) * wider > chunk_size
+            or not padded_forward_fits(start + wider, wider, cache_len, window)
+        ):
+            break  # first come, first served: no younger prompt jumps this one
+        rows.append((slot, take))
+        width, furthest_start = wider, start
+    return rows
+
+
+def eager_shortcuts(params: list[SamplingParams]) -> tuple[bool, int | None]:
+    """What the host knows about a step's rows that lets an eager step skip work: whether all
+    are greedy, and a top-k bound when every sampling row has one (rank K, not the vocabulary).
+    Rows not listed (idle ones) may come out wrong; their tokens are never read."""
+    sampling = [p for p in params if not p.greedy]
+    bound = max((p.top_k for p in sampling), default=1) if all(p.top_k > 0 for p in sampling) else None
+    return not sampling, bound

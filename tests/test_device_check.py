@@ -1,0 +1,48 @@
+"""bench/device_check.py on the CPU (--tiny): every step runs or says why not, and the result JSON
+has every figure the GPU-figures issue asks for, so that the one GPU call cannot fail on a typo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.helpers import ROOT
+
+
+def test_the_device_check_runs_every_step_and_writes_every_figure(tmp_path):
+    out = tmp_path / "check.json"
+    done = subprocess.run(
+        [sys.executable, "bench/device_check.py", "--tiny", "--out", str(out), "--budget", "240"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["finished"] and "cut_short" not in result
+    failed = {
+        name: step["status"] for name, step in result["steps"].items() if step["status"].startswith("failed")
+    }
+    assert not failed, failed
+    for step in ("graph_replay", "attention", "compiled_step", "gpu_tests"):
+        assert result["steps"][step]["status"] == "skipped: no CUDA", (
+            "the GPU-only steps say why they did not run"
+        )
+    engine = result["engine"]
+    assert result["floor_tok_s"] > 0 and result["reference"]["single_stream_tok_s"] > 0
+    for key in (
+        "single_stream_tok_s",
+        "ttft_512_ms",
+        "ttft_4096_ms",
+        "ready_s",
+        "peak_mem_gb",
+        "rung",
+        "attention",
+    ):
+        assert engine.get(key) is not None, key
+    assert set(engine["per_stream_tok_s"]) == set(engine["aggregate_tok_s"]) == {"1", "4"}
+    assert engine["rung"] == "eager" and result["versions"]["torch"]
+    assert all(row["equal"] for row in result["steps"]["greedy"]["prompts"]), "greedy equals generate"
+    assert result["load_path"]["slots"] >= 1 and result["load_path"]["load_s"] > 0
