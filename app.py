@@ -11,6 +11,9 @@ import logging
 import os
 import sys
 
+if os.environ.get("SPACES_ZERO_GPU", "").strip().lower() in ("1", "t", "true"):
+    import spaces  # noqa: F401  (ZeroGPU: before anything that may start CUDA; see orca_space/zerogpu.py)
+
 from orca_space.settings import parse_settings
 from orca_space.startup import start_runtime
 from orca_space.web.server import launch

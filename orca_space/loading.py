@@ -129,12 +129,13 @@ def load_tokenizer(checkpoint: str | Path):
     return AutoTokenizer.from_pretrained(checkpoint)
 
 
-def load_model(checkpoint: Path, device: str):
-    """fp16 on CUDA (the model's own precision); fp32 on the CPU, where fp16 kernels are slow."""
+def load_model(checkpoint: Path, device: str, dtype=None):
+    """fp16 on CUDA (the model's own precision); fp32 on the CPU, where fp16 kernels are slow,
+    unless `dtype` says otherwise (ZeroGPU loads fp16 on the CPU, then moves it)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
     try:
         model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, device_map=device)
     except torch.cuda.OutOfMemoryError as exc:

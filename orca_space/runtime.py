@@ -16,6 +16,7 @@ class ChatRuntime:
     model_name: str
     context_length: int
     demo: bool = False
+    zerogpu: bool = False  # each reply on a GPU of its own, for its own length (zerogpu.py)
     concurrency: int = 1  # requests the backend can serve at once
     status: LoadStatus = field(default_factory=LoadStatus)
     service: ChatService | None = None

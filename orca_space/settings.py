@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from .chat import MAX_MESSAGE_CHARS
 from .engines.ladder import DEFAULT_WARMUP_TIMEOUT_S, ENGINE_CHOICES
 from .tiny import MODEL_ID
+from .zerogpu import on_zerogpu
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,13 @@ OPTIONS = (
     Option("--share", "ORCA_SHARE", "create a public gradio.live link", False, bool),
     Option("--auth", "ORCA_AUTH", "require a login, as user:password", None),
     Option("--demo", "ORCA_DEMO", "offline preview with a tiny random-weight model", False, bool),
+    Option(
+        "--zerogpu",
+        "ORCA_ZEROGPU",
+        "run each reply on ZeroGPU (detected from SPACES_ZERO_GPU; this forces it)",
+        False,
+        bool,
+    ),
     Option("--context-length", "ORCA_CONTEXT_LENGTH", "prompt plus reply token limit", 8192, int),
     Option(
         "--max-message-chars", "ORCA_MAX_MESSAGE_CHARS", "longest message accepted", MAX_MESSAGE_CHARS, int
@@ -86,6 +94,7 @@ class Settings:
     share: bool = False
     auth: tuple[str, str] | None = None
     demo: bool = False
+    zerogpu: bool = False
     context_length: int = 8192
     max_message_chars: int = MAX_MESSAGE_CHARS
     max_input_tokens: int = 4096
@@ -134,6 +143,7 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
         parser.error("--backend remote needs --endpoint URL (or ORCA_ENDPOINT)")
     if values["request_timeout"] <= 0 or values["remote_concurrency"] < 1:
         parser.error("--request-timeout and --remote-concurrency must be positive")
+    values["zerogpu"] = values["zerogpu"] or on_zerogpu(environ)
     return Settings(**values, hf_token=environ.get("HF_TOKEN") or None)
 
 

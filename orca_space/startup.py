@@ -13,6 +13,7 @@ from .engines.ladder import EngineChoice, rungs_to_try, start_engine
 from .engines.selfcheck import PROBE_TOKENS
 from .loading import (
     LoadStatus,
+    ModelLoadError,
     load_in_background,
     load_model,
     load_tokenizer,
@@ -117,9 +118,55 @@ def start_remote_runtime(settings: Settings) -> ChatRuntime:
     return runtime
 
 
+def start_zerogpu_runtime(settings: Settings, gpu=None) -> ChatRuntime:
+    """ZeroGPU: load everything on the main thread before `launch()`, where the weights must be
+    moved to `cuda` (ZeroGPU packs them at launch); each reply then runs in a GPU worker. Returns
+    once loaded (or failed). `gpu` stands in for `spaces.GPU` in tests."""
+    import torch
+
+    from . import zerogpu
+
+    demo = settings.demo or is_tiny_checkpoint(settings.model)
+    name = "tiny random-weight demo model" if demo else settings.model
+    runtime = new_runtime(settings, name, demo, concurrency=zerogpu.CONCURRENCY)
+    runtime.zerogpu = True
+    try:
+        device = pick_device(require_cuda=not demo)  # ZeroGPU's emulation answers "cuda" here
+        checkpoint = (
+            demo_checkpoint(runtime.status)
+            if settings.demo
+            else resolve_checkpoint(settings.model, runtime.status, settings.hf_token)
+        )
+        runtime.status.update("loading", f"Loading the weights for ZeroGPU ({device.upper()})…")
+        tokenizer = load_tokenizer(checkpoint)
+        # transformers loads on a pool of threads, and ZeroGPU's CUDA emulation sees only this
+        # one: load on the CPU, then move the weights from here.
+        model = load_model(checkpoint, "cpu", dtype=torch.float16 if device == "cuda" else None)
+        if device == "cuda":
+            model.to("cuda")
+        encoder = ChatEncoder(tokenizer)
+        backend = zerogpu.ZeroGPUBackend(
+            zerogpu.make_gpu_reply(model, gpu or zerogpu.spaces_gpu()),
+            encoder,
+            tokenizer,
+            zerogpu.CONCURRENCY,
+        )
+        runtime.engine, runtime.engine_choice = backend, EngineChoice("zerogpu")
+        runtime.service = ChatService(backend, encoder, chat_limits(settings))
+        runtime.status.update("ready", f"Ready: {runtime.model_name} on ZeroGPU, one GPU per reply.")
+    except ModelLoadError as exc:
+        runtime.status.update("failed", str(exc))
+    except Exception as exc:  # unexpected: keep the trace in the log, the reason on the page
+        log.exception("loading for ZeroGPU failed")
+        runtime.status.update("failed", f"Loading failed ({type(exc).__name__}: {exc}).")
+    return runtime
+
+
 def start_runtime(settings: Settings) -> ChatRuntime:
     if settings.backend == "remote":
         return start_remote_runtime(settings)
+    if settings.zerogpu:
+        return start_zerogpu_runtime(settings)
     return start_local_runtime(settings)
 
 

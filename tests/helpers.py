@@ -11,6 +11,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+API_ORDER = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
+API_GREEDY = dict(max_new_tokens=8, temperature=0.0, top_p=0.95, top_k=40, repetition_penalty=1.0)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -91,3 +94,41 @@ def wait_until_idle(engine, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+@contextlib.contextmanager
+def app_in_process(*args: str):
+    """`python app.py ARGS` without the subprocess: monkeypatches reach its engine."""
+    from orca_space.settings import parse_settings
+    from orca_space.startup import start_runtime
+    from orca_space.web.server import launch
+    from orca_space.web.ui import build_ui
+
+    settings = parse_settings(["--port", str(free_port()), "--rate-limit", "0", *args], {})
+    runtime = start_runtime(settings)
+    demo = build_ui(runtime)
+    launch(demo, runtime, settings, prevent_thread_lock=True, quiet=True)
+    url = f"http://127.0.0.1:{settings.port}"
+    try:
+        body = wait_until_ready(url, timeout=60)
+        assert body["status"] == "ok", body
+        yield url, runtime
+    finally:
+        demo.close()
+        if runtime.engine is not None:
+            runtime.engine.close()
+
+
+def chat_through_api(url: str, message: str, **params) -> list[str]:
+    """One greedy chat through gradio_client's /chat, in a fresh session; its streamed outputs."""
+    from gradio_client import Client
+
+    client = Client(url, verbose=False)
+    values = {**API_GREEDY, **params}
+    job = client.submit(message, "You are a test.", *(values[k] for k in API_ORDER), api_name="/chat")
+    deadline = time.monotonic() + 60
+    while not job.done():
+        assert time.monotonic() < deadline, "the chat did not finish"
+        time.sleep(0.05)
+    assert job.status().success, "the chat succeeded"
+    return job.outputs()

@@ -4,7 +4,6 @@ a chat through gradio_client, and the page's status line and /healthz naming the
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 
@@ -14,45 +13,9 @@ import torch
 from gradio_client import Client
 
 from orca_space.engines import kv_cache
-from orca_space.settings import parse_settings
-from orca_space.startup import start_runtime
-from orca_space.web.server import launch
-from orca_space.web.ui import build_ui, status_markdown
+from orca_space.web.ui import status_markdown
 from tests.engine_fakes import hanging, perturbing, raising, use_fake_graphs
-from tests.helpers import free_port, wait_until_ready
-
-API_ORDER = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
-GREEDY = dict(max_new_tokens=8, temperature=0.0, top_p=0.95, top_k=40, repetition_penalty=1.0)
-
-
-@contextlib.contextmanager
-def app_in_process(*args: str):
-    """`python app.py ARGS` without the subprocess: monkeypatches reach its engine."""
-    settings = parse_settings(["--port", str(free_port()), "--rate-limit", "0", *args], {})
-    runtime = start_runtime(settings)
-    demo = build_ui(runtime)
-    launch(demo, runtime, settings, prevent_thread_lock=True, quiet=True)
-    url = f"http://127.0.0.1:{settings.port}"
-    try:
-        body = wait_until_ready(url, timeout=60)
-        assert body["status"] == "ok", body
-        yield url, runtime
-    finally:
-        demo.close()
-        if runtime.engine is not None:
-            runtime.engine.close()
-
-
-def chat(url: str, message: str, **params) -> list[str]:
-    client = Client(url, verbose=False)
-    values = {**GREEDY, **params}
-    job = client.submit(message, "You are a test.", *(values[k] for k in API_ORDER), api_name="/chat")
-    deadline = time.monotonic() + 60
-    while not job.done():
-        assert time.monotonic() < deadline, "the chat did not finish"
-        time.sleep(0.05)
-    assert job.status().success, "the chat succeeded"
-    return job.outputs()
+from tests.helpers import API_GREEDY, API_ORDER, app_in_process, chat_through_api
 
 
 def health(url: str) -> dict:
@@ -67,7 +30,7 @@ def assert_serves_on(url, runtime, engine: str, failed: list[str], reason_fragme
     line = status_markdown(runtime)  # what the page's status line shows once ready
     assert f"Running on the {engine} engine" in line and reason_fragment in line, line
     assert f"on the {engine} engine" in runtime.status.message, "the console's ready line names it too"
-    assert chat(url, "Hello!")[-1], "a chat is answered"
+    assert chat_through_api(url, "Hello!")[-1], "a chat is answered"
 
 
 def test_a_capture_that_raises_leaves_the_app_on_eager(tiny_dir, monkeypatch):
@@ -81,8 +44,12 @@ def test_a_capture_that_raises_leaves_the_app_on_eager(tiny_dir, monkeypatch):
         long_text = long_text[: len(long_text) * 670 // len(encoder.encode_message("user", long_text))]
         replies: dict[str, list[str]] = {}
         sent = [
-            threading.Thread(target=lambda: replies.update(long=chat(url, long_text, max_new_tokens=8))),
-            threading.Thread(target=lambda: replies.update(short=chat(url, "word " * 190, max_new_tokens=8))),
+            threading.Thread(
+                target=lambda: replies.update(long=chat_through_api(url, long_text, max_new_tokens=8))
+            ),
+            threading.Thread(
+                target=lambda: replies.update(short=chat_through_api(url, "word " * 190, max_new_tokens=8))
+            ),
         ]
         for thread in sent:
             thread.start()
@@ -119,7 +86,7 @@ def test_when_eager_cannot_warm_up_the_app_serves_on_the_reference_engine(tiny_d
         assert "one reply at a time" in status_markdown(runtime), "the page says what the rung costs"
         # A stop on the reference engine frees it within a token.
         client = Client(url, verbose=False)
-        values = {**GREEDY, "max_new_tokens": 3000, "temperature": 1.0}
+        values = {**API_GREEDY, "max_new_tokens": 3000, "temperature": 1.0}
         job = client.submit("Write a long story.", "", *(values[k] for k in API_ORDER), api_name="/chat")
         deadline = time.monotonic() + 30
         while len(job.outputs()) < 2:
@@ -139,4 +106,4 @@ def test_a_named_engine_serves_and_healthz_names_it(tiny_dir, engine):
         body = health(url)
         assert body["engine"] == engine and body["fallback"] == [] and "passed" in body["self_check"]
         assert status_markdown(runtime) == "", "the fastest engine asked for: nothing to warn about"
-        assert chat(url, "Hi")[-1]
+        assert chat_through_api(url, "Hi")[-1]

@@ -55,6 +55,8 @@ def build_ui(runtime: ChatRuntime) -> gr.Blocks:
         gr.Markdown(header_markdown(runtime))
         if runtime.demo:
             gr.Markdown(DEMO_BANNER, elem_id="demo-banner")
+        if runtime.zerogpu:
+            gr.Markdown(zerogpu_note(), elem_id="zerogpu-note")
         status = gr.Markdown(status_markdown(runtime), elem_id="load-status")
         system_box = require_text(
             gr.Textbox(DEFAULT_SYSTEM_MESSAGE, label="System message", lines=2, max_lines=8, render=False),
@@ -115,6 +117,20 @@ def recover_from_errors(page: gr.Blocks, chat: gr.ChatInterface) -> None:
 
 def restore_after_failure(shown_history: list):
     return shown_history, gr.Textbox(interactive=True, submit_btn=True, stop_btn=False)
+
+
+def zerogpu_note() -> str:
+    """What ZeroGPU means for speed, said before anyone waits for it."""
+    from ..zerogpu import ASSUMED_DECODE_TOK_S, longest_reply_within_quota_call
+
+    return (
+        "⚡ **Running on ZeroGPU.** Each reply borrows a GPU of its own for just as long as it needs: "
+        "nothing is shared between chats, so it streams at about "
+        f"{ASSUMED_DECODE_TOK_S:.0f} tokens a second; the first message waits a little longer while "
+        "the weights reach the GPU; and the GPU time each reply asks for counts against your daily "
+        "ZeroGPU quota (logging in to Hugging Face gives more). One reply holds at most about "
+        f"{longest_reply_within_quota_call():,} new tokens."
+    )
 
 
 def header_markdown(runtime: ChatRuntime) -> str:
