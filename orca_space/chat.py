@@ -74,12 +74,19 @@ class ChatService:
         history: object,
         system_message: object,
         raw_params: Mapping[str, object],
+        drop_unanswered: bool = True,
     ) -> PreparedChat:
-        """Validate everything and fit the history; raises ValueError naming the problem."""
+        """Validate everything and fit the history; raises ValueError naming the problem.
+
+        The page's history holds user messages that got no reply (refused, stopped), which
+        `drop_unanswered` leaves out; an API client's consecutive user messages are all meant.
+        """
         text = check_text("message", message, self.limits.max_message_chars, allow_empty=False)
         system = check_text("system message", system_message, self.limits.max_system_chars)
         params = SamplingParams.from_raw(**raw_params)
-        past = answered_turns(normalize_history(history))
+        past = normalize_history(history)
+        if drop_unanswered:
+            past = answered_turns(past)
         new_user = {"role": "user", "content": text}
         if (tokens := self._message_cost(new_user)) > self.limits.max_input_tokens:
             raise ValueError(f"message is {tokens:,} tokens; the limit is {self.limits.max_input_tokens:,}")
