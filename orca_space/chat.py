@@ -109,12 +109,17 @@ class ChatService:
     def _message_cost(self, message: Message) -> int:
         return len(self.encoder.encode_message(message["role"], message["content"]))
 
-    async def stream(self, chat: PreparedChat, notify: Notify | None = None) -> AsyncIterator[Reply]:
+    async def stream(
+        self, chat: PreparedChat, notify: Notify | None = None, coalesced: bool = True
+    ) -> AsyncIterator[Reply]:
         """The reply so far with its figures, growing with each item (what a chat window shows),
-        at most one update per `update_interval_s` (see `replies.coalesce`)."""
+        at most one update per `update_interval_s` (see `replies.coalesce`); every update with
+        `coalesced=False`, for a caller that must see each one before coalescing (stop strings)."""
         started = monotonic()
         deltas = self.backend.stream_reply(chat.messages, chat.params, notify)
-        updates = coalesce(accumulate(deltas, chat.prompt_tokens, started), self.limits.update_interval_s)
+        updates = accumulate(deltas, chat.prompt_tokens, started)
+        if coalesced:
+            updates = coalesce(updates, self.limits.update_interval_s)
         async with contextlib.aclosing(updates):
             async for reply in updates:
                 yield reply
