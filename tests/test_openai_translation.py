@@ -233,3 +233,8 @@ def test_a_stop_string_ends_the_reply_at_the_token_that_completes_it(encoder, st
         answer, finish, usage = choice["message"]["content"], choice["finish_reason"], response.json()["usage"]
     assert (answer, finish) == ("Sure: ", "stop")
     assert usage["completion_tokens"] == 4 and backend.taken == 4, "nothing is generated past the stop"
+
+
+def test_other_v1_paths_are_404s_in_openai_shape(http):
+    response = http.post("/v1/completions", json={"prompt": "hi"})
+    assert response.status_code == 404 and "/v1/chat/completions" in response.json()["error"]["message"]

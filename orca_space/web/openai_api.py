@@ -302,7 +302,7 @@ class OpenAIApi:
 
     async def not_found(self, rest: str) -> JSONResponse:
         error = ApiError(
-            f"/v1/{rest:.100} is not served here: only /v1/chat/completions and /v1/models",
+            f"/v1/{rest:.100} is not served here: only POST /v1/chat/completions and GET /v1/models",
             status=404,
             kind="not_found_error",
         )
