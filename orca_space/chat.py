@@ -74,12 +74,19 @@ class ChatService:
         history: object,
         system_message: object,
         raw_params: Mapping[str, object],
+        drop_unanswered: bool = True,
     ) -> PreparedChat:
-        """Validate everything and fit the history; raises ValueError naming the problem."""
+        """Validate everything and fit the history; raises ValueError naming the problem.
+
+        The page's history holds user messages that got no reply (refused, stopped), which
+        `drop_unanswered` leaves out; an API client's consecutive user messages are all meant.
+        """
         text = check_text("message", message, self.limits.max_message_chars, allow_empty=False)
         system = check_text("system message", system_message, self.limits.max_system_chars)
         params = SamplingParams.from_raw(**raw_params)
-        past = answered_turns(normalize_history(history))
+        past = normalize_history(history)
+        if drop_unanswered:
+            past = answered_turns(past)
         new_user = {"role": "user", "content": text}
         if (tokens := self._message_cost(new_user)) > self.limits.max_input_tokens:
             raise ValueError(f"message is {tokens:,} tokens; the limit is {self.limits.max_input_tokens:,}")
@@ -102,12 +109,17 @@ class ChatService:
     def _message_cost(self, message: Message) -> int:
         return len(self.encoder.encode_message(message["role"], message["content"]))
 
-    async def stream(self, chat: PreparedChat, notify: Notify | None = None) -> AsyncIterator[Reply]:
+    async def stream(
+        self, chat: PreparedChat, notify: Notify | None = None, coalesced: bool = True
+    ) -> AsyncIterator[Reply]:
         """The reply so far with its figures, growing with each item (what a chat window shows),
-        at most one update per `update_interval_s` (see `replies.coalesce`)."""
+        at most one update per `update_interval_s` (see `replies.coalesce`); every update with
+        `coalesced=False`, for a caller that must see each one before coalescing (stop strings)."""
         started = monotonic()
         deltas = self.backend.stream_reply(chat.messages, chat.params, notify)
-        updates = coalesce(accumulate(deltas, chat.prompt_tokens, started), self.limits.update_interval_s)
+        updates = accumulate(deltas, chat.prompt_tokens, started)
+        if coalesced:
+            updates = coalesce(updates, self.limits.update_interval_s)
         async with contextlib.aclosing(updates):
             async for reply in updates:
                 yield reply

@@ -37,6 +37,8 @@ LIMITS = {
 PARAMETER_ORDER = tuple(LIMITS)
 # Below this, logits / temperature overflows: 0 (greedy) is what such a value means anyway.
 MIN_SAMPLING_TEMPERATURE = 0.01
+# A seed is a signed 64-bit integer, as OpenAI-compatible servers (vLLM, TGI) take it.
+SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,21 @@ class SamplingParams:
                 f"temperature must be 0 (greedy) or at least {MIN_SAMPLING_TEMPERATURE}, "
                 f"got {values['temperature']}"
             )
-        return cls(seed=seed, **values)
+        return cls(seed=None if seed is None else check_seed(seed), **values)
+
+
+def check_seed(value: object) -> int:
+    """A whole number in SEED_RANGE (42.0 counts as 42), or ValueError naming `seed`."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"seed must be a whole number, got {type(value).__name__} {value!r:.40}")
+    if not isinstance(value, Integral):
+        if not (math.isfinite(value) and float(value).is_integer()):
+            raise ValueError(f"seed must be a whole number, got {value!r:.40}")
+        value = int(value)
+    low, high = SEED_RANGE
+    if not low <= value <= high:
+        raise ValueError(f"seed must be in [-2**63, 2**63 - 1], got a {len(str(abs(value)))}-digit number")
+    return int(value)
 
 
 def check_value(limit: Limit, value: object) -> int | float:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .chat import MAX_MESSAGE_CHARS
 from .engines.ladder import DEFAULT_WARMUP_TIMEOUT_S, ENGINE_CHOICES
@@ -30,6 +30,13 @@ OPTIONS = (
     Option("--port", "ORCA_PORT", "port to listen on", 7860, int),
     Option("--share", "ORCA_SHARE", "create a public gradio.live link", False, bool),
     Option("--auth", "ORCA_AUTH", "require a login, as user:password", None),
+    Option(
+        "--access-key",
+        "ORCA_ACCESS_KEY",
+        "bearer key(s) for the OpenAI-compatible API and MCP, comma-separated (needed with --auth)",
+        (),
+    ),
+    Option("--mcp", "ORCA_MCP", "serve gradio's MCP server with one tool: ask MistralOrca", False, bool),
     Option("--demo", "ORCA_DEMO", "offline preview with a tiny random-weight model", False, bool),
     Option(
         "--zerogpu",
@@ -80,7 +87,11 @@ OPTIONS = (
     ),
 )
 # Spaces and gradio deployments set these; honour them when ours are unset.
-FALLBACK_ENV = {"ORCA_HOST": "GRADIO_SERVER_NAME", "ORCA_PORT": "GRADIO_SERVER_PORT"}
+FALLBACK_ENV = {
+    "ORCA_HOST": "GRADIO_SERVER_NAME",
+    "ORCA_PORT": "GRADIO_SERVER_PORT",
+    "ORCA_MCP": "GRADIO_MCP_SERVER",
+}
 BACKENDS = ("local", "remote")
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
@@ -93,6 +104,9 @@ class Settings:
     port: int = 7860
     share: bool = False
     auth: tuple[str, str] | None = None
+    # Every key accepted on /v1 and MCP (given comma-separated); kept out of repr and logs.
+    access_key: tuple[str, ...] = field(default=(), repr=False)
+    mcp: bool = False
     demo: bool = False
     zerogpu: bool = False
     context_length: int = 8192
@@ -172,7 +186,18 @@ def convert(option: Option, raw: object):
         return option.kind(raw)
     if option.flag == "--auth":
         return parse_auth(str(raw))
+    if option.flag == "--access-key":
+        return parse_access_keys(str(raw))
     return str(raw)
+
+
+def parse_access_keys(raw: str) -> tuple[str, ...]:
+    """`k1,k2` -> ("k1", "k2"); blanks around and between commas are dropped."""
+    keys = tuple(key.strip() for key in raw.split(",") if key.strip())
+    # A key travels in an HTTP header: printable ASCII without spaces.
+    if not all(key.isascii() and key.isprintable() and " " not in key for key in keys):
+        raise ValueError("a key must be printable ASCII without spaces")
+    return keys
 
 
 def parse_auth(raw: str) -> tuple[str, str]:

@@ -60,3 +60,16 @@ def test_unknown_parameter_is_rejected():
 def test_every_limit_default_is_valid():
     for limit in LIMITS.values():
         SamplingParams.from_raw(**{limit.name: limit.default})
+
+
+@pytest.mark.parametrize(
+    "seed, expected", [(0, 0), (-5, -5), (2**63 - 1, 2**63 - 1), (42.0, 42), (None, None)]
+)
+def test_seed_is_a_whole_number_in_the_64_bit_range(seed, expected):
+    assert SamplingParams.from_raw(seed=seed).seed == expected
+
+
+@pytest.mark.parametrize("seed", [True, "42", 1.5, float("nan"), float("inf"), 2**63, -(2**63) - 1, [1]])
+def test_bad_seed_is_refused_by_name(seed):
+    with pytest.raises(ValueError, match="^seed must"):
+        SamplingParams.from_raw(seed=seed)

@@ -39,6 +39,14 @@ def test_auth_is_user_and_password():
     assert parse_settings(["--auth", "ann:s3:cret"], {}).auth == ("ann", "s3:cret")
 
 
+def test_access_keys_and_mcp():
+    s = parse_settings(["--access-key", " k1, k2 ,"], {"ORCA_MCP": "on"})
+    assert (s.access_key, s.mcp) == (("k1", "k2"), True)
+    assert "k1" not in repr(s), "keys stay out of logs"
+    assert parse_settings([], {"GRADIO_MCP_SERVER": "True"}).mcp, "gradio's own switch is honoured"
+    assert parse_settings([], {}).access_key == () and not parse_settings([], {}).mcp
+
+
 @pytest.mark.parametrize(
     "argv, env, fragment",
     [
@@ -49,6 +57,8 @@ def test_auth_is_user_and_password():
         (["--backend", "remote"], {}, "needs --endpoint"),
         (["--context-length", "10"], {}, "at least 256"),
         (["--rate-limit", "-1"], {}, "cannot be negative"),
+        (["--access-key", "has space"], {}, "--access-key"),
+        ([], {"ORCA_ACCESS_KEY": "caf\u00e9"}, "printable ASCII"),
     ],
 )
 def test_bad_settings_exit_with_a_message(argv, env, fragment, capsys):

@@ -1,8 +1,10 @@
-"""Serving the page: the queue, `/healthz`, and launch settings that are safe on a public link."""
+"""Serving the page: the queue, `/healthz`, the OpenAI-compatible API and MCP, and launch
+settings that are safe on a public link."""
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import gradio as gr
@@ -12,6 +14,10 @@ from starlette.middleware import Middleware
 
 from ..runtime import ChatRuntime
 from ..settings import Settings
+from .access import AccessGate
+from .admission import Admission
+from .mcp_tool import add_mcp_tool, expose_only_the_tool, quiet_state_warning
+from .openai_api import OpenAIApi
 
 log = logging.getLogger(__name__)
 # Bigger request bodies are refused before anything parses them. Every chat turn the page sends
@@ -110,16 +116,28 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
         print(warning, flush=True)
     # Waiting chats beyond max_queue get an immediate "queue is full" from gradio, not a hang.
     demo.queue(default_concurrency_limit=runtime.concurrency, max_size=settings.max_queue)
+    admission = Admission(runtime, settings.max_queue)
+    api = OpenAIApi(admission, settings.model, settings.access_key, started=int(time.time()))
+    app_kwargs: dict[str, Any] = {
+        "routes": [health_route(runtime), *api.routes()],
+        "middleware": [
+            Middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES),
+            # /v1 and gradio's MCP mount are not behind gradio's login: see access.py.
+            Middleware(AccessGate, keys=settings.access_key, login_required=settings.auth is not None),
+        ],
+    }
+    if settings.mcp:
+        add_mcp_tool(demo, admission, settings.access_key)
+        app_kwargs["lifespan"] = expose_only_the_tool(demo)
+        quiet_state_warning()
     options: dict[str, Any] = dict(
         server_name=settings.host,
         server_port=settings.port,
         share=settings.share,
         auth=settings.auth,
         auth_message="Log in to chat with Mistral-7B-OpenOrca.",
-        app_kwargs={
-            "routes": [health_route(runtime)],
-            "middleware": [Middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)],
-        },
+        app_kwargs=app_kwargs,
+        mcp_server=settings.mcp,  # explicit: GRADIO_MCP_SERVER is read by settings, not by gradio
         enable_monitoring=False,  # no /monitoring dashboard on a public link
         max_file_size=0,  # the chat takes no files: refuse uploads instead of storing any size for anyone
         footer_links=["api", "gradio"],

@@ -1,0 +1,319 @@
+"""OpenAI chat-completions requests and responses, as this Space speaks them.
+
+The request is a pydantic model whose every check names the field that is wrong, in OpenAI's
+spelling (`messages[2].content`, `max_tokens`), so a client gets a 400 it can act on. Sampling
+values are checked by `params.check_value` under their OpenAI names: the same limits as the
+page's sliders. Fields for features this Space does not have (`n` > 1, tools, log-probs,
+images, ...) are refused by name rather than ignored; fields it has no use for but that change
+nothing (`user`, `metadata`, ...) and unknown ones are ignored, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from ..params import LIMITS, check_seed, check_value
+from ..replies import ReplyStats
+
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 200  # each one is matched against the end of the reply after every piece
+# "developer" is OpenAI's newer name for the system role; it is read as one.
+SYSTEM_ROLES = ("system", "developer")
+ROLES = (*SYSTEM_ROLES, "user", "assistant")
+NOT_TEXT_PARTS = {"image_url": "images", "input_image": "images", "input_audio": "audio", "file": "files"}
+
+
+class ApiError(Exception):
+    """A refusal in OpenAI's error shape: `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        status: int = 400,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message, self.param, self.status, self.kind, self.code = message, param, status, kind, code
+        self.retry_after_s = retry_after_s
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _off(value: object) -> bool:
+    return value in (None, False, 0, [], {}, "")
+
+
+# Field -> (when a value is still fine, why any other is refused).
+REFUSED_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "n": (lambda v: v in (None, 1), "only one choice per request (n = 1) is generated"),
+    "tools": (_off, "tools and function calling are not supported"),
+    "functions": (_off, "function calling is not supported"),
+    "tool_choice": (lambda v: v in (None, "none", "auto"), "tools and function calling are not supported"),
+    "function_call": (lambda v: v in (None, "none", "auto"), "function calling is not supported"),
+    "logprobs": (_off, "log-probabilities are not returned"),
+    "top_logprobs": (_off, "log-probabilities are not returned"),
+    "logit_bias": (_off, "logit_bias is not supported"),
+    "presence_penalty": (_off, "presence_penalty is not supported; use repetition_penalty"),
+    "frequency_penalty": (_off, "frequency_penalty is not supported; use repetition_penalty"),
+    "response_format": (
+        lambda v: v is None or (isinstance(v, Mapping) and v.get("type") == "text"),
+        "only plain text responses are supported (no JSON mode or schema)",
+    ),
+    "audio": (_off, "audio output is not supported"),
+    "modalities": (lambda v: v in (None, ["text"]), "only text output is supported"),
+    "prediction": (_off, "predicted outputs are not supported"),
+}
+
+
+def refuse_unsupported(body: Mapping[str, object]) -> None:
+    for name, (fine, why) in REFUSED_FIELDS.items():
+        if name in body and not fine(body[name]):
+            raise ApiError(f"{name}: {why}", param=name)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # `name`, `refusal`, ...: nothing to do with them
+
+    role: StrictStr
+    content: str
+
+    @field_validator("role")
+    @classmethod
+    def known_role(cls, role: str) -> str:
+        if role in ("tool", "function"):
+            raise ValueError(f"role {role!r} is not supported: this endpoint has no tools")
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r:.40}")
+        return "system" if role in SYSTEM_ROLES else role
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def text_content(cls, content: object) -> str:
+        """A string, or a list of text parts (joined by newlines, as vLLM joins them)."""
+        if isinstance(content, str):
+            return content
+        if not isinstance(content, list):
+            raise ValueError(f"content must be text or a list of text parts, got {type(content).__name__}")
+        texts = []
+        for index, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind in NOT_TEXT_PARTS:
+                raise ValueError(
+                    f"part {index} is {kind}: {NOT_TEXT_PARTS[kind]} are not supported, only text"
+                )
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"part {index} must be {{'type': 'text', 'text': '...'}}")
+            texts.append(part["text"])
+        return "\n".join(texts)
+
+    @model_validator(mode="before")
+    @classmethod
+    def no_tool_calls(cls, data: object) -> object:
+        if isinstance(data, Mapping) and not (
+            _off(data.get("tool_calls")) and _off(data.get("function_call"))
+        ):
+            raise ValueError("tool calls are not supported: this endpoint has no tools")
+        return data
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool = False
+
+
+def _limit_check(limit_name: str, openai_name: str) -> Callable[[object], object]:
+    limit = replace(LIMITS[limit_name], name=openai_name)  # so the message names the OpenAI field
+    return lambda value: None if value is None else check_value(limit, value)
+
+
+# The page's limits under OpenAI's names; null means "not set" for each.
+SAMPLING_CHECKS: dict[str, Callable[[object], object]] = {
+    "max_tokens": _limit_check("max_new_tokens", "max_tokens"),
+    "max_completion_tokens": _limit_check("max_new_tokens", "max_completion_tokens"),
+    "temperature": _limit_check("temperature", "temperature"),
+    "top_p": _limit_check("top_p", "top_p"),
+    "top_k": _limit_check("top_k", "top_k"),
+    "repetition_penalty": _limit_check("repetition_penalty", "repetition_penalty"),
+    "seed": lambda value: None if value is None else check_seed(value),
+}
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown fields are ignored (and logged)
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: StrictStr | None = None
+    max_tokens: Any = None
+    max_completion_tokens: Any = None
+    temperature: Any = None
+    top_p: Any = None
+    top_k: Any = None  # not in OpenAI's schema; vLLM takes it, and so does this
+    repetition_penalty: Any = None  # likewise
+    seed: Any = None
+    stop: StrictStr | list[StrictStr] | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator(*SAMPLING_CHECKS, mode="before")
+    @classmethod
+    def in_range(cls, value: object, info) -> object:
+        return SAMPLING_CHECKS[info.field_name](value)
+
+    @field_validator("stop", mode="after")
+    @classmethod
+    def few_short_stops(cls, stop: str | list[str] | None) -> list[str]:
+        stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+        for text in stops:
+            if not text or len(text) > MAX_STOP_CHARS:
+                raise ValueError(
+                    f"each stop string must be 1 to {MAX_STOP_CHARS} characters, got {len(text)}"
+                )
+        return stops
+
+    @property
+    def new_tokens(self) -> tuple[str, int] | None:
+        """(field name, value) of the reply's token limit, if the client set one."""
+        for name in ("max_completion_tokens", "max_tokens"):
+            if (value := getattr(self, name)) is not None:
+                return name, value
+        return None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def ignored_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+
+def parse_request(body: object) -> ChatCompletionRequest:
+    """The request, or ApiError naming the first field that is wrong."""
+    if not isinstance(body, Mapping):
+        raise ApiError(f"the request body must be a JSON object, got {type(body).__name__}")
+    refuse_unsupported(body)
+    try:
+        request = ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ApiError(_plain(first["msg"]), param=field_path(first["loc"])) from None
+    both = (request.max_tokens, request.max_completion_tokens)
+    if None not in both and both[0] != both[1]:
+        raise ApiError(
+            "max_tokens and max_completion_tokens differ; send one of them", param="max_completion_tokens"
+        )
+    return request
+
+
+def field_path(loc: tuple) -> str:
+    """("messages", 2, "content") -> "messages[2].content"; pydantic's union branches dropped."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in ("str", "list[str]") or "[" in str(part):  # which union branch failed
+            continue
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def _plain(message: str) -> str:
+    return message.removeprefix("Value error, ")
+
+
+# -- responses ------------------------------------------------------------------------------------
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def usage(stats: ReplyStats) -> dict[str, int]:
+    return {
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.tokens,
+        "total_tokens": stats.prompt_tokens + stats.tokens,
+    }
+
+
+def completion(
+    id_: str, model: str, text: str, finish_reason: str, stats: ReplyStats, created: int | None = None
+) -> dict[str, Any]:
+    return {
+        "id": id_,
+        "object": "chat.completion",
+        "created": created or int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish_reason,
+                "logprobs": None,
+            }
+        ],
+        "usage": usage(stats),
+    }
+
+
+def chunk(
+    id_: str,
+    model: str,
+    created: int,
+    delta: dict[str, str],
+    finish_reason: str | None = None,
+    with_usage: bool = False,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": id_,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+    }
+    if with_usage:
+        body["usage"] = None  # OpenAI's way: null on every chunk but the last, usage-only one
+    return body
+
+
+def usage_chunk(id_: str, model: str, created: int, stats: ReplyStats) -> dict[str, Any]:
+    return {
+        "id": id_,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage(stats),
+    }
+
+
+def model_list(model: str, created: int, context_length: int) -> dict[str, Any]:
+    entry = {
+        "id": model,
+        "object": "model",
+        "created": created,
+        "owned_by": "orca-space",
+        "max_model_len": context_length,  # vLLM's extra field: clients use it to budget prompts
+    }
+    return {"object": "list", "data": [entry]}
