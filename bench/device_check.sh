@@ -3,7 +3,8 @@
 #
 # Here first (pip works here, not there), once per checkout; .whl/ is git-ignored:
 #   bash bench/device_check.sh wheels
-# Then, through the device tool, in ONE call with carry [".whl"] and timeout_s 580:
+# Then, through the device tool, in ONE call with carry [".whl"] and timeout_s 540 (the wheels'
+# install and the 8-minute budget, imports included, fit inside it):
 #   bash bench/device_check.sh
 # It writes $OUT/device-check.json after every measurement (and the log beside it): copy it to
 # bench/results/<date>-<device>.json and commit. Then give the machine back at once.
@@ -42,4 +43,4 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem --format=csv | tee "$OUT/nvidia-smi.csv"
-timeout 560 python3 bench/device_check.py --out "$OUT/device-check.json" --budget 540 2>&1 | tee "$OUT/device-check.log"
+timeout 500 python3 bench/device_check.py --out "$OUT/device-check.json" --budget 480 2>&1 | tee "$OUT/device-check.log"

@@ -62,7 +62,11 @@ SPACE_SAMPLING = dict(temperature=0.4, top_p=0.95, top_k=40, repetition_penalty=
 
 
 def build_full_model(device: str):
-    """Mistral-7B-OpenOrca's exact shape with random fp16 weights (see shared/GPU_NOTES.md)."""
+    """Mistral-7B-OpenOrca's exact shape with random fp16 weights (see shared/GPU_NOTES.md).
+
+    The norms' weights stay at 1: drawn like the matrices (0.02), they would shrink every
+    activation until the logits are ~0.03 apart and attention is uniform, and then no check of
+    positions, masks or rope could fail."""
     from transformers import GenerationConfig, MistralConfig, MistralForCausalLM
 
     config = MistralConfig(
@@ -85,9 +89,9 @@ def build_full_model(device: str):
             model = MistralForCausalLM(config)
     finally:
         torch.set_default_dtype(default_dtype)
-    with torch.no_grad():
+    with torch.no_grad():  # matrices as transformers initialises them; norms at 1, as it does too
         for parameter in model.parameters():
-            parameter.normal_(0.0, 0.02)
+            parameter.normal_(0.0, 0.02) if parameter.dim() > 1 else parameter.fill_(1.0)
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=32000, pad_token_id=32000)
     return model.eval()
 

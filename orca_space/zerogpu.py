@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from .chat import Notify
 from .chatml import ChatEncoder
 from .detokenizer import StreamingDetokenizer
+from .engines.device import is_fatal_device_error
 from .engines.reference import NonFiniteScores, generate_tokens
 from .engines.requests import NON_FINITE_MESSAGE, EngineError, EngineStats, TokenEvent
 from .history import Message
@@ -93,7 +94,7 @@ def make_gpu_reply(model, gpu: Callable) -> Callable[..., Iterator]:
                 events.put(("error", NON_FINITE_MESSAGE))
             except Exception as exc:  # the sentence travels; the trace stays in this worker's log
                 log.exception("generate failed on the GPU worker")
-                events.put(("error", worker_failure(exc)))
+                events.put(("fatal" if is_fatal_device_error(exc) else "error", worker_failure(exc)))
 
         thread = threading.Thread(target=run, name="orca-zerogpu-generate", daemon=True)
         thread.start()
@@ -102,6 +103,10 @@ def make_gpu_reply(model, gpu: Callable) -> Callable[..., Iterator]:
                 item = events.get()
                 if isinstance(item, TokenEvent):
                     yield item.token
+                elif item[0] == "fatal":
+                    # Raised, not yielded: ZeroGPU reuses a worker that ended well, and this one's
+                    # CUDA context is gone (a device-side assert poisons the process).
+                    raise WorkerPoisoned(item[1])
                 else:
                     yield item
                     return
@@ -110,6 +115,10 @@ def make_gpu_reply(model, gpu: Callable) -> Callable[..., Iterator]:
             thread.join()
 
     return gpu(duration=reply_duration)(gpu_reply)
+
+
+class WorkerPoisoned(RuntimeError):
+    """The GPU worker's CUDA context failed for good; ZeroGPU must not reuse this worker."""
 
 
 def worker_failure(exc: Exception) -> str:
@@ -220,6 +229,8 @@ def explain_zerogpu_failure(exc: Exception) -> str:
         )
     if title == "ZeroGPU worker error" and message == "OutOfMemoryError":
         return "The GPU ran out of memory for this request; try a shorter conversation or fewer new tokens."
+    if title == "ZeroGPU worker error" and message == "WorkerPoisoned":
+        return "The GPU failed while writing this reply (a CUDA error); try again, on a fresh GPU."
     if title == "ZeroGPU worker error":
         return f"The GPU call failed ({message}); try again in a moment."
     if isinstance(exc, queue.Empty):

@@ -21,11 +21,13 @@ class FakeZeroGPU:
     def __init__(self) -> None:
         self.durations: list[int] = []
         self.workers: list = []
+        self.visitor_tokens: list[str | None] = []  # what `spaces` would charge each call to
 
     def GPU(self, task=None, *, duration=None):  # noqa: N802 (the name `spaces` gives it)
         def decorate(function):
             def call(*args):
                 self.durations.append(duration(*args) if callable(duration) else duration)
+                self.visitor_tokens.append(visitor_token())
                 context = multiprocessing.get_context("fork")
                 items, stop = context.Queue(), context.Event()
                 worker = context.Process(target=run_worker, args=(function, pickle.dumps(args), items, stop))
@@ -50,6 +52,14 @@ class FakeZeroGPU:
             return call
 
         return decorate(task) if task is not None else decorate
+
+
+def visitor_token() -> str | None:
+    """The X-IP-Token header of gradio's current request, as `spaces` reads it (None without one)."""
+    from gradio.context import LocalContext
+
+    request = LocalContext.request.get(None)
+    return None if request is None else request.headers.get("x-ip-token")
 
 
 def run_worker(function, pickled_args: bytes, items, stop) -> None:

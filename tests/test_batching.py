@@ -496,6 +496,35 @@ def test_stacked_projections_change_nothing_and_copy_nothing(through_host, monke
     )
 
 
+def test_a_restack_the_device_refuses_leaves_the_layer_as_it_was(monkeypatch):
+    """Through the host every projection is freed before the stacked copies are allocated; if one
+    does not fit, the layer gets its weights back, so the model (and the reference rung) still runs."""
+    from orca_space.tiny import build_model
+
+    model = build_model().eval()
+    ids = torch.tensor([make_prompt(20)])
+    with torch.no_grad():
+        before = model(ids).logits
+    shapes = [p.shape for p in model.parameters()]
+    monkeypatch.setattr(mistral, "restack_through_host", lambda device: True)
+    real_cat, calls = torch.cat, {"n": 0}
+
+    def cat_that_runs_out_of_memory(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third group of the first layer (qkv)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_cat(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "cat", cat_that_runs_out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        mistral.weights_from_hf(model)
+    monkeypatch.setattr(torch, "cat", real_cat)
+    assert [p.shape for p in model.parameters()] == shapes, "no weight left empty"
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    assert mistral.weights_from_hf(model).layers[0].qkv.shape[0] > 0, "and it restacks when there is room"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_rope_is_bit_identical_to_transformers(dtype):
     """On strided q (a slice of the stacked projection, as in the step), positions near and far."""
@@ -566,9 +595,15 @@ def test_a_chunk_longer_than_the_ring_allows_is_refused():
         prefill_chunk(weights, cache, torch.tensor(make_prompt(7)), 10, 0)
 
 
-def test_a_long_and_a_short_prompt_arriving_together_both_succeed_without_a_ring(tiny_model):
+@pytest.mark.parametrize("window", [4096, None], ids=["window", "no window"])
+def test_a_long_and_a_short_prompt_arriving_together_both_succeed_without_a_ring(window):
     """--context-length 700 (the whole context fits: no ring): a 690-token prompt and a 200-token
-    one arriving together used to fail both ("a 200-token chunk is longer than this ring allows")."""
+    one arriving together used to fail both ("a 200-token chunk is longer than this ring allows").
+    Without a sliding window at all, the same padding would have overwritten keys still in view."""
+    from orca_space.tiny import build_model
+
+    tiny_model = build_model().eval()
+    tiny_model.config.sliding_window = window
     engine = BatchedEngine(tiny_model, (), context_length=700, slots=2)
     try:
         assert engine.cache_len == 700, "no ring at this context"

@@ -127,6 +127,22 @@ def test_a_seed_makes_the_reference_engine_repeat_itself(tiny_model, encoder, pr
         engine.close()
 
 
+def test_an_unseeded_request_after_a_seeded_one_is_not_predictable(tiny_model, encoder, prompt):
+    engine = ReferenceEngine(tiny_model, encoder.controls.stop_ids, 4096)
+    try:
+        seeded, unseeded = (
+            SamplingParams(max_new_tokens=16, temperature=1.0, seed=3),
+            SamplingParams(max_new_tokens=16, temperature=1.0),
+        )
+        after = []
+        for _ in range(2):
+            engine.submit(prompt, seeded).collect(60)
+            after.append(tokens_of(engine.submit(prompt, unseeded).collect(60)))
+        assert after[0] != after[1], "the seed of the request before must not decide this one"
+    finally:
+        engine.close()
+
+
 def test_non_finite_logits_end_a_reference_request_by_name(tiny_model, encoder, prompt):
     engine = ReferenceEngine(tiny_model, encoder.controls.stop_ids, 4096)
     calls = {"n": 0}

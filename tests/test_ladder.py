@@ -193,6 +193,23 @@ def test_the_self_check_names_what_is_wrong(token, change, fragment):
         check_step(token, logits, expected, FP32, "probe 1, token 1")
 
 
+def test_a_self_check_that_cannot_run_fails_the_rung_instead_of_the_ladder(
+    tiny_model, encoder, probes, monkeypatch
+):
+    from orca_space.engines import selfcheck
+
+    def no_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(selfcheck, "reference_logits", no_memory)
+    engine = BatchedEngine(tiny_model, encoder.controls.stop_ids, CONTEXT)
+    try:
+        result = run_self_check(engine, tiny_model, probes, 30)
+    finally:
+        engine.close()
+    assert not result.passed and result.problem.startswith("the check itself failed (OutOfMemoryError")
+
+
 def test_a_probe_that_fails_in_the_engine_fails_the_check(tiny_model, encoder, probes):
     class FailingEngine:
         def submit(self, prompt, params, record_logits=False):

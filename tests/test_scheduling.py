@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from orca_space.engines.kv_cache import padded_forward_fits
 from orca_space.engines.requests import RequestHandle
 from orca_space.engines.scheduling import Slot, eager_shortcuts, prefill_rows
 from orca_space.params import SamplingParams
@@ -32,6 +33,16 @@ def test_padding_never_wraps_a_cache_that_is_no_ring():
     rows = prefill_rows([old, new], chunk_size=512, cache_len=700, window=4096)
     assert [(s.index, take) for s, take in rows] == [(0, 178)]
     assert [(s.index, take) for s, take in prefill_rows([new], 512, 700, 4096)] == [(1, 200)]
+
+
+def test_without_a_sliding_window_padding_never_wraps():
+    """No window: every key stays visible, so no padding may wrap however wide (a model such as
+    Mistral v0.2 has `sliding_window: null`)."""
+    rows = prefill_rows(
+        [slot(0, 1000, prefilled=980), slot(1, 250)], chunk_size=512, cache_len=1024, window=None
+    )
+    assert [(s.index, take) for s, take in rows] == [(0, 20)]
+    assert not padded_forward_fits(1230, 250, 1024, None) and padded_forward_fits(1024, 250, 1024, None)
 
 
 def test_a_real_ring_packs_what_fits_its_spare_room():

@@ -166,6 +166,20 @@ def test_zerogpus_own_errors_become_one_sentence_that_says_what_to_do(title, mes
     assert expected in sentence and "Traceback" not in sentence
 
 
+def test_a_cuda_error_in_the_worker_is_raised_so_that_zerogpu_drops_that_worker(
+    runtime, fake_spaces, monkeypatch
+):
+    from orca_space import zerogpu as module
+
+    def device_assert(*args, **kwargs):
+        raise RuntimeError("CUDA error: device-side assert triggered (injected)")
+
+    monkeypatch.setattr(module, "generate_tokens", device_assert)
+    with pytest.raises(EngineError, match="a CUDA error"):
+        asyncio.run(collect(runtime.service, runtime.service.prepare("hi", [], "", GREEDY)))
+    fake_spaces.workers[-1].join(5)
+
+
 def test_a_worker_that_dies_is_explained(runtime, monkeypatch):
     class AbortingGPU(FakeZeroGPU):
         def GPU(self, task=None, *, duration=None):  # noqa: N802
@@ -206,5 +220,16 @@ def test_the_app_on_zerogpu_answers_through_a_worker_and_says_what_zerogpu_means
         assert runtime.zerogpu and httpx.get(f"{url}/healthz", timeout=5).json()["engine"] == "zerogpu"
         assert chat_through_api(url, "Hello!")[-1], "the chat is answered"
         assert len(fake.workers) == 1, "from a worker forked for that call"
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
+        answer = httpx.post(
+            f"{url}/v1/chat/completions", json=body, headers={"X-IP-Token": "visitor-7"}, timeout=60
+        )
+        assert answer.status_code == 200 and answer.json()["choices"][0]["finish_reason"] in (
+            "stop",
+            "length",
+        )
+        assert len(fake.workers) == 2 and fake.visitor_tokens[-1] == "visitor-7", (
+            "an API call is charged to its own visitor's ZeroGPU quota, like a chat on the page"
+        )
         page = httpx.get(url, timeout=5).text + json.dumps(httpx.get(f"{url}/config", timeout=5).json())
         assert "Running on ZeroGPU" in page and "daily" in page

@@ -94,6 +94,7 @@ class BatchedEngine:
         self.compile_step = compile_step  # with graphs only: see `decode_step.DecodeGraphs`
         self.pad_batches = self.use_graphs  # round decode batches up to the captured sizes
         self.batch_sizes = decode_step.batch_buckets(self.capacity, smallest=2 if compile_step else 1)
+        device.choose_attention_kernels(self.device)
         self.attention = device.attention_kernel_name(self.device)
         self.staging = device.HostStaging(self.device)
         self.cache: kv_cache.KVCache | None = None
@@ -224,17 +225,19 @@ class BatchedEngine:
     # -- engine thread: the loop --
     def _serve(self) -> None:
         try:
-            with torch.inference_mode(), device.chosen_attention(self.device):
+            with torch.inference_mode():
                 self._warm_up()
                 while self._wait_for_work():
                     self._iteration()
         except WarmUpAbandoned:
             self.failure = "warm-up was abandoned"
             self._settled.set()
+            self._fail_all(self.failure)
         except WarmUpFailed as exc:
             self.failure = str(exc)
             log.error("engine warm-up failed: %s", exc, exc_info=exc.__cause__)
             self._settled.set()
+            self._fail_all(self.failure)
         except BaseException as exc:  # the thread itself is dying: say so, fail everyone
             self.failure = f"the engine stopped: {describe_failure(exc)}"
             log.critical(self.failure, exc_info=True)

@@ -5,9 +5,8 @@ the CPU and on a GPU.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,39 +47,24 @@ def default_slots(device: torch.device, weights: MistralWeights, cache_len: int)
 # -- the attention kernel --
 
 # PyTorch >= 2.11 prefers cuDNN attention on Hopper whenever a mask is passed: it builds an
-# execution plan for every new shape (each prefill length), and has had wrong-output bugs. The
-# memory-efficient kernel takes a boolean mask and any length; math is the fallback for what it
-# refuses. Flash attention takes no mask, so it is not a candidate here.
-ATTENTION_BACKENDS = ("EFFICIENT_ATTENTION", "MATH")
+# execution plan for every new shape (each prefill length), and has had wrong-output bugs. With
+# cuDNN off, a masked call takes the memory-efficient kernel (flash attention takes no mask), and
+# math is the fallback for what that refuses. Switched off once for the whole process, not
+# around the engine's calls: SDPA's kernel choice is a process-wide setting, and a context
+# manager on one engine's thread would be undone out of order by another's (a rung left stuck
+# in its warm-up) exiting its own. The self-check's forward then uses the same kernels.
 
 
-def attention_backends(device: torch.device) -> list | None:
-    """The SDPA kernels the engine allows on this device, or None for PyTorch's own choice (CPU)."""
-    if device.type != "cuda":
-        return None
-    from torch.nn.attention import SDPBackend
-
-    return [getattr(SDPBackend, name) for name in ATTENTION_BACKENDS]
+def choose_attention_kernels(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def attention_kernel_name(device: torch.device) -> str:
     """What the log and /healthz say about the attention kernel."""
     if device.type != "cuda":
         return "pytorch default (cpu)"
-    return " then ".join(name.lower().removesuffix("_attention") for name in ATTENTION_BACKENDS)
-
-
-@contextlib.contextmanager
-def chosen_attention(device: torch.device) -> Iterator[None]:
-    """Run the engine's forwards with the chosen SDPA kernels (captured graphs keep them)."""
-    backends = attention_backends(device)
-    if backends is None:
-        yield
-        return
-    from torch.nn.attention import sdpa_kernel
-
-    with sdpa_kernel(backends):
-        yield
+    return "memory-efficient, then math (cuDNN attention off)"
 
 
 # -- host to device --

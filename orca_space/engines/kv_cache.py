@@ -57,10 +57,10 @@ def padded_forward_fits(end: int, width: int, cache_len: int, window: int | None
     those entries are written again before anything reads them. Past it, a row's writes wrap
     onto entries holding older positions, which is safe only while the padded width leaves the
     window intact (width <= cache_len - window, as `cache_length` provides for a real ring). A
-    cache that is no ring (the context fits it whole) has no such room: its padded rows must
-    end within it.
+    cache that is no ring (the context fits it whole, or the model has no window and every key
+    stays visible) has no such room: its padded rows must end within it.
     """
-    return end <= cache_len or width <= cache_len - (window or 0)
+    return end <= cache_len or (window is not None and width <= cache_len - window)
 
 
 def allocate_kv_cache(shape: ModelShape, slots: int, cache_len: int, dtype, device) -> KVCache:

@@ -159,8 +159,11 @@ def start_rung(
 
 def close_and_release(engine: Engine, rung: str) -> None:
     engine.close(timeout=2.0)  # a failed warm-up has already ended its thread; a stuck one won't
-    if engine.stats().alive:  # stuck inside a capture: it lets its memory go when that returns
+    if engine.stats().alive:
+        # Stuck inside a capture: it lets its memory go when that returns. A device-wide sync or
+        # cache release now could break that capture (or worse) under its feet: leave it be.
         log.warning(
             "the %s engine is still stuck in its warm-up; it releases its memory when it returns", rung
         )
+        return
     release_cached_memory(engine.device)

@@ -109,18 +109,36 @@ def restack_through_host(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def _restack_through_host(groups: dict[str, list[torch.nn.Linear]]) -> dict[str, torch.Tensor]:
+    """Copy every group out, free it on the device, allocate it again stacked. If the device
+    refuses an allocation (a tight or fragmented GPU), the layer gets its weights back as they
+    were, so the model still runs (the reference engine, the self-check) and the error says why."""
+    device = next(iter(groups.values()))[0].weight.device
+    on_host = {
+        name: [linear.weight.detach().to("cpu", copy=True) for linear in group]
+        for name, group in groups.items()
+    }
+    for group in groups.values():
+        for linear in group:
+            linear.weight.data = linear.weight.data.new_empty(0)  # frees its memory
+    stacked: dict[str, torch.Tensor] = {}
+    try:
+        for name, parts in on_host.items():
+            stacked[name] = torch.cat(parts).to(device)
+    except BaseException:
+        stacked.clear()
+        for name, group in groups.items():
+            for linear, part in zip(group, on_host[name]):
+                linear.weight.data = part.to(device)
+        raise
+    return stacked
+
+
 def restack(groups: dict[str, list[torch.nn.Linear]], through_host: bool) -> dict[str, torch.Tensor]:
     """Each group's weights stacked by rows, every linear re-pointed to its slice."""
     with torch.no_grad():
         if through_host:
-            device = next(iter(groups.values()))[0].weight.device
-            on_host = {
-                name: torch.cat([linear.weight.cpu() for linear in group]) for name, group in groups.items()
-            }
-            for group in groups.values():
-                for linear in group:
-                    linear.weight.data = linear.weight.data.new_empty(0)  # frees its memory
-            stacked = {name: weights.to(device) for name, weights in on_host.items()}
+            stacked = _restack_through_host(groups)
         else:
             stacked = {name: torch.cat([linear.weight for linear in group]) for name, group in groups.items()}
         for name, group in groups.items():

@@ -122,8 +122,12 @@ def generate_tokens(
 
     scores = _StepScores(record_logits)
     streamer = _TokenStreamer(emit, stop_ids, scores)
+    # One request at a time on this thread: the global generator is ours. An unseeded request
+    # after a seeded one must not go on from that seed's known state.
     if params.seed is not None:
-        torch.manual_seed(params.seed)  # one request at a time on this thread: the global generator is ours
+        torch.manual_seed(params.seed)
+    else:
+        torch.seed()
     inputs = torch.tensor([prompt_ids], device=model.device)
     with torch.inference_mode():
         model.generate(

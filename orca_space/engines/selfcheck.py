@@ -91,6 +91,10 @@ def run_self_check(engine: Engine, model, probes: list[list[int]], timeout: floa
             raise CheckFailed("the probes produced no tokens to check")
     except (CheckFailed, TimeoutError) as exc:
         return SelfCheckResult(False, str(exc), largest, checked, ties, time.monotonic() - started)
+    except Exception as exc:  # e.g. the reference forward ran out of memory: this rung cannot be trusted
+        log.warning("the self-check itself failed", exc_info=True)
+        problem = f"the check itself failed ({type(exc).__name__}: {exc})"
+        return SelfCheckResult(False, problem, largest, checked, ties, time.monotonic() - started)
     return SelfCheckResult(True, None, largest, checked, ties, time.monotonic() - started)
 
 

@@ -333,6 +333,8 @@ class OpenAIApi:
         if ignored := completion.ignored_fields():
             log.info("chat completion: ignored unknown fields %s", ", ".join(f[:40] for f in ignored[:10]))
         service = self.admission.admit(self.client(request))
+        if self.admission.runtime.zerogpu:
+            carry_visitor_to_zerogpu(request)
         # Tokenizing a long conversation takes milliseconds: off the event loop that streams.
         chat = await asyncio.to_thread(prepare, service, completion)
         pieces = answer_pieces(service, chat, completion.stop or [])
@@ -361,6 +363,17 @@ class OpenAIApi:
         key_index = matching_key(request.headers.get("authorization"), self.access_keys)
         peer = request.client.host if request.client else None
         return request_client(self.admission.runtime, peer, request.headers.get("x-forwarded-for"), key_index)
+
+
+def carry_visitor_to_zerogpu(request: Request) -> None:
+    """On ZeroGPU each GPU call is charged to the visitor whose token (`X-IP-Token`, added by the
+    Hub's proxy) `spaces` finds in gradio's request context. A /v1 call is no gradio event, so
+    this request is put there for the rest of its task; without it the call would be charged to
+    no visitor in particular (the Space's own limit), a way around the per-visitor quota."""
+    import gradio as gr
+    from gradio.context import LocalContext
+
+    LocalContext.request.set(gr.Request(request=request))
 
 
 def parse_json(raw: bytes) -> Any:
