@@ -90,7 +90,9 @@ class ChatEncoder:
         self._control_ids = {IM_START: self.controls.im_start, IM_END: self.controls.im_end}
         if self.controls.bos is not None:
             self._control_ids[tokenizer.bos_token] = self.controls.bos
-        self._bos_pieces = [] if self.controls.bos is None else [PromptPiece(tokenizer.bos_token, control=True)]
+        self._bos_pieces = (
+            [] if self.controls.bos is None else [PromptPiece(tokenizer.bos_token, control=True)]
+        )
 
     def encode_message(self, role: str, content: str) -> list[int]:
         """`<|im_start|>{role}\\n{content}<|im_end|>\\n` as ids; its length is the turn's cost."""
@@ -170,9 +172,7 @@ def chat_pieces(messages: Sequence[Mapping[str, str]], continue_last: bool = Fal
     return [*pieces, PromptPiece(IM_START, control=True), PromptPiece(f"assistant\n{reply_so_far}")]
 
 
-def encode_chat(
-    tokenizer, messages: Sequence[Mapping[str, str]], continue_last: bool = False
-) -> list[int]:
+def encode_chat(tokenizer, messages: Sequence[Mapping[str, str]], continue_last: bool = False) -> list[int]:
     """Prompt ids for `messages` followed by the assistant's generation prompt (or, with
     `continue_last`, with the last assistant message left open), BOS first."""
     return ChatEncoder(tokenizer).encode_chat(messages, continue_last)

@@ -50,7 +50,10 @@ def test_prompt_pieces_are_the_text_the_ids_stand_for(encoder, tokenizer, contin
     messages = continued("Orcas are") if continue_last else QUESTION
     pieces = encoder.prompt_pieces(messages, continue_last)
     rendered = tokenizer.apply_chat_template(
-        messages, continue_final_message=continue_last, add_generation_prompt=not continue_last, tokenize=False
+        messages,
+        continue_final_message=continue_last,
+        add_generation_prompt=not continue_last,
+        tokenize=False,
     )
     assert "".join(piece.text for piece in pieces) == tokenizer.bos_token + rendered
     assert [p.text for p in pieces if p.control][:2] == [tokenizer.bos_token, IM_START]
@@ -85,7 +88,10 @@ def test_prepare_continuation_counts_the_open_turn(encoder):
 
 def test_history_fitting_keeps_room_for_the_open_turn(encoder):
     """The open turn is as required as the question it answers: older turns give way to it."""
-    old = [{"role": "user", "content": "old question " * 20}, {"role": "assistant", "content": "old answer " * 20}]
+    old = [
+        {"role": "user", "content": "old question " * 20},
+        {"role": "assistant", "content": "old answer " * 20},
+    ]
     reply = {"role": "assistant", "content": "long partial reply " * 20}
     history = [*old, QUESTION[1], reply]
     roomy = service(encoder, context_length=2048).prepare_continuation(history, "", DEFAULTS)
@@ -102,9 +108,15 @@ def test_history_fitting_keeps_room_for_the_open_turn(encoder):
     [
         ([], "no reply to continue"),
         ([{"role": "user", "content": "hi"}], "no reply to continue"),
-        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  \n"}], "no reply to continue"),
+        (
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  \n"}],
+            "no reply to continue",
+        ),
         ([{"role": "assistant", "content": "a reply with no question"}], "must answer a user message"),
-        ([{"role": "system", "content": "x"}, {"role": "assistant", "content": "y"}], "only 'user' and 'assistant'"),
+        (
+            [{"role": "system", "content": "x"}, {"role": "assistant", "content": "y"}],
+            "only 'user' and 'assistant'",
+        ),
     ],
 )
 def test_what_cannot_be_continued_is_named(encoder, history, fragment):
