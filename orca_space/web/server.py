@@ -12,6 +12,7 @@ from starlette.middleware import Middleware
 
 from ..runtime import ChatRuntime
 from ..settings import Settings
+from .assets import CSS
 
 log = logging.getLogger(__name__)
 # Bigger request bodies are refused before anything parses them. Every chat turn the page sends
@@ -109,6 +110,7 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
         max_file_size=0,  # the chat takes no files: refuse uploads instead of storing any size for anyone
         footer_links=["api", "gradio"],
         theme=gr.themes.Soft(primary_hue="blue"),
+        css=CSS,
     )
     options.update(overrides)
     return demo.launch(**options)
