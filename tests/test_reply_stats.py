@@ -57,14 +57,14 @@ def test_summary_says_what_is_known(figures, line):
 )
 def test_a_finished_note_names_why_the_reply_ended(ending, words):
     note = stats_note(ReplyFigures(tokens=3, ending=ending))
-    assert note["metadata"]["log"] == words and note["metadata"]["status"] == "done"
+    assert note["metadata"]["title"] == f"3 tokens · {words}" and note["metadata"]["status"] == "done"
     assert note["content"] == "" and note["role"] == "assistant"
     assert read_figures(note) == ReplyFigures(tokens=3, ending=ending), "the figures ride along, readable"
 
 
 def test_a_streaming_note_spins_and_names_no_ending():
     note = stats_note(ReplyFigures(tokens=3))
-    assert note["metadata"]["status"] == "pending" and "log" not in note["metadata"]
+    assert note["metadata"]["status"] == "pending" and note["metadata"]["title"] == "3 tokens"
 
 
 def test_only_cut_replies_can_be_continued():

@@ -17,15 +17,19 @@ CSS = """
 /* The chat's label gets its own row above the messages instead of floating over the first one
    (it did at phone width); the message list takes the rest of the height. */
 #chatbot .wrapper { display: flex; flex-direction: column; }
-#chatbot .wrapper > label[data-testid="block-label"] { position: static; align-self: flex-start; }
+#chatbot .wrapper > label[data-testid="block-label"] { position: static; align-self: flex-start;
+  max-width: calc(100% - 4.5rem); overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 #chatbot .bubble-wrap { flex: 1 1 auto; min-height: 0; }
 
-/* A reply's figures: one quiet line of small type, not a box. */
+/* A reply's figures: one quiet line of small type, not a box. (gradio marks a "thought" that
+   follows another message in its bubble `.message.thought`, as the figures always do; the
+   "waiting for the model" note, alone in its bubble, keeps gradio's box and spinner.) */
 #chatbot .message.thought .thought-group { border: none; background: none; box-shadow: none;
   padding: 0; margin: var(--spacing-sm) 0 0 0; }
-#chatbot .message.thought .title { font-size: var(--text-xs); color: var(--body-text-color-subdued);
+#chatbot .message.thought .title { font-size: var(--text-sm); color: var(--neutral-600);
   padding: 0; cursor: default; }
-#chatbot .message.thought .title .md p { font-size: var(--text-xs); margin: 0; }
+.dark #chatbot .message.thought .title { color: var(--neutral-400); }
+#chatbot .message.thought .title .md p { font-size: var(--text-sm); margin: 0; }
 #chatbot .message.thought .arrow { display: none; }
 
 #reply-actions { gap: var(--spacing-md); }

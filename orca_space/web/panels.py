@@ -104,7 +104,9 @@ def add_transcript_panel(runtime: ChatRuntime, controls: ChatControls) -> None:
         [picked_text, picked_size],
         [*shown, controls.system_box, controls.preset, *controls.sliders, controls.continue_row],
         js=assets.pick_file_js(),
-        **private,
+        # Queued, so that a refused file's gr.Error shows its message in a toast.
+        api_visibility="private",
+        show_progress="hidden",
     ).success(
         save_imported(chat),
         [chat.conversation_id, chat.chatbot_state, chat.saved_conversations],

@@ -77,6 +77,10 @@ class ReplyFigures:
             parts.append(f"{rate:.0f} tok/s" if rate >= 100 else f"{rate:.1f} tok/s")
         return " · ".join(parts)
 
+    def line(self) -> str:
+        """The summary and, once the reply has ended, why: the line under the reply."""
+        return f"{self.summary()} · {self.ending_words}" if self.ending else self.summary()
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -109,15 +113,13 @@ def format_seconds(seconds: float) -> str:
 
 
 def stats_note(figures: ReplyFigures) -> dict[str, Any]:
-    """The note under a reply: a spinner while it streams, then the ending in quieter type."""
+    """The note under a reply: its figures with a spinner while it streams, then with why it
+    ended. (One line of text: gradio's separate `log` field wraps badly on a phone.)"""
     metadata: dict[str, Any] = {
-        "title": figures.summary(),
+        "title": figures.line(),
         "id": STATS_ID_PREFIX + json.dumps(figures.to_dict(), separators=(",", ":")),
+        "status": "pending" if figures.ending is None else "done",
     }
-    if figures.ending is None:
-        metadata["status"] = "pending"
-    else:
-        metadata.update(log=figures.ending_words, status="done")
     return {"role": "assistant", "content": "", "metadata": metadata}
 
 
