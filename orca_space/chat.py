@@ -2,7 +2,7 @@
 
 It checks every input (nothing from the browser is trusted, history included), fits the
 history to the context by whole turns, and streams the reply from a `ChatBackend`: the local
-engine or a remote server. It knows nothing of gradio; `web/ui.py` maps its errors to the page.
+engine or a remote server. It knows nothing of gradio; `web/replying.py` maps its errors to the page.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import app  # noqa: E402
-from orca_space import startup  # noqa: E402
+import app
+from orca_space import startup
 
 RELEASE = Path(os.environ["ORCA_TEST_RELEASE_FILE"])
 load_model = startup.load_model

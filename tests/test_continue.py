@@ -10,7 +10,7 @@ from orca_space.engines.requests import RequestHandle, TokenEvent
 from orca_space.params import SamplingParams
 from orca_space.tiny import IM_END_ID, IM_START_ID
 
-DEFAULTS = dict(max_new_tokens=100, temperature=0.4, top_p=0.95, top_k=40, repetition_penalty=1.1)
+DEFAULTS = {"max_new_tokens": 100, "temperature": 0.4, "top_p": 0.95, "top_k": 40, "repetition_penalty": 1.1}
 QUESTION = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Tell me about orcas."},

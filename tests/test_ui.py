@@ -252,3 +252,11 @@ def test_import_loads_everything_or_nothing():
     with pytest.raises(gr.Error, match="role 'system'"):
         load(forged, len(forged))
     assert all(output == gr.skip() for output in load("", -1)), "a closed file picker changes nothing"
+
+
+@pytest.mark.anyio
+async def test_continue_needs_the_chat_to_end_with_a_reply(encoder):
+    """After a reply, a message that failed: continue must not go on with the reply above it."""
+    history = [{"role": "user", "content": "hi"}, reply_message("Hello"), {"role": "user", "content": "failed"}]
+    with pytest.raises(gr.Error, match="no reply to continue"):
+        await collect(make_continue(ready_runtime(encoder, Backend()))(history, "", *PARAMS, None))

@@ -61,10 +61,11 @@ def summary_markdown(view: PromptView | None) -> str:
     if view is None:
         return NO_PROMPT_YET
     share = view.prompt_tokens / view.budget if view.budget > 0 else 1.0
-    lines = [
+    budget = (
         f"**{view.prompt_tokens:,} of {view.budget:,} tokens** ({share:.0%}) for the prompt: the "
         f"{view.context_length:,}-token context minus {view.max_new_tokens:,} max new tokens."
-    ]
+    )
+    lines = [budget]
     if view.continued:
         lines.append("The last reply was continued: its turn is left open, with no `<|im_end|>`.")
     lines.append(left_out_markdown(view.left_out))

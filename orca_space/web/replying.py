@@ -92,6 +92,8 @@ def make_continue(runtime: ChatRuntime):
         history = list(history or [])
         earlier = last_reply_figures(history)
         shown = [message for message in history if not is_note(message)]
+        if not shown or not isinstance(shown[-1], dict) or shown[-1].get("role") != "assistant":
+            raise gr.Error("There is no reply to continue: the chat must end with one.")
         raw = raw_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
         chat = await prepared_or_error(service.prepare_continuation, shown, system_message, raw)
         reply_so_far = chat.messages[-1]["content"]
