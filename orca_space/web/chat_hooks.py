@@ -10,7 +10,9 @@ upgrade moves what it relies on:
   chatbot into the history state after every reply (`settle_after_replies`), and on screen by a
   step of the page's own after each reply step (`after_each_reply`);
 - the `/chat` API must keep answering text, not the page's reply-plus-notes (`answer_api_in_text`);
-- the saved-conversations column belongs in a sidebar that folds away on phones (`move_history_to`).
+- the saved-conversations column belongs in a sidebar that folds away on phones (`move_history_to`);
+- the page's own changes to the chat (continue, import) are saved as ChatInterface saves its own
+  (`save_step`), and its continue button hides on ChatInterface's events (`chat_changing_triggers`).
 """
 
 from __future__ import annotations
@@ -137,3 +139,34 @@ def move_history_to(sidebar: gr.Sidebar, chat: gr.ChatInterface) -> None:
     column.unrender()
     with sidebar:
         column.render()
+
+
+def save_step(chat: gr.ChatInterface, fn=None) -> dict:
+    """Keyword arguments for a step that saves the chat in the browser as ChatInterface does after
+    each turn: `fn(conversation_id, history, saved)` (its own by default) -> (id, saved)."""
+    return {
+        "fn": fn or chat._save_conversation,
+        "inputs": [chat.conversation_id, chat.chatbot_state, chat.saved_conversations],
+        "outputs": [chat.conversation_id, chat.saved_conversations],
+    }
+
+
+def save_conversation(chat: gr.ChatInterface):
+    """ChatInterface's own save, for a step of the page's."""
+    return chat._save_conversation
+
+
+def chat_changing_triggers(chat: gr.ChatInterface) -> list:
+    """The events by which ChatInterface changes the chat: a message, retry, edit, undo, clear, an
+    example or option, a new chat, a saved conversation opened."""
+    return [
+        chat.textbox.submit,
+        chat.chatbot.retry,
+        chat.chatbot.edit,
+        chat.chatbot.undo,
+        chat.chatbot.clear,
+        chat.chatbot.example_select,
+        chat.chatbot.option_select,
+        chat.new_chat_button.click,
+        chat.chat_history_dataset.click,
+    ]

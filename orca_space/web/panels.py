@@ -13,7 +13,7 @@ import gradio as gr
 
 from ..params import PARAMETER_ORDER
 from ..runtime import ChatRuntime
-from . import assets
+from . import assets, chat_hooks
 from .engine_panel import engine_markdown
 from .presets import preset_for
 from .prompt_view import CONTROL_LABEL, PromptView, highlighted, summary_markdown
@@ -107,24 +107,20 @@ def add_transcript_panel(runtime: ChatRuntime, controls: ChatControls) -> None:
         # Queued, so that a refused file's gr.Error shows its message in a toast.
         api_visibility="private",
         show_progress="hidden",
-    ).success(
-        save_imported(chat),
-        [chat.conversation_id, chat.chatbot_state, chat.saved_conversations],
-        [chat.conversation_id, chat.saved_conversations],
-        **private,
-    )
+    ).success(**chat_hooks.save_step(chat, save_imported(chat)), **private)
 
 
 def save_imported(chat: gr.ChatInterface):
     """Save the imported chat as ChatInterface saves one after each turn (a new saved
     conversation, since the import cleared its id); nothing when nothing was imported."""
+    save = chat_hooks.save_conversation(chat)
 
-    def save(index, history, saved):
+    def save_if_any(index, history, saved):
         if not history:
             return gr.skip(), gr.skip()
-        return chat._save_conversation(index, history, saved)
+        return save(index, history, saved)
 
-    return save
+    return save_if_any
 
 
 def import_conversation(runtime: ChatRuntime, can_continue: Callable[[list], bool]):

@@ -129,7 +129,7 @@ def add_continue(runtime: ChatRuntime, chat: gr.ChatInterface, inputs: list, las
     with gr.Row(visible=False, elem_id="reply-actions") as actions:
         button = gr.Button("Continue ▸", size="sm", scale=0, elem_id="continue")
     locked = button.click(
-        lambda: (chat_hooks.locked_textbox(), gr.Row(visible=False)), None, [chat.textbox, actions], **PRIVATE
+        lambda: (chat_hooks.locked_textbox(), hidden_row()), None, [chat.textbox, actions], **PRIVATE
     )
     streaming = locked.then(
         make_continue(runtime),
@@ -141,32 +141,17 @@ def add_continue(runtime: ChatRuntime, chat: gr.ChatInterface, inputs: list, las
     streaming.then(
         chat_hooks.settled_copies, [chat.chatbot], [chat.chatbot_state, chat.chatbot_value], **PRIVATE
     ).then(chat_hooks.unlocked_textbox, None, [chat.textbox], **PRIVATE).then(
-        chat._save_conversation,
-        [chat.conversation_id, chat.chatbot_state, chat.saved_conversations],
-        [chat.conversation_id, chat.saved_conversations],
-        **PRIVATE,
+        **chat_hooks.save_step(chat), **PRIVATE
     )
     chat.textbox.stop(None, None, None, cancels=[streaming], api_visibility="private")
     # Shown after a reply that can go on (see after_reply) or such an import; any other change
     # to the chat hides it.
-    gr.on(
-        [
-            chat.textbox.submit,
-            chat.chatbot.retry,
-            chat.chatbot.edit,
-            chat.chatbot.undo,
-            chat.chatbot.clear,
-            chat.chatbot.example_select,
-            chat.chatbot.option_select,
-            chat.new_chat_button.click,
-            chat.chat_history_dataset.click,
-        ],
-        lambda: gr.Row(visible=False),
-        None,
-        [actions],
-        **PRIVATE,
-    )
+    gr.on(chat_hooks.chat_changing_triggers(chat), hidden_row, None, [actions], **PRIVATE)
     return actions, streaming
+
+
+def hidden_row() -> gr.Row:
+    return gr.Row(visible=False)
 
 
 def after_reply(runtime: ChatRuntime):
