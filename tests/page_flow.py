@@ -47,16 +47,16 @@ def chat_and_wait(page, message: str, max_new_tokens: int | None = None) -> str:
         close_settings(page)
     replies = page.locator(BOT_MESSAGES).count()
     send(page.locator(CHAT_TEXTBOX), message)
-    expect(page.locator(BOT_MESSAGES)).to_have_count(replies + 1)
+    expect(page.locator(BOT_MESSAGES)).to_have_count(replies + 1, timeout=30_000)
     wait_until_settled(page)
     return page.locator(BOT_MESSAGES).last.inner_text()
 
 
-def wait_until_settled(page) -> None:
+def wait_until_settled(page, timeout_s: float = 30.0) -> None:
     """The reply has ended: submit is back, and the last note says why it ended."""
-    expect(page.locator(SUBMIT_BUTTON)).to_be_visible()
-    expect(page.locator(CHAT_TEXTBOX)).to_be_enabled()
-    deadline = time.monotonic() + 10
+    expect(page.locator(SUBMIT_BUTTON)).to_be_visible(timeout=timeout_s * 1000)
+    expect(page.locator(CHAT_TEXTBOX)).to_be_enabled(timeout=timeout_s * 1000)
+    deadline = time.monotonic() + timeout_s
     while not any(word in last_stats(page) for word in ENDINGS):
         assert time.monotonic() < deadline, f"the reply's note never said why it ended: {last_stats(page)!r}"
         time.sleep(0.05)

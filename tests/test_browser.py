@@ -234,9 +234,10 @@ def test_a_message_sent_while_the_model_loads_is_answered(tiny_dir, tmp_path, pa
     with running_app("--model", str(tiny_dir), env=env, script=script, wait_ready=False) as url:
         open_page(page, url)
         send(page.locator(CHAT_TEXTBOX), "Are you there?")
-        expect(page.locator(REPLY_STATS).last).to_contain_text("Waiting for the model")
+        expect(page.locator(REPLY_STATS).last).to_contain_text("Waiting for the model", timeout=30_000)
         release.touch()
-        expect(page.locator(BOT_MESSAGES), "the message is answered once the model is ready").to_have_count(1)
+        answered = page.locator(BOT_MESSAGES)
+        expect(answered, "the message is answered once the model is ready").to_have_count(1, timeout=60_000)
         wait_until_settled(page)
         assert "Waiting" not in " ".join(page.locator(REPLY_STATS).all_inner_texts())
         assert page.get_by_text("not ready").count() == 0
