@@ -260,3 +260,16 @@ async def test_continue_needs_the_chat_to_end_with_a_reply(encoder):
     history = [{"role": "user", "content": "hi"}, reply_message("Hello"), {"role": "user", "content": "failed"}]
     with pytest.raises(gr.Error, match="no reply to continue"):
         await collect(make_continue(ready_runtime(encoder, Backend()))(history, "", *PARAMS, None))
+
+
+def test_saved_conversations_live_in_a_sidebar_that_starts_folded(page):
+    """On a phone the chat comes first: the conversation list sits in a sidebar, folded until the
+    page opens it on a wide screen (assets.OPEN_SIDEBAR_ON_WIDE_SCREENS_JS)."""
+    sidebar = next(block for block in page.blocks.values() if isinstance(block, gr.Sidebar))
+    assert sidebar.open is False and sidebar.elem_id == "conversations"
+
+    def inside(block) -> list:
+        return [block, *(b for child in getattr(block, "children", []) for b in inside(child))]
+
+    kinds = {type(block) for block in inside(sidebar)}
+    assert {gr.Dataset, gr.Button} <= kinds, "the new-chat button and the conversation list"

@@ -98,9 +98,7 @@ def conversation_markdown(
     for message in exported_messages(history):
         lines += [f"## {message['role'].capitalize()}", "", message["content"], ""]
         if "stats" in message:
-            figures = ReplyFigures.from_dict(message["stats"])
-            ending = f" · {figures.ending_words}" if figures.ending else ""
-            lines += [f"*{figures.summary()}{ending}*", ""]
+            lines += [f"*{ReplyFigures.from_dict(message['stats']).line()}*", ""]
     return "\n".join(lines)
 
 
