@@ -118,6 +118,8 @@ class ChatService:
     ) -> PreparedChat:
         """The prompt that goes on with the last reply in `history` (cut by max new tokens, or
         stopped): the same assistant turn, left open. Raises ValueError naming the problem."""
+        if not self.continues_replies:  # a remote server would start a new turn instead
+            raise ValueError("this backend cannot continue a reply")
         system = check_text("system message", system_message, self.limits.max_system_chars)
         params = SamplingParams.from_raw(**raw_params)
         past = answered_turns(normalize_history(history))

@@ -73,8 +73,19 @@ def test_only_a_reply_can_be_continued(encoder):
         encoder.encode_chat(QUESTION, continue_last=True)
 
 
+class ContinuingBackend:
+    continues_replies = True
+
+
 def service(encoder, backend=None, context_length=512):
-    return ChatService(backend or object(), encoder, ChatLimits(context_length=context_length))
+    return ChatService(backend or ContinuingBackend(), encoder, ChatLimits(context_length=context_length))
+
+
+def test_a_backend_that_cannot_continue_is_refused(encoder):
+    """A remote server has no portable way to continue a reply: it would start a new turn."""
+    history = [QUESTION[1], {"role": "assistant", "content": "Orcas are"}]
+    with pytest.raises(ValueError, match="cannot continue"):
+        ChatService(object(), encoder, ChatLimits()).prepare_continuation(history, "", DEFAULTS)
 
 
 def test_prepare_continuation_counts_the_open_turn(encoder):

@@ -15,8 +15,12 @@ from orca_space.web.prompt_view import CONTROL_LABEL, highlighted, preview, prom
 DEFAULTS = {"max_new_tokens": 100, "temperature": 0.4, "top_p": 0.95, "top_k": 40, "repetition_penalty": 1.1}
 
 
+class ContinuingBackend:
+    continues_replies = True
+
+
 def service(encoder, context_length=512):
-    return ChatService(object(), encoder, ChatLimits(context_length=context_length))
+    return ChatService(ContinuingBackend(), encoder, ChatLimits(context_length=context_length))
 
 
 def test_prompt_view_shows_the_exact_chatml_with_control_tokens_marked(encoder, tokenizer):
