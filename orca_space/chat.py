@@ -2,7 +2,7 @@
 
 It checks every input (nothing from the browser is trusted, history included), fits the
 history to the context by whole turns, and streams the reply from a `ChatBackend`: the local
-engine or a remote server. It knows nothing of gradio; `web/ui.py` maps its errors to the page.
+engine or a remote server. It knows nothing of gradio; `web/replying.py` maps its errors to the page.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from typing import Protocol
 from .chatml import ChatEncoder
 from .detokenizer import StreamingDetokenizer
 from .engines.requests import Engine, EngineError
-from .history import Message, fit_history
+from .history import FittedChat, Message, fit_history, group_turns
 from .params import SamplingParams
 from .replies import Reply, ReplyDelta, accumulate, coalesce
+from .throughput import ThroughputMeter
 
 MAX_MESSAGE_CHARS = 16_000
 MAX_SYSTEM_CHARS = 8_000
@@ -31,6 +32,9 @@ MAX_HISTORY_MESSAGE_CHARS = 100_000
 # the engine thread needs: one update per token would cost 0.75 s of CPU a second at 3,000
 # tokens/s over 64 streams. Faster repaints only show text sooner than anyone reads it.
 UPDATE_INTERVAL_S = 0.05
+# Tokens of the reply so far that a continuation's detokenizer reads first, so that the first
+# new piece decodes as it would have inside the reply (a word's leading space kept).
+CONTINUATION_CONTEXT_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -44,10 +48,21 @@ class ChatLimits:
 
 @dataclass(frozen=True)
 class PreparedChat:
-    messages: list[Message]
+    messages: list[Message]  # ends with the new user message, or with the reply to continue
     params: SamplingParams
     prompt_tokens: int
     dropped_turns: int
+    left_out: tuple[Message, ...] = ()  # the dropped turns' messages, oldest first
+
+    @property
+    def continues_reply(self) -> bool:
+        return continues_reply(self.messages)
+
+
+def continues_reply(messages: Sequence[Message]) -> bool:
+    """A prompt that ends with the assistant's message goes on with that reply: a new reply
+    always follows a user message."""
+    return bool(messages) and messages[-1]["role"] == "assistant"
 
 
 Notify = Callable[[str], None]  # shows the user a short notice (the UI passes gr.Info)
@@ -62,11 +77,23 @@ class ChatBackend(Protocol):
 
 
 class ChatService:
-    def __init__(self, backend: ChatBackend, encoder: ChatEncoder, limits: ChatLimits) -> None:
+    def __init__(
+        self,
+        backend: ChatBackend,
+        encoder: ChatEncoder,
+        limits: ChatLimits,
+        meter: ThroughputMeter | None = None,
+    ) -> None:
         self.backend = backend
         self.encoder = encoder
         self.limits = limits
+        self.meter = meter or ThroughputMeter()  # tokens streamed by every reply, for the page
         self._fixed_cost = len(encoder.prefix) + len(encoder.reply_header)
+
+    @property
+    def continues_replies(self) -> bool:
+        """Whether the backend can go on with a reply (`prepare_continuation`)."""
+        return getattr(self.backend, "continues_replies", False)
 
     def prepare(
         self,
@@ -90,21 +117,46 @@ class ChatService:
         new_user = {"role": "user", "content": text}
         if (tokens := self._message_cost(new_user)) > self.limits.max_input_tokens:
             raise ValueError(f"message is {tokens:,} tokens; the limit is {self.limits.max_input_tokens:,}")
+        fitted = self._fit(system, past, new_user, params, self._fixed_cost)
+        return prepared(fitted, params, past)
+
+    def prepare_continuation(
+        self, history: object, system_message: object, raw_params: Mapping[str, object]
+    ) -> PreparedChat:
+        """The prompt that goes on with the last reply in `history` (cut by max new tokens, or
+        stopped): the same assistant turn, left open. Raises ValueError naming the problem."""
+        if not self.continues_replies:  # a remote server would start a new turn instead
+            raise ValueError("this backend cannot continue a reply")
+        system = check_text("system message", system_message, self.limits.max_system_chars)
+        params = SamplingParams.from_raw(**raw_params)
+        past = answered_turns(normalize_history(history))
+        if not continues_reply(past) or not past[-1]["content"].strip():
+            raise ValueError("there is no reply to continue: the conversation must end with a reply")
+        if len(past) < 2 or past[-2]["role"] != "user":
+            raise ValueError("the reply to continue must answer a user message")
+        *earlier, question, reply = past
+        # The open turn is part of every prompt that continues this reply, like the reply header.
+        fixed_cost = len(self.encoder.prefix) + len(self.encoder.open_turn(reply["content"]))
+        fitted = self._fit(system, earlier, question, params, fixed_cost)
+        return prepared(fitted, params, earlier, continued=reply)
+
+    def _fit(
+        self, system: str, past: list[Message], last_user: Message, params: SamplingParams, fixed_cost: int
+    ) -> FittedChat:
         budget = self.limits.context_length - params.max_new_tokens
         if budget <= 0:
             raise ValueError(
                 f"max_new_tokens ({params.max_new_tokens}) must be below the context length "
                 f"({self.limits.context_length})"
             )
-        fitted = fit_history(
+        return fit_history(
             system={"role": "system", "content": system} if system.strip() else None,
             history=past,
-            new_user=new_user,
+            new_user=last_user,
             budget=budget,
             message_cost=self._message_cost,
-            fixed_cost=self._fixed_cost,
+            fixed_cost=fixed_cost,
         )
-        return PreparedChat(fitted.messages, params, fitted.prompt_tokens, fitted.dropped_turns)
 
     def _message_cost(self, message: Message) -> int:
         return len(self.encoder.encode_message(message["role"], message["content"]))
@@ -120,9 +172,21 @@ class ChatService:
         updates = accumulate(deltas, chat.prompt_tokens, started)
         if coalesced:
             updates = coalesce(updates, self.limits.update_interval_s)
+        counted = 0
         async with contextlib.aclosing(updates):
             async for reply in updates:
+                self.meter.add(reply.stats.tokens - counted)
+                counted = reply.stats.tokens
                 yield reply
+
+
+def prepared(
+    fitted: FittedChat, params: SamplingParams, past: list[Message], continued: Message | None = None
+) -> PreparedChat:
+    """The fitted chat (plus the open reply, when continuing) with the turns it left out."""
+    left_out = tuple(m for turn in group_turns(past)[: fitted.dropped_turns] for m in turn)
+    messages = fitted.messages if continued is None else [*fitted.messages, continued]
+    return PreparedChat(messages, params, fitted.prompt_tokens, fitted.dropped_turns, left_out)
 
 
 def check_text(name: str, value: object, max_chars: int, allow_empty: bool = True) -> str:
@@ -197,8 +261,29 @@ def queue_notice(place: int, capacity: int) -> str:
     )
 
 
+async def prompt_and_detokenizer(
+    encoder: ChatEncoder, tokenizer, messages: list[Message]
+) -> tuple[list[int], StreamingDetokenizer]:
+    """The prompt ids for `messages` (continuing the last reply when the chat ends with one) and
+    the detokenizer for what comes next, primed with that reply's last tokens when continuing.
+    Tokenized off the event loop: a long history takes milliseconds."""
+    continuing = continues_reply(messages)
+    prompt_ids = await asyncio.to_thread(encoder.encode_chat, messages, continuing)
+    detokenizer = StreamingDetokenizer(tokenizer)
+    if continuing:
+        detokenizer.prime(prompt_ids[-CONTINUATION_CONTEXT_TOKENS:])
+    return prompt_ids, detokenizer
+
+
 class LocalBackend:
-    """Replies from an in-process `Engine`: ChatML ids in, detokenized text out."""
+    """Replies from an in-process `Engine`: ChatML ids in, detokenized text out.
+
+    A prompt that ends with the assistant's message continues that reply (see `chatml`): the
+    engine just sees a longer prompt, and the detokenizer first reads the reply's last tokens,
+    so a continuation that starts with a new word keeps the space before it.
+    """
+
+    continues_replies = True
 
     def __init__(self, engine: Engine, encoder: ChatEncoder, tokenizer) -> None:
         self.engine = engine
@@ -208,9 +293,8 @@ class LocalBackend:
     async def stream_reply(
         self, messages: list[Message], params: SamplingParams, notify: Notify | None = None
     ) -> AsyncIterator[ReplyDelta]:
-        prompt_ids = await asyncio.to_thread(self.encoder.encode_chat, messages)  # off the event loop
+        prompt_ids, detokenizer = await prompt_and_detokenizer(self.encoder, self.tokenizer, messages)
         handle = self.engine.submit(prompt_ids, params)
-        detokenizer = StreamingDetokenizer(self.tokenizer)
         try:
             if notify is not None and (place := self.engine.position(handle)):
                 notify(queue_notice(place, self.engine.capacity))

@@ -24,6 +24,14 @@ class StreamingDetokenizer:
         self.text = ""
         self.last_segment = ""
 
+    def prime(self, tokens: list[int]) -> None:
+        """Take `tokens` as text already shown (the end of a reply being continued): the next
+        token decodes in their context, so a word's leading space survives, and none of their
+        text is emitted again."""
+        self.reset()
+        self.tokens = list(tokens)
+        self._read_offset = len(self.tokens)
+
     def _decode(self, tokens: list[int]) -> str:
         return self._tokenizer.decode(tokens, skip_special_tokens=True)
 

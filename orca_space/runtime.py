@@ -27,3 +27,27 @@ class ChatRuntime:
 
     def engine_stats(self) -> EngineStats | None:
         return self.engine.stats() if self.engine is not None else None
+
+    def gpu_memory(self) -> GpuMemory | None:
+        """The GPU's memory while a local engine serves on one; None otherwise."""
+        return gpu_memory() if self.engine_choice is not None else None
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    used_bytes: int  # by every process on the device, as the driver counts
+    total_bytes: int
+
+
+def gpu_memory() -> GpuMemory | None:
+    """The current CUDA device's memory, or None when this process has not put anything on a
+    GPU (asking would create a CUDA context, hundreds of MB, for nothing)."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    try:
+        free, total = torch.cuda.mem_get_info()
+    except RuntimeError:  # a driver error, or ZeroGPU's stand-in outside a GPU call
+        return None
+    return GpuMemory(used_bytes=total - free, total_bytes=total)

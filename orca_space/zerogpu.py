@@ -29,9 +29,8 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 
-from .chat import Notify
+from .chat import Notify, prompt_and_detokenizer
 from .chatml import ChatEncoder
-from .detokenizer import StreamingDetokenizer
 from .engines.device import is_fatal_device_error
 from .engines.reference import NonFiniteScores, generate_tokens
 from .engines.requests import NON_FINITE_MESSAGE, EngineError, EngineStats, TokenEvent
@@ -132,6 +131,8 @@ def worker_failure(exc: Exception) -> str:
 class ZeroGPUBackend:
     """A `ChatBackend` whose every reply is one ZeroGPU call (and, for /healthz, an engine)."""
 
+    continues_replies = True  # the prompt ends inside the reply; the worker just sees a longer one
+
     def __init__(
         self, gpu_reply: Callable[..., Iterator], encoder: ChatEncoder, tokenizer, capacity: int
     ) -> None:
@@ -152,10 +153,9 @@ class ZeroGPUBackend:
     async def stream_reply(
         self, messages: list[Message], params: SamplingParams, notify: Notify | None = None
     ) -> AsyncIterator[ReplyDelta]:
-        prompt_ids = await asyncio.to_thread(self.encoder.encode_chat, messages)
+        prompt_ids, detokenizer = await prompt_and_detokenizer(self.encoder, self.tokenizer, messages)
         stream = self.gpu_reply(prompt_ids, params, self.stop_ids)
         advancing = threading.Lock()  # held while a thread runs the generator: close waits for it
-        detokenizer = StreamingDetokenizer(self.tokenizer)
         self._active += 1
         try:
             while True:

@@ -2,7 +2,8 @@
 
 `chat_in_browser(page, base_url)` types a message, watches the reply stream into the page, presses
 stop mid-stream, checks that generation ended (in the page and in `/healthz`), then sends a second
-message with CJK and emoji and waits for its reply. It asserts as it goes and returns what it saw.
+message with CJK and emoji and waits for its reply; under each reply the line of figures says
+why it ended. It asserts as it goes and returns what it saw.
 
 Headless Debian Chromium only: `playwright install` cannot download a browser here, so a missing
 `/usr/bin/chromium` is a failure with a clear message, never a skip.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -46,7 +48,10 @@ CHAT_TEXTBOX = ".input-container:has(button.submit-button, button.stop-button) >
 STOP_BUTTON = "button.stop-button"
 SUBMIT_BUTTON = "button.submit-button"
 USER_MESSAGES = "[data-testid=user]"
-BOT_MESSAGES = "[data-testid=bot]"
+# A reply's text. The page's notes (a reply's figures, "waiting for the model") are gradio
+# "thoughts" in the same bubble, not replies.
+BOT_MESSAGES = "[data-testid=bot]:not(:has(.thought-group))"
+REPLY_STATS = "#chatbot .thought-group .title"
 
 
 @dataclass
@@ -79,10 +84,17 @@ def launch_chromium(playwright):
 @contextlib.contextmanager
 def chromium_page(viewport: dict[str, int] = VIEWPORT):
     """A fresh page in a fresh headless Chromium, closed afterwards."""
+    with chromium() as browser:
+        yield browser.new_page(viewport=viewport, device_scale_factor=1)
+
+
+@contextlib.contextmanager
+def chromium():
+    """A headless Chromium for several pages, closed afterwards."""
     with sync_playwright() as playwright:
         browser = launch_chromium(playwright)
         try:
-            yield browser.new_page(viewport=viewport, device_scale_factor=1)
+            yield browser
         finally:
             browser.close()
 
@@ -165,6 +177,11 @@ def chat_in_browser(
     second = bots.nth(1).inner_text()
     assert second.strip(), "the reply after stop is empty"
     assert bots.nth(0).inner_text() == stopped, "the stopped reply changed when the next turn was sent"
+    # Under each reply, the backend's own figures and why it ended.
+    expect(page.locator(REPLY_STATS).nth(0)).to_contain_text("stopped")
+    expect(page.locator(REPLY_STATS).nth(1)).to_contain_text(
+        re.compile(r"\d+ tokens? · .*(finished|hit max new tokens)")
+    )
     if check_server_load:
         wait_for_idle_server(base_url)
     assert not errors, f"uncaught errors in the page: {errors}"

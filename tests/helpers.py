@@ -57,14 +57,21 @@ def wait_until_ready(base_url: str, timeout: float = 120.0) -> dict:
 
 
 @contextlib.contextmanager
-def running_app(*args: str, env: dict[str, str] | None = None, log_path: Path | None = None):
-    """Run `python app.py ARGS` on a free loopback port; yields its base URL."""
+def running_app(
+    *args: str,
+    env: dict[str, str] | None = None,
+    log_path: Path | None = None,
+    script: Path = ROOT / "app.py",
+    wait_ready: bool = True,
+):
+    """Run `python app.py ARGS` (or another `script`) on a free loopback port; yields its base URL
+    once the model is ready, or once the page answers if not `wait_ready`."""
     port = free_port()
     # Tests send many messages from one address: no rate limit unless a test asks for one.
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "ORCA_RATE_LIMIT": "0", **(env or {})}
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port), *args],
+        [sys.executable, str(script), "--host", "127.0.0.1", "--port", str(port), *args],
         cwd=ROOT,
         env=full_env,
         stdout=log,
@@ -73,7 +80,8 @@ def running_app(*args: str, env: dict[str, str] | None = None, log_path: Path | 
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_for_url(f"{base_url}/healthz", proc=proc)
-        wait_until_ready(base_url)
+        if wait_ready:
+            wait_until_ready(base_url)
         yield base_url
     finally:
         proc.terminate()

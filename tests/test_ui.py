@@ -1,12 +1,25 @@
-"""The page's status line and wiring, without a server."""
+"""The page without a server: its wiring into gr.ChatInterface, and its reply functions on fakes."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+
+import gradio as gr
 import pytest
 
-from orca_space.replies import Reply
+from orca_space.chat import ChatLimits, ChatService
+from orca_space.replies import ReplyDelta
 from orca_space.runtime import ChatRuntime
-from orca_space.web.ui import DEFAULT_SYSTEM_MESSAGE, build_ui, status_markdown
+from orca_space.web import chat_hooks
+from orca_space.web.panels import import_conversation
+from orca_space.web.prompt_view import PromptView
+from orca_space.web.reply_stats import ReplyFigures, read_figures, reply_message, stats_note, waiting_note
+from orca_space.web.replying import make_continue, make_respond
+from orca_space.web.transcript import conversation_json
+from orca_space.web.ui import DEFAULT_SYSTEM_MESSAGE, build_ui, choose_preset, status_markdown
+
+PARAMS = (100, 0.4, 0.95, 40, 1.1)
 
 
 def test_status_line_follows_loading():
@@ -23,47 +36,244 @@ def test_page_has_the_chat_api_and_demo_label():
     runtime = ChatRuntime(model_name="tiny", context_length=8192, demo=True)
     demo = build_ui(runtime)
     config = demo.get_config_file()
-    names = [d.get("api_name") for d in config["dependencies"]]
-    assert "chat" in names
+    public = [d.get("api_name") for d in config["dependencies"] if d.get("api_visibility") == "public"]
+    assert public == ["chat"], "the page's own events stay out of the API"
     texts = " ".join(str(c.get("props", {}).get("value", "")) for c in config["components"])
     assert "random weights" in texts, "demo mode is labelled on the page"
     assert DEFAULT_SYSTEM_MESSAGE in texts, "the system box starts with the model card's message"
 
 
-def test_every_reply_step_has_a_failure_clean_up():
+@pytest.fixture(scope="module")
+def page():
+    return build_ui(ChatRuntime(model_name="m", context_length=8192))
+
+
+def reply_step_ids(page) -> set[int]:
+    return {i for i, fn in page.fns.items() if fn.name in (chat_hooks.REPLY_STEP, "continue_reply")}
+
+
+def test_every_reply_step_has_a_failure_clean_up(page):
     """recover_from_errors finds ChatInterface's reply steps by name; a gradio upgrade that
     renames them must fail here, not silently lock the chat after errors again."""
-    page = build_ui(ChatRuntime(model_name="m", context_length=8192))
     config = page.get_config_file()
     cleanups = [d["trigger_after"] for d in config["dependencies"] if d.get("trigger_only_on_failure")]
-    assert len(cleanups) >= 3, "submit, retry and example reply steps each get a failure clean-up"
-    assert all(page.fns[i].fn.__name__ == "_submit_fn" for i in cleanups)
+    steps = reply_step_ids(page)
+    assert len(steps) >= 4, "submit, retry, edit, example and continue reply steps"
+    assert steps <= set(cleanups), "every reply step gets a failure clean-up"
+
+
+def test_every_reply_step_is_settled_on_screen_and_in_the_history(page):
+    """A stopped reply's note stops spinning: after each reply step, on screen (after_reply), and
+    in ChatInterface's chatbot -> state sync steps, whose function the page replaces."""
+    after = {fn.trigger_after for fn in page.fns.values() if fn.name == "settle_and_offer"}
+    assert reply_step_ids(page) <= after
+    syncs = [fn for fn in page.fns.values() if fn.fn is chat_hooks.settled_copies]
+    assert len(syncs) >= 8, "every sync ChatInterface wires (after replies, undo, clear, loads) settles"
+    shapes = {(tuple(type(b) for b in fn.inputs), tuple(type(b) for b in fn.outputs)) for fn in syncs}
+    assert shapes == {((gr.Chatbot,), (gr.State, gr.State))}, "chatbot -> history states, nothing else"
+
+
+def test_uploads_stay_off(page):
+    config = page.get_config_file()
+    kinds = {c["type"] for c in config["components"]}
+    assert not kinds & {"file", "uploadbutton", "multimodaltextbox"}, "import reads files in the browser"
+
+
+class Backend:
+    """Replies with fixed pieces, then finishes for `reason`; continues too."""
+
+    continues_replies = True
+
+    def __init__(self, pieces=("Hel", "lo", " there"), reason="length", forever=False):
+        self.pieces, self.reason, self.forever = pieces, reason, forever
+        self.calls = []
+        self.closed = asyncio.Event()
+
+    async def stream_reply(self, messages, params, notify=None):
+        self.calls.append(messages)
+        try:
+            for piece in self.pieces:
+                yield ReplyDelta(piece, tokens=1)
+            while self.forever:
+                yield ReplyDelta("more", tokens=1)
+                await asyncio.sleep(0)
+            yield ReplyDelta(finish_reason=self.reason)
+        finally:
+            self.closed.set()
+
+
+def ready_runtime(encoder, backend) -> ChatRuntime:
+    runtime = ChatRuntime(model_name="m", context_length=8192)
+    runtime.service = ChatService(backend, encoder, ChatLimits(update_interval_s=0.0))
+    runtime.status.update("ready", "Ready.")
+    return runtime
+
+
+async def collect(generator):
+    return [update async for update in generator]
 
 
 @pytest.mark.anyio
-async def test_closing_a_reply_closes_its_stream_at_once():
+async def test_a_reply_streams_with_its_figures_and_the_prompt_once(encoder):
+    runtime = ready_runtime(encoder, Backend())
+    updates = await collect(make_respond(runtime)("hi", [], "Be brief.", *PARAMS, None))
+    messages, view = updates[0]
+    assert isinstance(view, PromptView) and view.text.startswith("<s><|im_start|>system\nBe brief.")
+    assert all(later == gr.skip() for _, later in updates[1:]), "the prompt panel's state is set once"
+    last, _ = updates[-1]
+    assert last[0] == reply_message("Hello there")
+    figures = read_figures(last[1])
+    assert (
+        figures.tokens == 3
+        and figures.ending == "length"
+        and last[1]["metadata"]["title"].endswith("hit max new tokens")
+    )
+    assert read_figures(messages[1]).ending is None, "while streaming the note names no ending"
+
+
+@pytest.mark.anyio
+async def test_notes_in_the_history_never_reach_the_model(encoder):
+    backend = Backend()
+    runtime = ready_runtime(encoder, backend)
+    history = [
+        {"role": "user", "content": "hi"},
+        reply_message("yo"),
+        stats_note(ReplyFigures(1, ending="stop")),
+    ]
+    await collect(make_respond(runtime)("again", history, "", *PARAMS, None))
+    assert [m["role"] for m in backend.calls[0]] == ["user", "assistant", "user"]
+
+
+@pytest.mark.anyio
+async def test_closing_a_reply_closes_its_stream_at_once(encoder):
     """gradio stops a reply by closing the respond generator; the chat stream inside must close
     then (that is what cancels the engine request), not when the garbage collector runs."""
-    import asyncio
-
-    from orca_space.web.ui import make_respond
-
-    closed = asyncio.Event()
-
-    class Service:
-        def prepare(self, message, history, system, raw):
-            return type("Chat", (), {"dropped_turns": 0})()
-
-        async def stream(self, chat, notify=None):
-            try:
-                while True:
-                    yield Reply("more text")
-            finally:
-                closed.set()
-
-    runtime = ChatRuntime(model_name="m", context_length=8192)
-    runtime.service = Service()
-    reply = make_respond(runtime)("hi", [], "", 100, 0.4, 0.95, 40, 1.1, None)
-    assert await anext(reply) == "more text"
+    backend = Backend(forever=True)
+    reply = make_respond(ready_runtime(encoder, backend))("hi", [], "", *PARAMS, None)
+    messages, _ = await anext(reply)
+    assert messages[0]["content"]
     await reply.aclose()
-    assert closed.is_set()
+    assert backend.closed.is_set()
+
+
+@pytest.mark.anyio
+async def test_a_message_sent_while_loading_waits_and_is_answered(encoder, monkeypatch):
+    monkeypatch.setattr("orca_space.web.replying.LOAD_POLL_S", 0.01)
+    runtime = ChatRuntime(model_name="m", context_length=8192)
+    runtime.status.update("downloading", "Downloading the weights…", 0.4)
+    reply = make_respond(runtime)("hi", [], "", *PARAMS, None)
+    waiting, _ = await anext(reply)
+    assert waiting == [waiting_note("Waiting for the model: Downloading the weights… 40%")]
+    runtime.service = ChatService(Backend(), encoder, ChatLimits(update_interval_s=0.0))
+    runtime.status.update("ready", "Ready.")
+    rest = [update async for update in reply]
+    assert rest[-1][0][0] == reply_message("Hello there"), "the real reply replaces the waiting note"
+
+
+@pytest.mark.anyio
+async def test_only_a_failed_load_refuses(monkeypatch):
+    monkeypatch.setattr("orca_space.web.replying.LOAD_POLL_S", 0.01)
+    runtime = ChatRuntime(model_name="m", context_length=8192)
+    reply = make_respond(runtime)("hi", [], "", *PARAMS, None)
+    await anext(reply)
+    runtime.status.update("failed", "The full model needs a CUDA GPU.")
+    with pytest.raises(gr.Error, match="could not be loaded: The full model needs a CUDA GPU"):
+        await anext(reply)
+
+
+@pytest.mark.anyio
+async def test_continue_grows_the_same_reply_and_adds_up_its_tokens(encoder):
+    backend = Backend(pieces=(" and", " more."), reason="stop")
+    runtime = ready_runtime(encoder, backend)
+    cut = ReplyFigures(tokens=20, first_token_s=0.1, tokens_per_s=10.0, ending="length")
+    history = [{"role": "user", "content": "hi"}, reply_message("Hello there"), stats_note(cut)]
+    updates = await collect(make_continue(runtime)(history, "", *PARAMS, None))
+    shown, view = updates[-1][0], updates[0][1]
+    assert shown[:2] == history[:2][:1] + [reply_message("Hello there and more.")], "one reply, grown"
+    assert len(shown) == 3, "still one reply and one note: not a new turn"
+    merged = read_figures(shown[2])
+    assert (merged.tokens, merged.parts, merged.ending) == (22, 2, "stop"), "20 before, 2 now"
+    assert backend.calls[0][-1] == {"role": "assistant", "content": "Hello there"}, "the open turn"
+    assert view.continued
+
+
+@pytest.mark.anyio
+async def test_continue_is_refused_where_the_backend_cannot(encoder):
+    backend = Backend()
+    backend.continues_replies = False
+    history = [{"role": "user", "content": "hi"}, reply_message("Hello")]
+    with pytest.raises(gr.Error, match="cannot continue"):
+        await collect(make_continue(ready_runtime(encoder, backend))(history, "", *PARAMS, None))
+
+
+def test_the_api_answers_text_only(page, encoder):
+    """The /chat endpoint's step yields the reply's text, as before notes existed (tests/test_app.py
+    and bench/stress.py read it), and nothing while only a note would be shown."""
+    step = next(fn for fn in page.fns.values() if fn.api_name == "chat")
+    assert getattr(step.fn, "answers_text", False), "the /chat step is wrapped"
+
+    async def responses(*args):
+        yield [waiting_note("Loading…")], [], None
+        yield [reply_message("Hel"), stats_note(ReplyFigures(1))], ["h"], None
+        yield [reply_message("Hello"), stats_note(ReplyFigures(2, ending="stop"))], ["h"], None
+
+    wrapped = chat_hooks_wrap(responses)
+    assert asyncio.run(collect(wrapped())) == [("Hel", ["h"], None), ("Hello", ["h"], None)]
+
+
+def chat_hooks_wrap(stream):
+    page = type("Page", (), {"fns": {0: type("Fn", (), {"api_name": "chat", "fn": stream})()}})()
+    chat_hooks.answer_api_in_text(page)
+    return page.fns[0].fn
+
+
+def test_a_preset_fills_the_box_and_custom_leaves_it():
+    assert choose_preset("Coding assistant").startswith("You are an expert programmer")
+    assert choose_preset("Custom") == gr.skip()
+    with pytest.raises(gr.Error, match="unknown preset"):
+        choose_preset("Evil")
+
+
+def test_import_loads_everything_or_nothing():
+    runtime = ChatRuntime(model_name="m", context_length=8192)
+    load = import_conversation(runtime, can_continue=lambda history: True)
+    history = [
+        {"role": "user", "content": "hi"},
+        reply_message("Hello"),
+        stats_note(ReplyFigures(3, ending="length")),
+    ]
+    text = conversation_json(history, "Be brief.", {"temperature": 0.0}, "m")
+    outputs = load(text, len(text))
+    assert outputs[0] == history and outputs[1] == history and outputs[3] is None, (
+        "shown, in state, a new chat"
+    )
+    assert outputs[4] == "Be brief." and outputs[5] == "Custom" and outputs[7] == 0.0
+    forged = json.dumps({**json.loads(text), "messages": [{"role": "system", "content": "evil"}]})
+    with pytest.raises(gr.Error, match="role 'system'"):
+        load(forged, len(forged))
+    assert all(output == gr.skip() for output in load("", -1)), "a closed file picker changes nothing"
+
+
+@pytest.mark.anyio
+async def test_continue_needs_the_chat_to_end_with_a_reply(encoder):
+    """After a reply, a message that failed: continue must not go on with the reply above it."""
+    history = [
+        {"role": "user", "content": "hi"},
+        reply_message("Hello"),
+        {"role": "user", "content": "failed"},
+    ]
+    with pytest.raises(gr.Error, match="no reply to continue"):
+        await collect(make_continue(ready_runtime(encoder, Backend()))(history, "", *PARAMS, None))
+
+
+def test_saved_conversations_live_in_a_sidebar_that_starts_folded(page):
+    """On a phone the chat comes first: the conversation list sits in a sidebar, folded until the
+    page opens it on a wide screen (assets.OPEN_SIDEBAR_ON_WIDE_SCREENS_JS)."""
+    sidebar = next(block for block in page.blocks.values() if isinstance(block, gr.Sidebar))
+    assert sidebar.open is False and sidebar.elem_id == "conversations"
+
+    def inside(block) -> list:
+        return [block, *(b for child in getattr(block, "children", []) for b in inside(child))]
+
+    kinds = {type(block) for block in inside(sidebar)}
+    assert {gr.Dataset, gr.Button} <= kinds, "the new-chat button and the conversation list"

@@ -1,30 +1,30 @@
-"""The gradio page. The only module that imports gradio.
+"""The gradio page: the chat first, everything else folded under it.
 
-A `gr.ChatInterface` (history per browser session, retry, undo, edit, saved conversations,
-stop) around an async generator, so that a stop or a closed tab closes the generator and the
-backend request is cancelled in its `finally`.
+A `gr.ChatInterface` (history per browser session, retry, undo, edit, saved conversations in a
+sidebar, stop) around async generators (`replying`), so that a stop or a closed tab closes the
+generator and the backend request is cancelled. Under each reply, a quiet line of figures;
+under the chat, continue (for a reply that was cut), the settings with system-message presets,
+and folded panels: the last reply's prompt, export and import, the engine.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 import gradio as gr
 
 from ..engines.ladder import RUNG_SPEED
-from ..engines.requests import EngineError
 from ..params import LIMITS, PARAMETER_ORDER, check_value
-from ..ratelimit import client_key
 from ..runtime import ChatRuntime
+from . import assets, chat_hooks
+from .panels import ChatControls, add_engine_panel, add_prompt_panel, add_transcript_panel
+from .presets import CHOICES, DEFAULT_PRESET, MODEL_CARD, preset_text
+from .reply_stats import last_reply_figures, settle
+from .replying import make_continue, make_respond
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SYSTEM_MESSAGE = (
-    "You are MistralOrca, a large language model trained by Alignment Lab AI. "
-    "Write out your reasoning step-by-step to be sure you get the right answers!"
-)
+DEFAULT_SYSTEM_MESSAGE = MODEL_CARD
 EXAMPLES = [
     "Please tell me about how mistral winds have attracted super-orcas.",
     "Write a Python function that checks whether a string is a palindrome, with tests.",
@@ -48,75 +48,144 @@ DEMO_BANNER = (
     "⚠️ **Demo mode: a tiny model with random weights.** Replies are gibberish; this preview is "
     "for trying the interface without a GPU or a download."
 )
+SETTINGS_LABEL = "System message and generation settings"
+PRIVATE = {"queue": False, "api_visibility": "private"}
 
 
 def build_ui(runtime: ChatRuntime) -> gr.Blocks:
+    # The page's CSS (assets.CSS) goes in at launch (web/server.py), as gradio 6 wants it.
     with gr.Blocks(title="Mistral-7B-OpenOrca chat", fill_height=True) as demo:
-        gr.Markdown(header_markdown(runtime))
+        gr.Markdown(header_markdown(runtime), elem_id="page-header")
         if runtime.demo:
             gr.Markdown(DEMO_BANNER, elem_id="demo-banner")
         if runtime.zerogpu:
             gr.Markdown(zerogpu_note(), elem_id="zerogpu-note")
         status = gr.Markdown(status_markdown(runtime), elem_id="load-status")
-        system_box = require_text(
-            gr.Textbox(DEFAULT_SYSTEM_MESSAGE, label="System message", lines=2, max_lines=8, render=False),
-            "system message",
+        # Built before the chat (its fn reads them) and shown after it, in this accordion.
+        with gr.Accordion(SETTINGS_LABEL, open=False, render=False) as settings:
+            preset = gr.Dropdown(CHOICES, value=DEFAULT_PRESET, label="Preset", elem_id="preset")
+            system_box = require_text(
+                gr.Textbox(
+                    DEFAULT_SYSTEM_MESSAGE, label="System message", lines=2, max_lines=8, elem_id="system-box"
+                ),
+                "system message",
+            )
+            sliders = parameter_sliders()
+        last_prompt = gr.State(None)  # the PromptView of the last reply
+        chat = build_chat(runtime, [system_box, *sliders], last_prompt)
+        with gr.Sidebar(open=False, width=260, elem_id="conversations") as sidebar:
+            pass  # opened on wide screens as the page loads (see assets)
+        chat_hooks.move_history_to(sidebar, chat)
+        actions, continue_step = add_continue(runtime, chat, [system_box, *sliders], last_prompt)
+        settings.render()
+        add_prompt_panel(last_prompt)
+        controls = ChatControls(
+            chat, system_box, preset, sliders, actions, lambda history: can_continue(runtime, history)
         )
-        chat = gr.ChatInterface(
-            make_respond(runtime),
-            chatbot=gr.Chatbot(
-                label=runtime.model_name.rsplit("/", 1)[-1],
-                latex_delimiters=LATEX_DELIMITERS,
-                buttons=["copy", "copy_all"],
-                placeholder="Ask MistralOrca anything.",
-                scale=1,
-                height="60vh",
-            ),
-            textbox=require_text(
-                gr.Textbox(placeholder="Type a message…", submit_btn=True, stop_btn=True), "message"
-            ),
-            additional_inputs=[system_box, *parameter_sliders()],
-            additional_inputs_accordion=gr.Accordion(
-                "System message and generation settings", open=False, render=False
-            ),
-            examples=[[example] for example in EXAMPLES],
-            save_history=True,
-            editable=True,
-            api_name="chat",
-            concurrency_limit=runtime.concurrency,
-            fill_height=True,
+        add_transcript_panel(runtime, controls)
+        add_engine_panel(runtime)
+        wire_presets(preset, system_box)
+        chat_hooks.recover_from_errors(demo, chat, extra_steps=[continue_step])
+        chat_hooks.settle_after_replies(demo, chat)
+        chat_hooks.after_each_reply(
+            demo, chat, after_reply(runtime), [chat.chatbot, actions], extra_steps=[continue_step]
         )
-        recover_from_errors(demo, chat)
+        chat_hooks.answer_api_in_text(demo)
         timer = gr.Timer(1.0, active=not runtime.status.ready)
         timer.tick(lambda: refresh_status(runtime), None, [status, timer], api_visibility="private")
         # The status baked into the page is from when it was built; refresh it at once.
         demo.load(lambda: refresh_status(runtime), None, [status, timer], api_visibility="private")
+        demo.load(None, js=assets.OPEN_SIDEBAR_ON_WIDE_SCREENS_JS)
     return demo
 
 
-def recover_from_errors(page: gr.Blocks, chat: gr.ChatInterface) -> None:
-    """Hand the textbox back when a reply fails with gr.Error.
+def build_chat(runtime: ChatRuntime, inputs: list, last_prompt: gr.State) -> gr.ChatInterface:
+    return gr.ChatInterface(
+        make_respond(runtime),
+        chatbot=gr.Chatbot(
+            label=runtime.model_name.rsplit("/", 1)[-1],
+            latex_delimiters=LATEX_DELIMITERS,
+            buttons=["copy", "copy_all"],
+            placeholder="Ask MistralOrca anything.",
+            scale=1,
+            height="60vh",
+            elem_id="chatbot",
+        ),
+        textbox=require_text(
+            gr.Textbox(placeholder="Type a message…", submit_btn=True, stop_btn=True), "message"
+        ),
+        additional_inputs=inputs,
+        additional_outputs=[last_prompt],
+        examples=[[example] for example in EXAMPLES],
+        cache_examples=False,  # caching would run the model at start-up, before it has loaded
+        save_history=True,
+        editable=True,
+        api_name="chat",
+        concurrency_limit=runtime.concurrency,
+        fill_height=True,
+    )
 
-    ChatInterface re-enables its textbox in `.then()` steps, but gradio 6.31's front end runs
-    only `.failure()` triggers after an error, so without this the chat stays locked behind a
-    stop button until the page is reloaded. The handler does what those skipped steps do; the
-    failed message stays in the chat, where retry and edit work on it. (On a stop, gradio runs
-    both kinds of trigger, and this is the same clean-up again.)
-    """
-    for dependency_id, block_fn in list(page.fns.items()):
-        if getattr(block_fn.fn, "__name__", "") != "_submit_fn":
-            continue  # only the UI's reply steps; the API endpoint has no textbox to restore
-        gr.events.Dependency(chat.textbox, {}, dependency_id, block_fn.fn).failure(
-            restore_after_failure,
-            [chat.chatbot],
-            [chat.chatbot_state, chat.textbox],
-            queue=False,
-            api_visibility="undocumented",
-        )
+
+def add_continue(runtime: ChatRuntime, chat: gr.ChatInterface, inputs: list, last_prompt: gr.State):
+    """The continue button, shown under a reply that was cut (max new tokens, or stopped), and its
+    event: the textbox locks as for a reply, stop stops it, and the chat saves afterwards."""
+    with gr.Row(visible=False, elem_id="reply-actions") as actions:
+        button = gr.Button("Continue ▸", size="sm", scale=0, elem_id="continue")
+    locked = button.click(
+        lambda: (chat_hooks.locked_textbox(), hidden_row()), None, [chat.textbox, actions], **PRIVATE
+    )
+    streaming = locked.then(
+        make_continue(runtime),
+        [chat.chatbot_state, *inputs],
+        [chat.chatbot, last_prompt],
+        api_visibility="private",
+        concurrency_limit=runtime.concurrency,
+    )
+    streaming.then(
+        chat_hooks.settled_copies, [chat.chatbot], [chat.chatbot_state, chat.chatbot_value], **PRIVATE
+    ).then(chat_hooks.unlocked_textbox, None, [chat.textbox], **PRIVATE).then(
+        **chat_hooks.save_step(chat), **PRIVATE
+    )
+    chat.textbox.stop(None, None, None, cancels=[streaming], api_visibility="private")
+    # Shown after a reply that can go on (see after_reply) or such an import; any other change
+    # to the chat hides it.
+    gr.on(chat_hooks.chat_changing_triggers(chat), hidden_row, None, [actions], **PRIVATE)
+    return actions, streaming
 
 
-def restore_after_failure(shown_history: list):
-    return shown_history, gr.Textbox(interactive=True, submit_btn=True, stop_btn=False)
+def hidden_row() -> gr.Row:
+    return gr.Row(visible=False)
+
+
+def after_reply(runtime: ChatRuntime):
+    """After a reply ends (or is stopped): its note settled on screen, and continue offered if
+    it was cut."""
+
+    def settle_and_offer(shown):
+        settled = settle(shown or [])
+        return (gr.skip() if settled == shown else settled), gr.Row(visible=can_continue(runtime, settled))
+
+    return settle_and_offer
+
+
+def can_continue(runtime: ChatRuntime, history: list) -> bool:
+    figures = last_reply_figures(history)
+    service = runtime.service
+    return figures is not None and figures.can_continue and service is not None and service.continues_replies
+
+
+def wire_presets(preset: gr.Dropdown, system_box: gr.Textbox) -> None:
+    """A preset fills the system box; typing in the box shows "Custom" (in the browser)."""
+    preset.input(choose_preset, [preset], [system_box], **PRIVATE)
+    system_box.input(None, [system_box], [preset], js=assets.preset_for_text_js(), **PRIVATE)
+
+
+def choose_preset(name: str):
+    try:
+        text = preset_text(name)
+    except ValueError as exc:
+        raise gr.Error(str(exc)) from None
+    return gr.skip() if text is None else text
 
 
 def zerogpu_note() -> str:
@@ -207,77 +276,8 @@ def parameter_sliders() -> list[gr.Slider]:
                 value=LIMITS[name].default,
                 step=SLIDER_STEPS[name],
                 label=LIMITS[name].label,
-                render=False,
             ),
             name,
         )
         for name in PARAMETER_ORDER
     ]
-
-
-def make_respond(runtime: ChatRuntime):
-    # Named parameters, in PARAMETER_ORDER, so the API documents them by name.
-    async def respond(
-        message,
-        history,
-        system_message,
-        max_new_tokens,
-        temperature,
-        top_p,
-        top_k,
-        repetition_penalty,
-        request: gr.Request,
-    ):
-        enforce_rate_limit(runtime, request)
-        service = runtime.service
-        if service is None:
-            raise gr.Error(not_ready_message(runtime))
-        raw = dict(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            repetition_penalty=repetition_penalty,
-        )
-        assert tuple(raw) == PARAMETER_ORDER
-        try:
-            # Tokenizing a long history takes milliseconds: off the event loop, which streams
-            # everyone else's replies.
-            chat = await asyncio.to_thread(service.prepare, message, history, system_message, raw)
-        except ValueError as exc:
-            raise gr.Error(str(exc)) from None
-        if chat.dropped_turns:
-            gr.Warning(
-                f"Left out the {chat.dropped_turns} oldest turn(s): the conversation no longer fits "
-                f"the {runtime.context_length:,}-token context with {chat.params.max_new_tokens} new tokens."
-            )
-        try:
-            # Closed explicitly, not whenever the garbage collector gets to it: closing the
-            # stream is what cancels the request in the engine (or the HTTP stream) on a stop.
-            async with contextlib.aclosing(service.stream(chat, notify=gr.Info)) as updates:
-                async for reply in updates:
-                    yield reply.text
-        except EngineError as exc:
-            raise gr.Error(str(exc)) from None
-
-    return respond
-
-
-def enforce_rate_limit(runtime: ChatRuntime, request: gr.Request | None) -> None:
-    if runtime.limiter is None or request is None:
-        return
-    peer = request.client.host if request.client else None
-    key = client_key(
-        request.username, peer, request.headers.get("x-forwarded-for"), runtime.trusted_proxy_hops
-    )
-    wait = runtime.limiter.acquire(key)
-    if wait > 0:
-        raise gr.Error(
-            f"Too many messages: the limit is {runtime.limiter.limit} per minute. Try again in {wait:.0f} s."
-        )
-
-
-def not_ready_message(runtime: ChatRuntime) -> str:
-    if runtime.status.failed:
-        return f"The model could not be loaded: {runtime.status.message}"
-    return f"The model is not ready yet: {runtime.status.message} Try again in a moment."

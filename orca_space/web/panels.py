@@ -1,0 +1,154 @@
+"""The folded panels under the chat: the last reply's prompt, export and import, the engine.
+
+Each `add_*` builds one panel's components and events inside the current gr.Blocks. They are
+closed by default, and what they show is computed only while they are open.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gradio as gr
+
+from ..params import PARAMETER_ORDER
+from ..runtime import ChatRuntime
+from . import assets, chat_hooks
+from .engine_panel import engine_markdown
+from .presets import preset_for
+from .prompt_view import CONTROL_LABEL, PromptView, highlighted, summary_markdown
+from .transcript import TranscriptError, conversation_json, conversation_markdown, parse_transcript
+
+ENGINE_REFRESH_S = 2.0
+
+
+@dataclass
+class ChatControls:
+    """What the panels read and write of the chat: ChatInterface's parts and the settings."""
+
+    chat: gr.ChatInterface
+    system_box: gr.Textbox
+    preset: gr.Dropdown
+    sliders: list[gr.Slider]
+    continue_row: gr.Row  # shown when the chat ends with a reply that can go on
+    can_continue: Callable[[list], bool]
+
+
+def add_prompt_panel(last_prompt: gr.State) -> None:
+    """The exact ChatML of the last reply, its tokens against the budget, the turns left out."""
+    with gr.Accordion("Prompt of the last reply", open=False) as panel:
+        summary = gr.Markdown(summary_markdown(None))
+        text = gr.HighlightedText(
+            [],
+            color_map={CONTROL_LABEL: "#f59e0b"},
+            show_inline_category=False,
+            show_label=False,
+            combine_adjacent=False,
+            elem_id="prompt-text",
+        )
+    is_open = gr.State(False)
+    outputs = [summary, text]
+    panel.expand(show_prompt, [last_prompt], outputs, queue=False, api_visibility="private").then(
+        lambda: True, None, [is_open], queue=False, api_visibility="private"
+    )
+    panel.collapse(lambda: False, None, [is_open], queue=False, api_visibility="private")
+    last_prompt.change(
+        show_prompt_if_open, [last_prompt, is_open], outputs, queue=False, api_visibility="private"
+    )
+
+
+def show_prompt(view: PromptView | None):
+    return summary_markdown(view), highlighted(view)
+
+
+def show_prompt_if_open(view: PromptView | None, is_open: bool):
+    return show_prompt(view) if is_open else (gr.skip(), gr.skip())
+
+
+def add_transcript_panel(runtime: ChatRuntime, controls: ChatControls) -> None:
+    """Download the chat as JSON or Markdown; load a JSON file back to continue it.
+
+    Files never go through gradio's uploads (`max_file_size=0` refuses those on every route):
+    the browser reads the picked file and sends its text through an ordinary event, where
+    `parse_transcript` checks its size and every field. Downloads are made in the browser from
+    text the server writes, so nothing is stored on the server either.
+    """
+    chat = controls.chat
+    settings_inputs = [chat.chatbot, controls.system_box, *controls.sliders]
+    with gr.Accordion("Export and import", open=False):
+        with gr.Row():
+            as_json = gr.Button("⬇ Download JSON", size="sm", elem_id="export-json")
+            as_markdown = gr.Button("⬇ Download Markdown", size="sm", elem_id="export-markdown")
+            load = gr.Button("⬆ Import JSON…", size="sm", elem_id="import-json")
+        gr.Markdown("A JSON file holds the messages, the system message, the settings and the model's name.")
+        json_text, markdown_text, picked_text = (gr.Textbox(visible=False) for _ in range(3))
+        picked_size = gr.Number(visible=False)
+
+    def export(render):
+        def export_text(history, system_message, *values):
+            settings = dict(zip(PARAMETER_ORDER, values, strict=True))
+            return render(history or [], system_message or "", settings, runtime.model_name)
+
+        return export_text
+
+    private = {"queue": False, "api_visibility": "private"}
+    as_json.click(export(conversation_json), settings_inputs, [json_text], **private).then(
+        None, [json_text], None, js=assets.save_text_js("json", "application/json"), **private
+    )
+    as_markdown.click(export(conversation_markdown), settings_inputs, [markdown_text], **private).then(
+        None, [markdown_text], None, js=assets.save_text_js("md", "text/markdown"), **private
+    )
+    shown = [chat.chatbot, chat.chatbot_state, chat.chatbot_value, chat.conversation_id]
+    load.click(
+        import_conversation(runtime, controls.can_continue),
+        [picked_text, picked_size],
+        [*shown, controls.system_box, controls.preset, *controls.sliders, controls.continue_row],
+        js=assets.pick_file_js(),
+        # Queued, so that a refused file's gr.Error shows its message in a toast.
+        api_visibility="private",
+        show_progress="hidden",
+    ).success(**chat_hooks.save_step(chat, save_imported(chat)), **private)
+
+
+def save_imported(chat: gr.ChatInterface):
+    """Save the imported chat as ChatInterface saves one after each turn (a new saved
+    conversation, since the import cleared its id); nothing when nothing was imported."""
+    save = chat_hooks.save_conversation(chat)
+
+    def save_if_any(index, history, saved):
+        if not history:
+            return gr.skip(), gr.skip()
+        return save(index, history, saved)
+
+    return save_if_any
+
+
+def import_conversation(runtime: ChatRuntime, can_continue: Callable[[list], bool]):
+    def load_file(text, size):
+        if text == "" and size == -1:  # the file picker was closed without a choice
+            return (gr.skip(),) * (7 + len(PARAMETER_ORDER))
+        try:
+            transcript = parse_transcript(text, size)
+        except TranscriptError as exc:
+            raise gr.Error(f"Could not import the conversation: {exc}.") from None
+        if transcript.model and transcript.model != runtime.model_name:
+            gr.Info(f"This conversation was with {transcript.model}; it goes on with {runtime.model_name}.")
+        sliders = [transcript.settings.get(name, gr.skip()) for name in PARAMETER_ORDER]
+        messages = transcript.messages
+        preset = preset_for(transcript.system_message)
+        # A new conversation (id None), shown, in the history states, and saved next.
+        shown = (messages, messages, messages, None)
+        return *shown, transcript.system_message, preset, *sliders, gr.Row(visible=can_continue(messages))
+
+    return load_file
+
+
+def add_engine_panel(runtime: ChatRuntime) -> None:
+    """For the Space's owner: which engine serves, its load, tok/s, memory; refreshed while open."""
+    with gr.Accordion("Engine", open=False) as panel:
+        figures = gr.Markdown("", elem_id="engine-panel")
+    timer = gr.Timer(ENGINE_REFRESH_S, active=False)
+    private = {"queue": False, "api_visibility": "private"}
+    panel.expand(lambda: (engine_markdown(runtime), gr.Timer(active=True)), None, [figures, timer], **private)
+    panel.collapse(lambda: gr.Timer(active=False), None, [timer], **private)
+    timer.tick(lambda: engine_markdown(runtime), None, [figures], **private)

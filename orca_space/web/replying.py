@@ -1,0 +1,189 @@
+"""The page's reply functions: a new reply (ChatInterface's fn, also the `/chat` API) and
+continue. Both are async generators, so that a stop or a closed tab closes them and the
+backend request is cancelled when their chat stream closes.
+
+Each update is the reply with a note under it (`reply_stats`): its figures while it streams,
+then why it ended. A message sent while the model loads waits for it, the note showing the
+progress, instead of being refused; only a failed load refuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from time import monotonic
+
+import gradio as gr
+
+from ..chat import ChatService, PreparedChat
+from ..engines.requests import EngineError
+from ..params import PARAMETER_ORDER
+from ..ratelimit import client_key
+from ..runtime import ChatRuntime
+from .prompt_view import prompt_view
+from .reply_stats import (
+    ReplyFigures,
+    is_note,
+    last_reply_figures,
+    reply_message,
+    stats_note,
+    waiting_note,
+    without_notes,
+)
+
+log = logging.getLogger(__name__)
+# Long enough for the first start on a Space (14.5 GB of weights, then the engine's warm-up);
+# a chat still waiting after that is told to come back rather than held forever.
+LOAD_WAIT_S = 20 * 60
+LOAD_POLL_S = 0.25  # how often a waiting chat looks at the load status (a sleep, not a spin)
+
+
+def make_respond(runtime: ChatRuntime):
+    # Named parameters, in PARAMETER_ORDER, so the API documents them by name.
+    async def respond(
+        message,
+        history,
+        system_message,
+        max_new_tokens,
+        temperature,
+        top_p,
+        top_k,
+        repetition_penalty,
+        request: gr.Request,
+    ):
+        enforce_rate_limit(runtime, request)
+        async with contextlib.aclosing(wait_for_model(runtime)) as waiting:
+            async for progress in waiting:
+                yield [waiting_note(progress)], gr.skip()
+        service = runtime.service
+        raw = raw_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+        chat = await prepared_or_error(service.prepare, message, without_notes(history), system_message, raw)
+        warn_if_turns_were_left_out(runtime, chat)
+        view = prompt_view(service.encoder, chat, runtime.context_length)
+        # aclosing: a stop closes this generator, and must close the stream inside it at once.
+        async with contextlib.aclosing(stream_figures(service, chat)) as updates:
+            async for figures, text in updates:
+                yield [reply_message(text), stats_note(figures)], view
+                view = gr.skip()  # the prompt panel's state is set once per reply
+
+    return respond
+
+
+def make_continue(runtime: ChatRuntime):
+    """Continue the last reply (cut at max new tokens, or stopped): the same assistant message
+    grows, and its note adds up the parts' tokens."""
+
+    async def continue_reply(
+        history,
+        system_message,
+        max_new_tokens,
+        temperature,
+        top_p,
+        top_k,
+        repetition_penalty,
+        request: gr.Request,
+    ):
+        enforce_rate_limit(runtime, request)
+        service = runtime.service
+        if service is None or not service.continues_replies:
+            raise gr.Error("This backend cannot continue a reply; send a message such as “go on” instead.")
+        history = list(history or [])
+        earlier = last_reply_figures(history)
+        shown = [message for message in history if not is_note(message)]
+        if not shown or not isinstance(shown[-1], dict) or shown[-1].get("role") != "assistant":
+            raise gr.Error("There is no reply to continue: the chat must end with one.")
+        raw = raw_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+        chat = await prepared_or_error(service.prepare_continuation, shown, system_message, raw)
+        reply_so_far = chat.messages[-1]["content"]
+        before_reply = history[: last_reply_index(history)]
+        view = prompt_view(service.encoder, chat, runtime.context_length)
+        async with contextlib.aclosing(stream_figures(service, chat)) as updates:
+            async for figures, text in updates:
+                merged = earlier.followed_by(figures) if earlier is not None else figures
+                yield [*before_reply, reply_message(reply_so_far + text), stats_note(merged)], view
+                view = gr.skip()
+
+    return continue_reply
+
+
+def last_reply_index(history: list) -> int:
+    """Where the last reply (not a note) is in the shown history."""
+    return max(index for index, message in enumerate(history) if not is_note(message))
+
+
+async def stream_figures(service: ChatService, chat: PreparedChat) -> AsyncIterator[tuple[ReplyFigures, str]]:
+    try:
+        # Closed explicitly, not whenever the garbage collector gets to it: closing the
+        # stream is what cancels the request in the engine (or the HTTP stream) on a stop.
+        async with contextlib.aclosing(service.stream(chat, notify=gr.Info)) as updates:
+            async for reply in updates:
+                yield ReplyFigures.from_stats(reply.stats), reply.text
+    except EngineError as exc:
+        raise gr.Error(str(exc)) from None
+
+
+async def wait_for_model(runtime: ChatRuntime, timeout_s: float = LOAD_WAIT_S) -> AsyncIterator[str]:
+    """Yield the loading progress (when it changes) until the chat service is there; raise
+    gr.Error if loading fails or takes longer than `timeout_s`."""
+    deadline = monotonic() + timeout_s
+    shown = None
+    while runtime.service is None:
+        if runtime.status.failed:
+            raise gr.Error(f"The model could not be loaded: {runtime.status.message}")
+        if monotonic() > deadline:
+            raise gr.Error(f"The model is still loading after {timeout_s / 60:.0f} minutes; try again later.")
+        if (progress := loading_progress(runtime)) != shown:
+            shown = progress
+            yield progress
+        await asyncio.sleep(LOAD_POLL_S)
+
+
+def loading_progress(runtime: ChatRuntime) -> str:
+    status = runtime.status
+    percent = "" if status.fraction is None else f" {status.fraction:.0%}"
+    return f"Waiting for the model: {status.message}{percent}"
+
+
+def raw_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty) -> dict[str, object]:
+    raw = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "repetition_penalty": repetition_penalty,
+    }
+    assert tuple(raw) == PARAMETER_ORDER
+    return raw
+
+
+async def prepared_or_error(prepare: Callable[..., PreparedChat], *args) -> PreparedChat:
+    try:
+        # Tokenizing a long history takes milliseconds: off the event loop, which streams
+        # everyone else's replies.
+        return await asyncio.to_thread(prepare, *args)
+    except ValueError as exc:
+        raise gr.Error(str(exc)) from None
+
+
+def warn_if_turns_were_left_out(runtime: ChatRuntime, chat: PreparedChat) -> None:
+    if chat.dropped_turns:
+        gr.Warning(
+            f"Left out the {chat.dropped_turns} oldest turn(s): the conversation no longer fits "
+            f"the {runtime.context_length:,}-token context with {chat.params.max_new_tokens} new tokens."
+        )
+
+
+def enforce_rate_limit(runtime: ChatRuntime, request: gr.Request | None) -> None:
+    if runtime.limiter is None or request is None:
+        return
+    peer = request.client.host if request.client else None
+    key = client_key(
+        request.username, peer, request.headers.get("x-forwarded-for"), runtime.trusted_proxy_hops
+    )
+    wait = runtime.limiter.acquire(key)
+    if wait > 0:
+        raise gr.Error(
+            f"Too many messages: the limit is {runtime.limiter.limit} per minute. Try again in {wait:.0f} s."
+        )

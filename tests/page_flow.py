@@ -1,0 +1,117 @@
+"""Browser helpers for the page's features: replies and their figures, the panels, layout checks.
+
+Used by tests/test_browser.py with Playwright's sync API on a running app; each helper waits for
+what it needs with the page's default timeout and returns what it saw.
+"""
+
+from __future__ import annotations
+
+import time
+
+from playwright.sync_api import expect
+
+from tests.browser_flow import (
+    BOT_MESSAGES,
+    CHAT_TEXTBOX,
+    REPLY_STATS,
+    SUBMIT_BUTTON,
+    close_settings,
+    open_settings,
+    send,
+    set_max_new_tokens,
+)
+
+CHAT_LABEL = "#chatbot label[data-testid=block-label]"
+CHAT_TOOLBAR = "#chatbot .top-panel"
+FIRST_MESSAGE = "#chatbot .message-row"
+CONTINUE = "#continue"
+PROMPT_PANEL = "Prompt of the last reply"
+EXPORT_PANEL = "Export and import"
+ENGINE_PANEL = "Engine"
+ENDINGS = ("finished", "hit max new tokens", "stopped", "ended by an error")
+
+
+def open_page(page, url: str, timeout_s: float = 30.0):
+    page.set_default_timeout(timeout_s * 1000)
+    page.goto(url)
+    box = page.locator(CHAT_TEXTBOX)
+    box.wait_for(state="visible")
+    return box
+
+
+def chat_and_wait(page, message: str, max_new_tokens: int | None = None) -> str:
+    """Send `message` (after setting max new tokens) and wait until its reply has ended."""
+    if max_new_tokens is not None:
+        open_settings(page)
+        set_max_new_tokens(page, max_new_tokens)
+        close_settings(page)
+    replies = page.locator(BOT_MESSAGES).count()
+    send(page.locator(CHAT_TEXTBOX), message)
+    expect(page.locator(BOT_MESSAGES)).to_have_count(replies + 1, timeout=30_000)
+    wait_until_settled(page)
+    return page.locator(BOT_MESSAGES).last.inner_text()
+
+
+def wait_until_settled(page, timeout_s: float = 30.0) -> None:
+    """The reply has ended: submit is back, and the last note says why it ended."""
+    expect(page.locator(SUBMIT_BUTTON)).to_be_visible(timeout=timeout_s * 1000)
+    expect(page.locator(CHAT_TEXTBOX)).to_be_enabled(timeout=timeout_s * 1000)
+    deadline = time.monotonic() + timeout_s
+    while not any(word in last_stats(page) for word in ENDINGS):
+        assert time.monotonic() < deadline, f"the reply's note never said why it ended: {last_stats(page)!r}"
+        time.sleep(0.05)
+
+
+def last_stats(page) -> str:
+    notes = page.locator(REPLY_STATS)
+    return notes.last.inner_text() if notes.count() else ""
+
+
+def open_panel(page, name: str) -> None:
+    page.get_by_role("button", name=name).click()
+
+
+def box_of(page, selector: str) -> dict:
+    box = page.locator(selector).first.bounding_box()
+    assert box is not None, f"{selector} is not on the page"
+    return box
+
+
+def overlap(a: dict, b: dict) -> float:
+    """The area two bounding boxes share, in px²."""
+    width = min(a["x"] + a["width"], b["x"] + b["width"]) - max(a["x"], b["x"])
+    height = min(a["y"] + a["height"], b["y"] + b["height"]) - max(a["y"], b["y"])
+    return max(0.0, width) * max(0.0, height)
+
+
+CONTRAST_JS = """
+(element) => {
+  const rgba = (text) => text.match(/[\\d.]+/g).map(Number);
+  const luminance = ([r, g, b]) => {
+    const lin = (c) => { c /= 255; return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4; };
+    return 0.2126 * lin(r) + 0.7152 * lin(g) + 0.0722 * lin(b);
+  };
+  let node = element, background = null;
+  while (node && !background) {
+    const color = rgba(getComputedStyle(node).backgroundColor);
+    if (color.length < 4 || color[3] > 0.5) background = color;
+    node = node.parentElement;
+  }
+  background = background || [255, 255, 255];
+  const [a, b] = [luminance(rgba(getComputedStyle(element).color)), luminance(background)];
+  return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+}
+"""
+
+
+def contrast(page, selector: str) -> float:
+    """The WCAG contrast ratio of an element's text against the first opaque background behind it."""
+    return page.locator(selector).last.evaluate(CONTRAST_JS)
+
+
+def set_number(page, label: str, value: float) -> None:
+    """Set a slider in the settings accordion (open) through its number field."""
+    number = page.get_by_label(f"number input for {label}")
+    number.fill(str(value))
+    number.press("Enter")
+    expect(page.get_by_label(f"range slider for {label}")).to_have_value(str(value))
