@@ -35,7 +35,14 @@ import torch
 
 from ..params import SamplingParams
 from . import decode_step, device, kv_cache, mistral
-from .requests import NON_FINITE_MESSAGE, EngineStats, RequestHandle, TokenEvent, describe_failure
+from .requests import (
+    NON_FINITE_MESSAGE,
+    EngineStats,
+    RequestHandle,
+    RequestQueue,
+    TokenEvent,
+    describe_failure,
+)
 from .sampling import NON_FINITE, sample_next_tokens
 from .scheduling import Slot, eager_shortcuts, prefill_rows
 
@@ -66,7 +73,7 @@ def stage(what: str) -> Iterator[None]:
         raise WarmUpFailed(f"{what} failed: {detail}") from exc
 
 
-class BatchedEngine:
+class BatchedEngine(RequestQueue):
     """Serves many requests at once from a slot-indexed static KV cache; see the module docstring."""
 
     def __init__(
@@ -82,6 +89,7 @@ class BatchedEngine:
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        super().__init__()
         self.weights = mistral.weights_from_hf(model)
         self.device = self.weights.device
         self.stop_ids = frozenset(stop_ids)
@@ -104,29 +112,13 @@ class BatchedEngine:
         self.warmup_message = "Starting the engine…"
         self.ready_s: float | None = None  # seconds from construction to serving
         self._settled = threading.Event()  # set once warm-up has finished or failed
-        self._pending: collections.deque[RequestHandle] = collections.deque()
-        self._wakeup = threading.Condition()
         self._slots: list[Slot | None] = [None] * self.capacity
-        self._closing = False
-        self.failure: str | None = None
         self.non_finite_replies = 0  # requests ended because their logits were not finite
         self._started = time.monotonic()
         self._thread = threading.Thread(target=self._serve, name="orca-batched-engine", daemon=True)
         self._thread.start()
 
     # -- caller side --
-    def submit(
-        self, prompt_ids: list[int], params: SamplingParams, record_logits: bool = False
-    ) -> RequestHandle:
-        handle = RequestHandle(list(prompt_ids), params, record_logits)
-        with self._wakeup:
-            if self.failure or self._closing:
-                handle.finish("error", self.failure or "the engine is shutting down")
-                return handle
-            self._pending.append(handle)
-            self._wakeup.notify()
-        return handle
-
     def position(self, handle: RequestHandle) -> int:
         """0 if the request is generating, done, or about to take a free slot; else its 1-based
         place in line for a slot (a request the engine thread has not admitted yet is not

@@ -28,6 +28,7 @@ from .requests import (
     EngineStats,
     FinishReason,
     RequestHandle,
+    RequestQueue,
     TokenEvent,
     describe_failure,
 )
@@ -143,41 +144,26 @@ def generate_tokens(
     return "stop" if streamer.stopped or streamer.generated < params.max_new_tokens else "length"
 
 
-class ReferenceEngine:
+class ReferenceEngine(RequestQueue):
     """`generate` on a thread of its own, one request at a time; see the module docstring."""
 
     capacity = 1
 
     def __init__(self, model, stop_ids: Iterable[int], context_length: int) -> None:
+        super().__init__()
         self.model = model
         self.device = model.device
         self.stop_ids = frozenset(stop_ids)
         self.context_length = context_length
         self.attention = getattr(model.config, "_attn_implementation", "sdpa")
-        self.failure: str | None = None
         self.non_finite_replies = 0
-        self._pending: collections.deque[RequestHandle] = collections.deque()
         self._current: RequestHandle | None = None
-        self._wakeup = threading.Condition()
-        self._closing = False
         started = time.monotonic()
         self._thread = threading.Thread(target=self._serve, name="orca-reference-engine", daemon=True)
         self._thread.start()
         self.ready_s = time.monotonic() - started  # nothing to warm up: generate compiles nothing
 
     # -- caller side --
-    def submit(
-        self, prompt_ids: list[int], params: SamplingParams, record_logits: bool = False
-    ) -> RequestHandle:
-        handle = RequestHandle(list(prompt_ids), params, record_logits)
-        with self._wakeup:
-            if self.failure or self._closing:
-                handle.finish("error", self.failure or "the engine is shutting down")
-                return handle
-            self._pending.append(handle)
-            self._wakeup.notify()
-        return handle
-
     def position(self, handle: RequestHandle) -> int:
         """0 if generating, done or next to start; else the 1-based place in line."""
         with self._wakeup:

@@ -9,6 +9,7 @@ at any time. Errors come back as a final event, never as an exception on the eng
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import queue
 import threading
@@ -135,6 +136,30 @@ class RequestHandle:
     def finish(self, reason: FinishReason, error: str | None = None) -> None:
         if not self._done:
             self.deliver(TokenEvent(finish_reason=reason, error=error))
+
+
+class RequestQueue:
+    """The caller side every in-process engine shares: submitted requests wait in order in
+    `_pending` (guarded by `_wakeup`, which the engine's thread waits on) until that thread takes
+    them; after a failure, or once closing, a request is refused at once with the reason."""
+
+    def __init__(self) -> None:
+        self._pending: collections.deque[RequestHandle] = collections.deque()
+        self._wakeup = threading.Condition()
+        self._closing = False
+        self.failure: str | None = None
+
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, record_logits: bool = False
+    ) -> RequestHandle:
+        handle = RequestHandle(list(prompt_ids), params, record_logits)
+        with self._wakeup:
+            if self.failure or self._closing:
+                handle.finish("error", self.failure or "the engine is shutting down")
+                return handle
+            self._pending.append(handle)
+            self._wakeup.notify()
+        return handle
 
 
 class Engine(Protocol):
