@@ -53,3 +53,71 @@ def test_reset_starts_over(tokenizer):
         detok.add_token(i)
     detok.reset()
     assert detok.text == "" and detok.tokens == []
+
+
+def byte_piece(value: int) -> int:
+    """The id of SentencePiece's byte-fallback piece <0xVV> (after <unk>, <s> and </s>)."""
+    return 3 + value
+
+
+def test_text_after_an_invalid_byte_keeps_streaming_before_finalize(tokenizer):
+    """A model can emit a byte that starts no character; what follows must not wait for the end."""
+    hello = tokenizer("hello world", add_special_tokens=False).input_ids
+    for bad in ([byte_piece(0x80)], [byte_piece(0xF0), byte_piece(0x9F)]):  # stray continuation, cut start
+        ids = bad + hello
+        detok = StreamingDetokenizer(tokenizer)
+        for token in ids:
+            detok.add_token(token)
+        assert detok.text.endswith("hello world"), f"text after {bad} must stream, got {detok.text!r}"
+        assert detok.finalize() == "", "nothing was left to flush"
+        assert detok.text == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_a_stream_that_ends_halfway_through_a_character_flushes_it_at_finalize(tokenizer):
+    hello = tokenizer("hello world", add_special_tokens=False).input_ids
+    whale = tokenizer("🐋", add_special_tokens=False).input_ids
+    ids = hello + whale[:-2]  # the last two of the emoji's four bytes never come
+    detok = StreamingDetokenizer(tokenizer)
+    shown = [detok.add_token(token) for token in ids]
+    assert REPLACEMENT_CHAR not in "".join(shown), "half a character is held back while the stream runs"
+    assert "".join(shown) == "hello world "
+    tail = detok.finalize()
+    assert tail and set(tail) == {REPLACEMENT_CHAR}, "the end of the reply says a character was cut"
+    assert detok.text == tokenizer.decode(ids, skip_special_tokens=True), "the whole reply, as one decode"
+    assert detok.last_segment == tail
+
+
+def test_last_segment_is_what_the_latest_call_returned(tokenizer):
+    detok = StreamingDetokenizer(tokenizer)
+    assert detok.last_segment == "", "nothing streamed yet"
+    for token in tokenizer("a 🐋 b", add_special_tokens=False).input_ids:
+        segment = detok.add_token(token)
+        assert detok.last_segment == segment
+    assert detok.finalize() == detok.last_segment == ""
+    detok.add_token(tokenizer("x", add_special_tokens=False).input_ids[-1])
+    detok.reset()
+    assert detok.last_segment == "" and detok.text == "", "reset forgets the last segment too"
+
+
+class CountingTokenizer:
+    """Wraps a tokenizer and records how many ids each decode call was given."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.decoded_lengths: list[int] = []
+
+    def decode(self, ids, **kwargs):
+        self.decoded_lengths.append(len(ids))
+        return self._tokenizer.decode(ids, **kwargs)
+
+
+def test_each_token_decodes_a_short_window_not_the_whole_reply(tokenizer):
+    """Decoding everything so far for every token is quadratic: a 4,000-token reply would stall."""
+    ids = tokenizer("hello world, streaming along " * 20, add_special_tokens=False).input_ids
+    counting = CountingTokenizer(tokenizer)
+    detok = StreamingDetokenizer(counting)
+    for token in ids:
+        detok.add_token(token)
+    detok.finalize()
+    assert len(ids) > 100 and max(counting.decoded_lengths) <= 4, max(counting.decoded_lengths)
+    assert detok.text == tokenizer.decode(ids, skip_special_tokens=True)

@@ -56,3 +56,45 @@ def test_message_too_long_for_budget_is_a_clear_error():
 def test_group_turns_handles_unanswered_user_messages():
     turns = group_turns([user("a"), user("b"), bot("c")])
     assert turns == [[user("a")], [user("b"), bot("c")]]
+
+
+def test_a_message_that_exactly_fills_the_budget_is_sent():
+    # fixed 2 + system 3 + new 5 = 10: not one token to spare, and nothing too many.
+    fitted = fit_history(SYSTEM, HISTORY, user("x" * 5), budget=10, message_cost=cost, fixed_cost=2)
+    assert fitted.messages == [SYSTEM, user("x" * 5)], "a prompt of exactly the budget fits"
+    assert fitted.prompt_tokens == 10 and fitted.dropped_turns == 3
+
+
+def test_a_turn_that_exactly_fills_what_is_left_is_kept():
+    # fixed 2 + system 3 + new 3 = 8; the newest turn (2) takes the last 2 tokens of 10.
+    fitted = fit_history(SYSTEM, HISTORY, user("new"), budget=10, message_cost=cost, fixed_cost=2)
+    assert fitted.messages == [SYSTEM, user("e"), bot("f"), user("new")]
+    assert fitted.prompt_tokens == 10
+
+
+def test_the_error_for_a_message_too_long_says_what_to_do():
+    with pytest.raises(PromptTooLong) as info:
+        fit_history(SYSTEM, [], user("x" * 20), budget=10, message_cost=cost, fixed_cost=2)
+    assert str(info.value) == (
+        "the message needs 25 tokens with the system message, but only 10 fit "
+        "(context length minus max new tokens); shorten it or lower max new tokens"
+    ), "the user is told both what went wrong and the two ways out"
+
+
+def test_a_history_that_starts_with_an_assistant_message_is_one_whole_turn():
+    """The browser sends back whatever history it holds; one opening with a greeting must not crash."""
+    history = [bot("hello!"), user("aa"), bot("bb")]
+    assert group_turns(history) == [[bot("hello!")], [user("aa"), bot("bb")]]
+    fitted = fit_history(None, history, user("n"), budget=100, message_cost=cost, fixed_cost=0)
+    assert fitted.messages == [*history, user("n")] and fitted.dropped_turns == 0
+    tight = fit_history(None, history, user("n"), budget=6, message_cost=cost, fixed_cost=0)
+    assert tight.messages == [user("aa"), bot("bb"), user("n")] and tight.dropped_turns == 1, (
+        "the opening assistant message is dropped whole, like any turn"
+    )
+
+
+def test_a_history_of_only_assistant_messages_stays_in_order():
+    history = [bot("a"), bot("b")]
+    assert group_turns(history) == [[bot("a"), bot("b")]]
+    fitted = fit_history(None, history, user("n"), budget=100, message_cost=cost, fixed_cost=0)
+    assert fitted.messages == [bot("a"), bot("b"), user("n")]

@@ -4,7 +4,14 @@ import math
 
 import pytest
 
-from orca_space.params import LIMITS, PARAMETER_ORDER, SamplingParams
+from orca_space.params import (
+    LIMITS,
+    MIN_SAMPLING_TEMPERATURE,
+    PARAMETER_ORDER,
+    Limit,
+    SamplingParams,
+    check_value,
+)
 
 
 def test_defaults_are_the_documented_ones():
@@ -73,3 +80,59 @@ def test_seed_is_a_whole_number_in_the_64_bit_range(seed, expected):
 def test_bad_seed_is_refused_by_name(seed):
     with pytest.raises(ValueError, match="^seed must"):
         SamplingParams.from_raw(seed=seed)
+
+
+DOCUMENTED_RANGES = {
+    "max_new_tokens": "[1, 4096]",
+    "temperature": "[0, 2]",
+    "top_p": "(0, 1]",
+    "top_k": "[0, 1000]",
+    "repetition_penalty": "[1, 2]",
+}
+
+
+@pytest.mark.parametrize("name", PARAMETER_ORDER)
+@pytest.mark.parametrize("sign", [1, -1])
+def test_an_integer_of_hundreds_of_digits_names_the_parameter(name, sign):
+    """JSON allows any number of digits; float() of such a number raises OverflowError, which must
+    become the same named error as any other out-of-range value, not a 500."""
+    with pytest.raises(ValueError) as info:
+        SamplingParams.from_raw(**{name: sign * 10**400})
+    assert str(info.value) == f"{name} must be in {DOCUMENTED_RANGES[name]}, got a 401-digit number"
+
+
+@pytest.mark.parametrize("temperature", [MIN_SAMPLING_TEMPERATURE, 0.0100001, 2.0])
+def test_the_temperature_floor_itself_is_allowed(temperature):
+    assert SamplingParams.from_raw(temperature=temperature).temperature == temperature
+
+
+@pytest.mark.parametrize("temperature", [0.0099999, 5e-324])
+def test_a_temperature_just_under_the_floor_is_refused(temperature):
+    with pytest.raises(ValueError, match=r"^temperature must be 0 \(greedy\) or at least 0.01, got "):
+        SamplingParams.from_raw(temperature=temperature)
+
+
+def test_the_seed_is_kept():
+    assert SamplingParams.from_raw(seed=1234, temperature=0.7).seed == 1234
+    assert SamplingParams.from_raw().seed is None
+
+
+def test_every_unknown_parameter_is_listed():
+    with pytest.raises(ValueError) as info:
+        SamplingParams.from_raw(typical_p=0.5, min_p=0.1, temperature=0.5)
+    assert str(info.value) == "unknown sampling parameter(s): min_p, typical_p"
+
+
+@pytest.mark.parametrize("value, shown", [("500", "str '500'"), (None, "NoneType None"), ([1], "list [1]")])
+def test_a_value_that_is_not_a_number_is_shown_with_its_type(value, shown):
+    with pytest.raises(ValueError) as info:
+        SamplingParams.from_raw(max_new_tokens=value)
+    assert str(info.value) == f"max_new_tokens must be a number, got {shown}"
+
+
+def test_bounds_that_are_not_whole_numbers_are_shown_as_they_are():
+    limit = Limit("min_p", "Min-p", 0.05, 0.05, 0.95, low_inclusive=False)
+    with pytest.raises(ValueError, match=r"^min_p must be in \(0.05, 0.95\], got 0.99$"):
+        check_value(limit, 0.99)
+    with pytest.raises(ValueError, match=r"^max_new_tokens must be in \[1, 4096\], got 5000$"):
+        check_value(LIMITS["max_new_tokens"], 5000)
