@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import engine_bench  # noqa: E402
 from engine_bench import FULL, TINY, Workload, build_full_model, build_tiny_model, random_prompts  # noqa: E402
 
-from orca_space.engines import decode_step, device, kv_cache, ladder, mistral  # noqa: E402
+from orca_space.engines import decode_step, device, hf_weights, kv_cache, ladder, mistral  # noqa: E402
 from orca_space.engines.selfcheck import TOLERANCES, reference_logits  # noqa: E402
 from orca_space.params import SamplingParams  # noqa: E402
 
@@ -305,7 +305,7 @@ def load_path(tiny: bool, dev: torch.device, record: dict):
         record["load_s"] = time.perf_counter() - started
     finally:
         shutil.rmtree(checkpoint, ignore_errors=True)
-    mistral.weights_from_hf(model)  # the restacking every engine starts with
+    hf_weights.weights_from_hf(model)  # the restacking every engine starts with
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         record["stranded_gib"] = (torch.cuda.memory_reserved() - torch.cuda.memory_allocated()) / 2**30
@@ -391,7 +391,7 @@ def run(args) -> None:
         with report.step(name, needs_cuda=True) as record:
             if record is not None:
                 device.choose_attention_kernels(dev)
-                measure(mistral.weights_from_hf(model), record)
+                measure(hf_weights.weights_from_hf(model), record)
     with report.step("compiled_step", BUDGETS["load_path"] + BUDGETS["reference"], needs_cuda=True) as record:
         if record is not None:
             record.update(

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine_bench import build_full_model, build_tiny_model, decode_rate, random_prompts  # noqa: E402
 
-from orca_space.engines import mistral  # noqa: E402
+from orca_space.engines import hf_weights  # noqa: E402
 from orca_space.engines.batched import BatchedEngine  # noqa: E402
 from orca_space.loading import load_model  # noqa: E402
 from orca_space.params import SamplingParams  # noqa: E402
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         results["after_load"] = memory()
         print(f"loaded in {results['load_s']:.1f}s: {results['after_load']}", flush=True)
 
-        mistral.weights_from_hf(model)  # the stacking the engine does first (it reuses this)
+        hf_weights.weights_from_hf(model)  # the stacking the engine does first (it reuses this)
         if device == "cuda":
             torch.cuda.empty_cache()
         after = memory()

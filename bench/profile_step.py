@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine_bench import build_full_model, build_tiny_model, sync  # noqa: E402
 
-from orca_space.engines import decode_step, kv_cache, mistral  # noqa: E402
+from orca_space.engines import decode_step, hf_weights, kv_cache  # noqa: E402
 
 BATCHES = (1, 8, 32, 64)
 KV_LEN = 1024  # a 512-token prompt plus its 256-token reply falls in this bucket
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("the full-size profile needs CUDA; use --tiny on the CPU")
     device = torch.device("cpu" if args.tiny else "cuda")
     model = build_tiny_model() if args.tiny else build_full_model("cuda")
-    weights = mistral.weights_from_hf(model)
+    weights = hf_weights.weights_from_hf(model)
     results = {
         "device": str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
         "kv_len": KV_LEN,

@@ -12,7 +12,7 @@ import threading
 import pytest
 import torch
 
-from orca_space.engines import decode_step, kv_cache, mistral
+from orca_space.engines import decode_step, hf_weights, kv_cache, mistral
 from orca_space.engines.batched import BatchedEngine
 from orca_space.engines.sampling import NON_FINITE, SamplingTensors, sample_next_tokens
 from orca_space.params import SamplingParams
@@ -441,7 +441,7 @@ def test_chunked_prefill_then_decode_matches_transformers_logits(window, cache_l
 
     model = build_model().eval()
     model.config.sliding_window = window
-    weights = mistral.weights_from_hf(model)
+    weights = hf_weights.weights_from_hf(model)
     assert kv_cache.cache_length(40, window, 6) == (40 if window == 4096 else 14)
     ids = torch.tensor([make_prompt(40)])
     with torch.no_grad():
@@ -467,7 +467,7 @@ def test_stacked_projections_change_nothing_and_copy_nothing(through_host, monke
     """q/k/v and gate/up become one matrix each; the model's own weights become views of them."""
     from orca_space.tiny import build_model
 
-    monkeypatch.setattr(mistral, "restack_through_host", lambda device: through_host)
+    monkeypatch.setattr(hf_weights, "restack_through_host", lambda device: through_host)
 
     def storage_bytes(model) -> int:
         storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
@@ -477,8 +477,8 @@ def test_stacked_projections_change_nothing_and_copy_nothing(through_host, monke
     ids = torch.tensor([make_prompt(20)])
     with torch.no_grad():
         before, bytes_before = model(ids).logits, storage_bytes(model)
-    weights = mistral.weights_from_hf(model)
-    again = mistral.weights_from_hf(model)  # a second engine on the same model
+    weights = hf_weights.weights_from_hf(model)
+    again = hf_weights.weights_from_hf(model)  # a second engine on the same model
     layer, attn = weights.layers[0], model.model.layers[0].self_attn
     assert again.layers[0].qkv is layer.qkv, "stacked once"
     assert attn.q_proj.weight.data_ptr() == layer.qkv.data_ptr()
@@ -489,7 +489,7 @@ def test_stacked_projections_change_nothing_and_copy_nothing(through_host, monke
         assert torch.equal(model(ids).logits, before)
     with torch.no_grad():  # a weight replaced after stacking is not silently ignored
         attn.k_proj.weight.data = attn.k_proj.weight.data.clone() * 2
-    restacked = mistral.weights_from_hf(model).layers[0].qkv
+    restacked = hf_weights.weights_from_hf(model).layers[0].qkv
     assert restacked is not layer.qkv and attn.k_proj.weight.data_ptr() != layer.qkv.data_ptr()
     assert torch.equal(
         restacked[attn.q_proj.weight.shape[0] :][: attn.k_proj.weight.shape[0]], attn.k_proj.weight
@@ -506,7 +506,7 @@ def test_a_restack_the_device_refuses_leaves_the_layer_as_it_was(monkeypatch):
     with torch.no_grad():
         before = model(ids).logits
     shapes = [p.shape for p in model.parameters()]
-    monkeypatch.setattr(mistral, "restack_through_host", lambda device: True)
+    monkeypatch.setattr(hf_weights, "restack_through_host", lambda device: True)
     real_cat, calls = torch.cat, {"n": 0}
 
     def cat_that_runs_out_of_memory(*args, **kwargs):
@@ -517,12 +517,12 @@ def test_a_restack_the_device_refuses_leaves_the_layer_as_it_was(monkeypatch):
 
     monkeypatch.setattr(torch, "cat", cat_that_runs_out_of_memory)
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        mistral.weights_from_hf(model)
+        hf_weights.weights_from_hf(model)
     monkeypatch.setattr(torch, "cat", real_cat)
     assert [p.shape for p in model.parameters()] == shapes, "no weight left empty"
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
-    assert mistral.weights_from_hf(model).layers[0].qkv.shape[0] > 0, "and it restacks when there is room"
+    assert hf_weights.weights_from_hf(model).layers[0].qkv.shape[0] > 0, "and it restacks when there is room"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -548,7 +548,7 @@ def test_packed_prefill_matches_transformers_logits():
 
     model = build_model().eval()
     model.config.sliding_window = 8
-    weights = mistral.weights_from_hf(model)
+    weights = hf_weights.weights_from_hf(model)
     a, b = make_prompt(19), make_prompt(17, offset=5)
     with torch.no_grad():
         expected_a, expected_b = (model(torch.tensor([p])).logits[0] for p in (a, b))
@@ -589,7 +589,7 @@ def test_a_chunk_longer_than_the_ring_allows_is_refused():
 
     model = build_model().eval()
     model.config.sliding_window = 8
-    weights = mistral.weights_from_hf(model)
+    weights = hf_weights.weights_from_hf(model)
     cache = kv_cache.allocate_kv_cache(weights.shape, 1, 14, torch.float32, "cpu")
     with pytest.raises(ValueError, match="does not fit this cache"):
         prefill_chunk(weights, cache, torch.tensor(make_prompt(7)), 10, 0)
@@ -641,7 +641,7 @@ def test_sliding_window_ring_engine_equals_generate():
 
 
 GIB = 2**30
-MISTRAL_7B = mistral.ModelShape(
+MISTRAL_7B = hf_weights.ModelShape(
     layers=32, heads=32, kv_heads=8, head_dim=128, vocab=32002, sliding_window=4096, eps=1e-5
 )
 
@@ -796,7 +796,7 @@ def test_restacking_through_the_host_leaves_no_memory_behind():
     torch.cuda.synchronize()
     allocated = torch.cuda.memory_allocated()
     for layer in model.model.layers:
-        mistral.restack_layer(layer)
+        hf_weights.restack_layer(layer)
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == allocated, "every weight once, no copy left over"
     with torch.no_grad():
@@ -826,7 +826,7 @@ def test_decode_step_compiles_as_one_graph_and_samples_as_eager():
 
     model = build_model().eval()
     model.config.sliding_window = 8  # a wrapped ring: the remainder arithmetic is compiled too
-    weights = mistral.weights_from_hf(model)
+    weights = hf_weights.weights_from_hf(model)
     slots, cache_len = 4, 14
     with torch.inference_mode():
         cache = kv_cache.allocate_kv_cache(weights.shape, slots, cache_len, torch.float32, "cpu")

@@ -24,17 +24,16 @@ not finite fails its own request, and the engine keeps serving.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import torch
 
 from ..params import SamplingParams
-from . import decode_step, device, kv_cache, mistral
+from . import decode_step, device, hf_weights, kv_cache, mistral
 from .requests import (
     NON_FINITE_MESSAGE,
     EngineStats,
@@ -45,32 +44,12 @@ from .requests import (
 )
 from .sampling import NON_FINITE, sample_next_tokens
 from .scheduling import Slot, eager_shortcuts, prefill_rows
+from .warmup import WarmUpAbandoned, WarmUpFailed, capture_every_shape, stage
 
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 512  # prompt tokens prefilled per loop iteration
 ProgressCallback = Callable[[str, "float | None"], None]
-
-
-class WarmUpFailed(RuntimeError):
-    """A warm-up stage failed; the message says which ("capturing the decode step ... failed: ...")."""
-
-
-class WarmUpAbandoned(RuntimeError):
-    """The engine was closed while warming up (its warm-up ran past the ladder's deadline)."""
-
-
-@contextlib.contextmanager
-def stage(what: str) -> Iterator[None]:
-    """Name the warm-up stage in any failure inside it."""
-    try:
-        yield
-    except (WarmUpAbandoned, WarmUpFailed):
-        raise
-    except Exception as exc:
-        oom = isinstance(exc, torch.cuda.OutOfMemoryError)
-        detail = f"the GPU ran out of memory ({exc})" if oom else f"{type(exc).__name__}: {exc}"
-        raise WarmUpFailed(f"{what} failed: {detail}") from exc
 
 
 class BatchedEngine(RequestQueue):
@@ -90,7 +69,7 @@ class BatchedEngine(RequestQueue):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         super().__init__()
-        self.weights = mistral.weights_from_hf(model)
+        self.weights = hf_weights.weights_from_hf(model)
         self.device = self.weights.device
         self.stop_ids = frozenset(stop_ids)
         self.context_length = context_length
@@ -186,25 +165,16 @@ class BatchedEngine(RequestQueue):
         self._settled.set()
 
     def _capture_graphs(self) -> None:
-        """One graph per (batch, keys) bucket, the largest first: smaller graphs then fit in the
-        memory pool the largest one already took, instead of growing it."""
         with stage("setting up CUDA-graph capture"):
             self.graphs = decode_step.DecodeGraphs(self.weights, self.cache, self.buffers, self.compile_step)
-        buckets = kv_cache.kv_buckets(self.cache_len)
-        shapes = [(batch, kv_len) for batch in reversed(self.batch_sizes) for kv_len in reversed(buckets)]
-        for done, (batch, kv_len) in enumerate(shapes):
-            if self._closing:
-                raise WarmUpAbandoned("closed while capturing the decode step")
-            if done == 0 and self.compile_step:  # the first capture compiles: most of a minute, silent
-                what, message = "compiling the decode step", "Compiling the decode step (a minute or so)…"
-            else:
-                what = f"capturing the decode step for batch {batch} over {kv_len} keys"
-                message = (
-                    f"Capturing decode steps ({done + 1} of {len(shapes)}: batch {batch}, {kv_len} keys)…"
-                )
-            self._progress(message, done / len(shapes))
-            with stage(what):
-                self.graphs.capture(batch, kv_len)
+        capture_every_shape(
+            self.graphs,
+            self.batch_sizes,
+            self.cache_len,
+            self.compile_step,
+            self._progress,
+            lambda: self._closing,
+        )
         if self.device.type == "cuda":
             with stage("capturing the decode step"):
                 torch.cuda.synchronize(self.device)  # a capture's failure can surface only here

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .hf_weights import MistralWeights
 from .kv_cache import KVCache
-from .mistral import MistralWeights, decode
+from .mistral import decode
 from .sampling import SamplingTensors, sample_next_tokens
 
 

@@ -14,7 +14,7 @@ import torch
 from . import kv_cache
 
 if TYPE_CHECKING:
-    from .mistral import MistralWeights
+    from .hf_weights import MistralWeights
 
 log = logging.getLogger(__name__)
 

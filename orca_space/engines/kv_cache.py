@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .mistral import ModelShape
+    from .hf_weights import ModelShape
 
 SMALLEST_KV_BUCKET = 256
 # Entries allocated past the ring's end and never used. The decode step attends over the first
