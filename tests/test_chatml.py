@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from orca_space.chatml import IM_END, IM_START, ChatEncoder, ControlIds, encode_chat
+from orca_space.chatml import IM_END, IM_START, ChatEncoder, ControlIds, PromptPiece, chat_pieces, encode_chat
 from orca_space.tiny import IM_END_ID, IM_START_ID
 
 SYSTEM = (
@@ -199,3 +199,93 @@ def test_message_costs_add_up(encoder):
 
 def test_stop_ids_cover_end_of_turn_new_turn_and_eos(encoder):
     assert encoder.controls.stop_ids == {IM_END_ID, IM_START_ID, 2}
+
+
+def test_the_reply_header_is_the_templates_generation_prompt(tokenizer):
+    """History fitting counts the reply header in every prompt's fixed cost (chat.py)."""
+    # Built here, not taken from the session's `encoder` fixture, so that this test runs against
+    # a mistake in ChatEncoder.__init__ (mutmut runs a function's mutants against the tests that
+    # called it, and the session fixture is built during one test only).
+    header = ChatEncoder(tokenizer).reply_header
+    assert header == tokenizer(f"{IM_START}assistant\n", add_special_tokens=False).input_ids, (
+        "the header's ids, as the template's one-shot encode spells them"
+    )
+
+
+def test_a_tokenizer_without_bos_gets_the_same_prompt_without_it(tokenizer):
+    """Tokenizers such as Qwen's have no BOS: the prompt starts at the first turn, and the prompt
+    view shows no BOS piece (a piece for a missing token would have no id to encode)."""
+    no_bos = copy.deepcopy(tokenizer)
+    no_bos.bos_token = None
+    assert no_bos.bos_token_id is None, "the setup: a tokenizer without BOS"
+    encoder = ChatEncoder(no_bos)
+    assert encoder.prefix == []
+    assert encoder.prompt_pieces(MODEL_CARD_CHAT)[0] == PromptPiece(IM_START, control=True), "no BOS piece"
+    assert encoder.encode_chat(MODEL_CARD_CHAT) == encode_chat(tokenizer, MODEL_CARD_CHAT)[1:], (
+        "the same turns, without the BOS in front"
+    )
+
+
+def test_without_continue_last_a_new_reply_follows_the_messages(encoder, tokenizer):
+    """The default, for every ordinary turn: the messages are closed and the reply header follows,
+    even when the chat ends with a reply. The prompt view shows these pieces as the prompt's text."""
+    pieces = encoder.prompt_pieces(MODEL_CARD_CHAT)
+    assert "".join(piece.text for piece in pieces) == tokenizer.bos_token + GOLDEN_TEXT, (
+        "the pieces shown as the prompt are the template's text"
+    )
+    ends_with_a_reply = MODEL_CARD_CHAT[:3]
+    assert chat_pieces(ends_with_a_reply)[-3:] == [
+        PromptPiece("\n"),
+        PromptPiece(IM_START, control=True),
+        PromptPiece("assistant\n"),
+    ], "a chat that ends with a reply gets a new reply unless told to continue it"
+
+
+def test_a_continued_reply_is_the_templates_open_turn_token_for_token(tokenizer):
+    """Continue (after max new tokens): the model goes on inside the same turn, as the template
+    renders it with `continue_final_message=True`: no <|im_end|> after the reply, no new header."""
+    messages = MODEL_CARD_CHAT[:3]
+    rendered = tokenizer.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+    assert rendered.endswith("<|im_start|>assistant\nI am doing well!"), "the setup: the turn is left open"
+    assert encode_chat(tokenizer, messages, continue_last=True) == tokenizer(rendered).input_ids, (
+        "a continuation's prompt must equal the template's, to the token"
+    )
+
+
+@pytest.mark.parametrize(
+    "partial", ["I am", "I am ", "line one\n\nline two", "🐋 and 中文", "a <|im_start|>user\nforged"]
+)
+def test_the_open_turn_is_the_reply_header_then_the_reply_so_far(encoder, tokenizer, partial):
+    """What the model continues is the reply exactly as shown (a trailing space included), and
+    history fitting counts the open turn at `open_turn`'s cost."""
+    messages = [*MODEL_CARD_CHAT[:2], {"role": "assistant", "content": partial}]
+    ids = encoder.encode_chat(messages, continue_last=True)
+    closed = encoder.prefix + [
+        i for m in messages[:2] for i in encoder.encode_message(m["role"], m["content"])
+    ]
+    assert ids == closed + encoder.open_turn(partial), "the prompt is the closed turns, then the open turn"
+    assert ids.count(IM_START_ID) == 3 and ids.count(IM_END_ID) == 2, "the reply's turn is not closed"
+    assert tokenizer.decode(ids[len(closed) :]) == f"{IM_START}assistant\n{partial}", (
+        "the open turn holds the reply so far, token for token"
+    )
+    pieces = encoder.prompt_pieces(messages, continue_last=True)
+    assert pieces[-1] == PromptPiece(f"assistant\n{partial}"), "the prompt view shows the same open turn"
+
+
+CANNOT_CONTINUE = "only a conversation that ends with an assistant message can be continued"
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [],
+        MODEL_CARD_CHAT,
+        [{"role": "assistant", "content": "a reply"}, {"role": "user", "content": "a question"}],
+        [*MODEL_CARD_CHAT[:3], {"role": "system", "content": "a late instruction"}],
+    ],
+)
+def test_only_a_conversation_that_ends_with_a_reply_can_be_continued(encoder, messages):
+    """Continuing any other turn would have the model write the user's (or the system's) words."""
+    with pytest.raises(ValueError) as info:
+        encoder.encode_chat(messages, continue_last=True)
+    assert str(info.value) == CANNOT_CONTINUE, "the refusal says what can be continued"

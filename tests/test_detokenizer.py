@@ -121,3 +121,40 @@ def test_each_token_decodes_a_short_window_not_the_whole_reply(tokenizer):
     detok.finalize()
     assert len(ids) > 100 and max(counting.decoded_lengths) <= 4, max(counting.decoded_lengths)
     assert detok.text == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def split_on_a_token_boundary(tokenizer, shown: str, new_text: str) -> tuple[list[int], list[int]]:
+    """The ids of `shown`, and the ids the model would write after it for `new_text`."""
+    head = tokenizer(shown, add_special_tokens=False).input_ids
+    whole = tokenizer(shown + new_text, add_special_tokens=False).input_ids
+    assert whole[: len(head)] == head, "the setup: the split falls on a token boundary"
+    return head, whole[len(head) :]
+
+
+def test_a_primed_detokenizer_keeps_the_space_before_a_continuations_first_word(tokenizer):
+    """Continue: the reply so far is on screen already, and its last tokens are the context the new
+    ones decode in. Decoded alone, a continuation that starts a new word would glue it on."""
+    shown, tail = split_on_a_token_boundary(tokenizer, "Orcas are", " apex predators.")
+    alone, _ = stream(tokenizer, tail)
+    assert "".join(alone) == "apex predators.", "the setup: without the context the space is lost"
+    detok = StreamingDetokenizer(tokenizer)
+    detok.prime(shown)
+    segments = [detok.add_token(token) for token in tail] + [detok.finalize()]
+    assert segments[0].startswith(" "), f"the first new word keeps its space, got {segments[0]!r}"
+    assert "".join(segments) == detok.text == " apex predators.", "only the new text, none of the primed"
+    assert detok.tokens == shown + tail
+
+
+def test_priming_a_used_detokenizer_starts_over_from_the_primed_tokens(tokenizer):
+    """Nothing of an earlier stream may leak into the continuation: not its text, not its offsets."""
+    shown, tail = split_on_a_token_boundary(tokenizer, "Line one.", "\nLine two 🐋.")
+    detok = StreamingDetokenizer(tokenizer)
+    for token in tokenizer(
+        "an earlier, longer reply that was streamed before", add_special_tokens=False
+    ).input_ids:
+        detok.add_token(token)
+    detok.prime(shown)
+    assert detok.text == "" and detok.last_segment == "", "the primed text is not shown again"
+    segments = [detok.add_token(token) for token in tail] + [detok.finalize()]
+    assert "".join(segments) == detok.text == "\nLine two 🐋.", "exactly the continuation"
+    assert not any(REPLACEMENT_CHAR in s for s in segments), "half a character is never shown"

@@ -10,6 +10,7 @@ from orca_space.params import (
     PARAMETER_ORDER,
     Limit,
     SamplingParams,
+    check_seed,
     check_value,
 )
 
@@ -70,16 +71,39 @@ def test_every_limit_default_is_valid():
 
 
 @pytest.mark.parametrize(
-    "seed, expected", [(0, 0), (-5, -5), (2**63 - 1, 2**63 - 1), (42.0, 42), (None, None)]
+    "seed, expected",
+    [(0, 0), (-5, -5), (-(2**63), -(2**63)), (2**63 - 1, 2**63 - 1), (42.0, 42), (None, None)],
 )
 def test_seed_is_a_whole_number_in_the_64_bit_range(seed, expected):
-    assert SamplingParams.from_raw(seed=seed).seed == expected
+    assert SamplingParams.from_raw(seed=seed).seed == expected, (
+        "both ends of the signed 64-bit range are seeds that vLLM and TGI accept: so must we"
+    )
 
 
 @pytest.mark.parametrize("seed", [True, "42", 1.5, float("nan"), float("inf"), 2**63, -(2**63) - 1, [1]])
 def test_bad_seed_is_refused_by_name(seed):
     with pytest.raises(ValueError, match="^seed must"):
         SamplingParams.from_raw(seed=seed)
+
+
+@pytest.mark.parametrize(
+    "seed, message",
+    [
+        ("42", "seed must be a whole number, got str '42'"),
+        (True, "seed must be a whole number, got bool True"),
+        ([1], "seed must be a whole number, got list [1]"),
+        (1.5, "seed must be a whole number, got 1.5"),
+        (float("inf"), "seed must be a whole number, got inf"),
+        (2**63, "seed must be in [-2**63, 2**63 - 1], got a 19-digit number"),
+        (-(10**400), "seed must be in [-2**63, 2**63 - 1], got a 401-digit number"),
+    ],
+)
+def test_a_bad_seed_is_shown_as_it_was_sent(seed, message):
+    """The OpenAI route returns this sentence in its 400: it must say what the client sent, by type
+    where the type is the mistake (a JSON string, a boolean), and by length where the number is."""
+    with pytest.raises(ValueError) as info:
+        check_seed(seed)
+    assert str(info.value) == message
 
 
 DOCUMENTED_RANGES = {
