@@ -8,7 +8,7 @@ cannot make, such as dropping a call), and writes `bench/results/<date>-mutation
 score per module, each mutant left alive with its diff and the reason it is left (from
 `bench/mutation.toml`), and whether each hand mutant was caught.
 
-Slow (13 minutes with two workers on two cores) and so not in CI; run it when these modules or their
+Slow (about 20 minutes with two workers on two cores) and so not in CI; run it when these modules or their
 tests change:
 
     pip install -r bench/requirements-mutation.txt
