@@ -36,7 +36,6 @@ from ..params import SamplingParams
 from . import decode_step, device, hf_weights, kv_cache, mistral
 from .requests import (
     NON_FINITE_MESSAGE,
-    EngineStats,
     RequestHandle,
     RequestQueue,
     TokenEvent,
@@ -92,7 +91,6 @@ class BatchedEngine(RequestQueue):
         self.ready_s: float | None = None  # seconds from construction to serving
         self._settled = threading.Event()  # set once warm-up has finished or failed
         self._slots: list[Slot | None] = [None] * self.capacity
-        self.non_finite_replies = 0  # requests ended because their logits were not finite
         self._started = time.monotonic()
         self._thread = threading.Thread(target=self._serve, name="orca-batched-engine", daemon=True)
         self._thread.start()
@@ -109,18 +107,8 @@ class BatchedEngine(RequestQueue):
                     return max(0, place - free)
         return 0
 
-    def stats(self) -> EngineStats:
-        with self._wakeup:
-            queued = sum(not h.cancelled for h in self._pending)
-            active = sum(slot is not None for slot in self._slots)
-        return EngineStats(
-            alive=self._thread.is_alive(),
-            active=active,
-            queued=queued,
-            capacity=self.capacity,
-            failure=self.failure,
-            non_finite_replies=self.non_finite_replies,
-        )
+    def _count_active(self) -> int:
+        return sum(slot is not None for slot in self._slots)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """True once warm-up is done (graphs captured); False on timeout or if warm-up failed

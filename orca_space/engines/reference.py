@@ -25,7 +25,6 @@ from ..params import SamplingParams
 from .device import is_fatal_device_error, release_cached_memory
 from .requests import (
     NON_FINITE_MESSAGE,
-    EngineStats,
     FinishReason,
     RequestHandle,
     RequestQueue,
@@ -156,7 +155,6 @@ class ReferenceEngine(RequestQueue):
         self.stop_ids = frozenset(stop_ids)
         self.context_length = context_length
         self.attention = getattr(model.config, "_attn_implementation", "sdpa")
-        self.non_finite_replies = 0
         self._current: RequestHandle | None = None
         started = time.monotonic()
         self._thread = threading.Thread(target=self._serve, name="orca-reference-engine", daemon=True)
@@ -173,18 +171,8 @@ class ReferenceEngine(RequestQueue):
                     return index + ahead
         return 0
 
-    def stats(self) -> EngineStats:
-        with self._wakeup:
-            queued = sum(not h.cancelled for h in self._pending)
-            active = int(self._current is not None)
-        return EngineStats(
-            alive=self._thread.is_alive(),
-            active=active,
-            queued=queued,
-            capacity=self.capacity,
-            failure=self.failure,
-            non_finite_replies=self.non_finite_replies,
-        )
+    def _count_active(self) -> int:
+        return int(self._current is not None)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self.failure is None and self._thread.is_alive()

@@ -143,11 +143,15 @@ class RequestQueue:
     `_pending` (guarded by `_wakeup`, which the engine's thread waits on) until that thread takes
     them; after a failure, or once closing, a request is refused at once with the reason."""
 
+    capacity: int
+    _thread: threading.Thread  # the engine's own thread
+
     def __init__(self) -> None:
         self._pending: collections.deque[RequestHandle] = collections.deque()
         self._wakeup = threading.Condition()
         self._closing = False
         self.failure: str | None = None
+        self.non_finite_replies = 0  # requests ended because their logits were not finite
 
     def submit(
         self, prompt_ids: list[int], params: SamplingParams, record_logits: bool = False
@@ -160,6 +164,23 @@ class RequestQueue:
             self._pending.append(handle)
             self._wakeup.notify()
         return handle
+
+    def stats(self) -> EngineStats:
+        with self._wakeup:
+            queued = sum(not h.cancelled for h in self._pending)
+            active = self._count_active()
+        return EngineStats(
+            alive=self._thread.is_alive(),
+            active=active,
+            queued=queued,
+            capacity=self.capacity,
+            failure=self.failure,
+            non_finite_replies=self.non_finite_replies,
+        )
+
+    def _count_active(self) -> int:
+        """Requests generating now (called with `_wakeup` held)."""
+        raise NotImplementedError
 
 
 class Engine(Protocol):
