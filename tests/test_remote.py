@@ -458,3 +458,43 @@ def test_browser_chat_against_the_remote_backend(app_url, serve):
     with chromium_page() as page:
         chat = chat_in_browser(page, app_url)
     assert len(chat.reply_lengths) >= 4 and chat.second_reply.strip()
+
+
+@pytest.mark.browser
+def test_browser_says_a_reply_cut_by_the_server_ended_by_an_error(app_url, serve):
+    """The server dies mid-reply: the page keeps the text it showed, the line under the reply says
+    it ended by an error (not "stopped": the page's clean-up steps run on both), and the chat is
+    usable again once the server is back."""
+    from playwright.sync_api import expect
+
+    from tests.browser_flow import (
+        BOT_MESSAGES,
+        CHAT_TEXTBOX,
+        REPLY_STATS,
+        chromium_page,
+        open_settings,
+        send,
+        set_max_new_tokens,
+        watch_reply_grow,
+    )
+
+    with chromium_page() as page:
+        page.set_default_timeout(60_000)
+        page.goto(app_url)
+        box = page.locator(CHAT_TEXTBOX)
+        open_settings(page)
+        set_max_new_tokens(page, 4000)
+        send(box, "Tell me a long story.")
+        reply = page.locator(BOT_MESSAGES).last
+        watch_reply_grow(page, reply, 3, timeout_s=60)
+        try:
+            serve.kill()
+            expect(page.locator(REPLY_STATS).last).to_contain_text("ended by an error", timeout=20_000)
+            expect(page.get_by_text("before the reply was finished").first).to_be_visible()
+            expect(box, "the textbox is usable again after the error").to_be_enabled(timeout=5000)
+            assert reply.inner_text().strip(), "the text shown before the error stays"
+        finally:
+            serve.start()
+        set_max_new_tokens(page, 20)
+        send(box, "Are you back?")
+        expect(page.locator(BOT_MESSAGES), "the next message gets a reply").to_have_count(2, timeout=60_000)

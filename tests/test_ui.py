@@ -9,6 +9,7 @@ import gradio as gr
 import pytest
 
 from orca_space.chat import ChatLimits, ChatService
+from orca_space.engines.requests import EngineError
 from orca_space.replies import ReplyDelta
 from orca_space.runtime import ChatRuntime
 from orca_space.web import chat_hooks
@@ -154,6 +155,62 @@ async def test_closing_a_reply_closes_its_stream_at_once(encoder):
     assert messages[0]["content"]
     await reply.aclose()
     assert backend.closed.is_set()
+
+
+class FailingBackend(Backend):
+    """Streams its pieces, then fails the way an engine or a remote server does."""
+
+    def __init__(self, error: Exception, pieces=("Hel", "lo")):
+        super().__init__(pieces)
+        self.error = error
+
+    async def stream_reply(self, messages, params, notify=None):
+        for piece in self.pieces:
+            yield ReplyDelta(piece, tokens=1)
+        raise self.error
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("error", [EngineError("the server stopped"), RuntimeError("a bug")])
+async def test_a_reply_that_fails_settles_its_own_note_before_raising(encoder, error):
+    """The page's failure clean-up also runs on a stop, racing the after-reply step; it cannot
+    say "ended by an error", so a failing reply must, in its last update."""
+    reply = make_respond(ready_runtime(encoder, FailingBackend(error)))("hi", [], "", *PARAMS, None)
+    updates = []
+    with pytest.raises(gr.Error if isinstance(error, EngineError) else RuntimeError, match=str(error)):
+        async for update in reply:
+            updates.append(update)
+    last, _ = updates[-1]
+    assert last[0] == reply_message("Hello"), "the text shown before the error stays"
+    assert read_figures(last[1]).ending == "failed"
+    assert last[1]["metadata"]["title"].endswith("ended by an error")
+    assert all(read_figures(messages[1]).ending is None for messages, _ in updates[:-1])
+
+
+@pytest.mark.anyio
+async def test_a_continue_that_fails_settles_its_merged_note(encoder):
+    cut = ReplyFigures(tokens=20, ending="length")
+    history = [{"role": "user", "content": "hi"}, reply_message("Hello there"), stats_note(cut)]
+    runtime = ready_runtime(encoder, FailingBackend(EngineError("out of memory"), pieces=(" and",)))
+    updates = []
+    with pytest.raises(gr.Error, match="out of memory"):
+        async for update in make_continue(runtime)(history, "", *PARAMS, None):
+            updates.append(update)
+    shown = updates[-1][0]
+    assert shown[1] == reply_message("Hello there and")
+    assert (read_figures(shown[2]).tokens, read_figures(shown[2]).ending) == (21, "failed")
+
+
+def test_a_stop_settles_the_same_whichever_clean_up_step_wins():
+    """On a stop gradio's front end runs the failure clean-up and the after-reply steps at once;
+    the last answer draws the chat, so they must agree on a stopped reply, and both leave a
+    note the reply settled itself (failed) as it is."""
+    streaming = [{"role": "user", "content": "hi"}, reply_message("Hel"), stats_note(ReplyFigures(1))]
+    after_failure, _, _ = chat_hooks.restore_after_failure(streaming)
+    after_reply, _ = chat_hooks.settled_copies(streaming)
+    assert after_failure == after_reply and read_figures(after_reply[2]).ending == "stopped"
+    failed = [*streaming[:2], stats_note(ReplyFigures(1, ending="failed"))]
+    assert chat_hooks.restore_after_failure(failed)[0] == failed == chat_hooks.settled_copies(failed)[0]
 
 
 @pytest.mark.anyio

@@ -79,10 +79,15 @@ def recover_from_errors(page: gr.Blocks, chat: gr.ChatInterface, extra_steps: li
 
     ChatInterface re-enables its textbox in `.then()` steps, but gradio 6.31's front end runs
     only `.failure()` triggers after an error, so without this the chat stays locked behind a
-    stop button until the page is reloaded. The handler does what those skipped steps do, and
-    settles the failed reply's note; the failed message stays in the chat, where retry and edit
-    work on it. (On a stop, gradio runs both kinds of trigger, and this is the same clean-up.)
-    `extra_steps` are the page's own reply steps (continue) that need the same.
+    stop button until the page is reloaded. The handler does what those skipped steps do; the
+    failed message stays in the chat, where retry and edit work on it. `extra_steps` are the
+    page's own reply steps (continue) that need the same.
+
+    On a stop, gradio's front end dispatches this step and the `.then` steps at once, and the
+    one whose answer comes back last draws the chat. So both settle a spinning note the same
+    way, as "stopped", and a reply that fails settles its own note ("ended by an error") in its
+    last update before raising (`replying.stream_figures`); whichever step wins, the chat is
+    the same.
     """
     for step in [*reply_steps(page, chat), *(extra_steps or [])]:
         step.failure(
@@ -95,7 +100,7 @@ def recover_from_errors(page: gr.Blocks, chat: gr.ChatInterface, extra_steps: li
 
 
 def restore_after_failure(shown_history: list):
-    settled = settle(shown_history or [], "failed")
+    settled = settle(shown_history or [])
     return settled, settled, unlocked_textbox()
 
 

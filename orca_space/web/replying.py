@@ -114,14 +114,23 @@ def last_reply_index(history: list) -> int:
 
 
 async def stream_figures(service: ChatService, chat: PreparedChat) -> AsyncIterator[tuple[ReplyFigures, str]]:
+    """The reply's figures and text as it streams. A reply that fails after it began ends with
+    one more update, its note saying "ended by an error", before the error is raised: the page's
+    clean-up steps run on a stop too and cannot tell the two apart (`chat_hooks`)."""
+    figures, text = None, ""
     try:
         # Closed explicitly, not whenever the garbage collector gets to it: closing the
         # stream is what cancels the request in the engine (or the HTTP stream) on a stop.
         async with contextlib.aclosing(service.stream(chat, notify=gr.Info)) as updates:
             async for reply in updates:
-                yield ReplyFigures.from_stats(reply.stats), reply.text
-    except EngineError as exc:
-        raise gr.Error(str(exc)) from None
+                figures, text = ReplyFigures.from_stats(reply.stats), reply.text
+                yield figures, text
+    except Exception as exc:  # a stop (GeneratorExit, CancelledError) is not an Exception
+        if figures is not None:
+            yield figures.ended("failed"), text
+        if isinstance(exc, EngineError):
+            raise gr.Error(str(exc)) from None
+        raise
 
 
 async def wait_for_model(runtime: ChatRuntime, timeout_s: float = LOAD_WAIT_S) -> AsyncIterator[str]:
