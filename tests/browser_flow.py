@@ -212,8 +212,9 @@ def set_max_new_tokens(page, value: int) -> None:
     number = page.get_by_label("number input for Max new tokens")
     number.fill(str(value))
     number.press("Enter")
+    # The slider follows the number box a moment later (the page's own update, not ours).
     slider = page.get_by_label("range slider for Max new tokens")
-    assert slider.input_value() == str(value), f"max new tokens did not take {value}: {slider.input_value()}"
+    expect(slider, f"max new tokens did not take {value}").to_have_value(str(value), timeout=5000)
 
 
 def send(box, message: str) -> None:
