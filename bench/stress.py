@@ -20,7 +20,7 @@ Phases, in order:
 2) sessions: N gradio_client sessions chat a few greedy turns at once, each with its own token
    in every message; each reply must arrive, and equal a solo replay of that exact conversation.
 3) cancels: start a long reply, cancel after its first chunk, many times in a row (and the same
-   by closing a REST stream); /healthz must show the engine idle within 2 s.
+   by closing a REST stream); /healthz must show the engine idle within 5 s.
 4) overflow: with the engine busy, fill gradio's queue, then send a burst more; count the
    immediate "queue is full" answers and how fast they come; then the app must recover.
 """
@@ -54,7 +54,8 @@ import httpx  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = {"max_new_tokens": 8, "temperature": 0.0, "top_p": 0.95, "top_k": 40, "repetition_penalty": 1.0}
-IDLE_DEADLINE_S = 2.0  # a cancelled generation must be gone from /healthz within this
+IDLE_DEADLINE_S = 5.0  # a cancelled generation must be gone from /healthz within this (a leaked
+# 4,000-token reply runs far longer); how long it took is reported as idle_after_ms
 ANSWER_DEADLINE_S = 60.0  # any single request must end within this
 MAX_FILL = 512  # at most this many requests to find the queue's limit
 
@@ -472,6 +473,9 @@ def run_sessions(app: App, size: Size, budget: Budget) -> dict:
 # -- 3) cancels -----------------------------------------------------------------------------------
 
 LONG = {"max_new_tokens": 4000, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+# Greedy: a sampled reply can meet <|im_end|> early (a few percent of runs lose a blocker that
+# way). Greedy decoding of the blockers' prompt on the tiny model runs all 4,000 tokens.
+HOLD = {**LONG, "temperature": 0.0}
 
 
 def run_cancels(app: App, size: Size, budget: Budget) -> dict:
@@ -523,7 +527,7 @@ def run_cancels(app: App, size: Size, budget: Budget) -> dict:
             if name != "generating":
                 figures["errors"].append(f"disconnect: first event was {name}: {str(data)[:100]}")
             figures["disconnects"] += 1
-        # 3) everything cancelled must be gone from the engine within 2 s.
+        # 3) everything cancelled must be gone from the engine within IDLE_DEADLINE_S.
         stopped = time.monotonic()
         body = app.wait_idle(stopped + IDLE_DEADLINE_S)
         figures["idle_after_ms"] = millis(time.monotonic() - stopped)
@@ -566,7 +570,7 @@ def run_overflow(app: App, size: Size, budget: Budget) -> dict:
 
     def block() -> None:
         # A long generation that holds a slot while the queue fills; leaving closes the stream.
-        response = app.post_chat(chat_body("Write a very long story.", **LONG))
+        response = app.post_chat(chat_body("Write a very long story.", **HOLD))
         if response.status_code != 200:
             return
         deadline = budget.deadline(120)

@@ -107,11 +107,3 @@ CONTRAST_JS = """
 def contrast(page, selector: str) -> float:
     """The WCAG contrast ratio of an element's text against the first opaque background behind it."""
     return page.locator(selector).last.evaluate(CONTRAST_JS)
-
-
-def set_number(page, label: str, value: float) -> None:
-    """Set a slider in the settings accordion (open) through its number field."""
-    number = page.get_by_label(f"number input for {label}")
-    number.fill(str(value))
-    number.press("Enter")
-    expect(page.get_by_label(f"range slider for {label}")).to_have_value(str(value))

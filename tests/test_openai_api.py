@@ -248,7 +248,7 @@ def test_full_queue_is_a_429_and_dropped_streams_free_the_engine(app_url, model,
             for stream in streams:
                 stream.__exit__(None, None, None)  # the client drops each stream mid-reply
     idle = lambda: (body := health(app_url))["active"] == 0 and body["queued"] == 0  # noqa: E731
-    wait_for(idle, 2.0, "dropped streams must not keep generating")
+    wait_for(idle, 6.0, "dropped streams must not keep generating")
     assert ask(client, model, [user("next")], max_tokens=4).choices[0].message.content, "and the next works"
 
 
@@ -263,11 +263,11 @@ def test_a_client_that_stops_waiting_cancels_its_answer(app_url, model):
     watcher = threading.Thread(target=watch)
     watcher.start()
     with pytest.raises(httpx.ReadTimeout):  # 4,096 tokens take this CPU several seconds
-        httpx.post(f"{app_url}/v1/chat/completions", json=body, timeout=1.0)
+        httpx.post(f"{app_url}/v1/chat/completions", json=body, timeout=3.0)
     watcher.join()
     assert busy.is_set()
-    # Well before the reply could have finished on its own:
-    wait_for(lambda: health(app_url)["active"] == 0, 1.0, "a non-streamed answer is cancelled too")
+    # Well before the reply could have finished on its own (10 s and more here):
+    wait_for(lambda: health(app_url)["active"] == 0, 4.0, "a non-streamed answer is cancelled too")
 
 
 def test_inference_client_streams_a_reply(app_url, model, client, monkeypatch):

@@ -350,7 +350,7 @@ def test_closing_the_stream_stops_generation_on_the_server(serve, tiny_dir):
         stream = backend.stream_reply(HELLO, LONG)
         for _ in range(20):
             await anext(stream)
-        busy = await asyncio.to_thread(serve.cpu_used_over, 0.5)  # still generating, unread
+        busy = await asyncio.to_thread(serve.cpu_used_over, 1.0)  # still generating, unread
         await stream.aclose()  # what gradio does on stop or a closed tab
         # Measured while this loop still runs: asyncio.run's own clean-up would close a
         # leaked stream at the end and hide the leak.
@@ -363,7 +363,7 @@ def test_closing_the_stream_stops_generation_on_the_server(serve, tiny_dir):
     assert backend.stats().active == 0
     started = time.monotonic()
     assert reply(backend, SamplingParams(max_new_tokens=5, temperature=0.0))
-    assert time.monotonic() - started < 5, "the server's one generation thread is free again"
+    assert time.monotonic() - started < 10, "the server's one generation thread is free again"
 
 
 # ---------------------------------------------------------------- the whole app, remote
@@ -433,7 +433,7 @@ def test_app_still_validates_before_calling_the_server(client):
 def test_app_stop_closes_the_servers_stream(app_url, client, serve):
     job = submit(client, "Hello there!", max_new_tokens=4096)
     wait_for_outputs(job, 10)
-    assert serve.cpu_used_over(0.5) > IDLE_CPU_SECONDS, "control: the server is generating"
+    assert serve.cpu_used_over(1.0) > IDLE_CPU_SECONDS, "control: the server is generating"
     job.cancel()
     assert serve.cpu_once_quiet() < IDLE_CPU_SECONDS, "the server stopped generating the cancelled reply"
     assert health(app_url)["active"] == 0, "the app's stream ended too"
@@ -479,6 +479,7 @@ def test_browser_says_a_reply_cut_by_the_server_ended_by_an_error(app_url, serve
         open_settings,
         send,
         set_max_new_tokens,
+        set_slider,
         watch_reply_grow,
     )
 
@@ -487,6 +488,7 @@ def test_browser_says_a_reply_cut_by_the_server_ended_by_an_error(app_url, serve
         page.goto(app_url)
         box = page.locator(CHAT_TEXTBOX)
         open_settings(page)
+        set_slider(page, "Temperature", 0)  # greedy: it runs all 4,000 tokens on the tiny model
         set_max_new_tokens(page, 4000)
         send(box, "Tell me a long story.")
         reply = page.locator(BOT_MESSAGES).last
@@ -495,7 +497,7 @@ def test_browser_says_a_reply_cut_by_the_server_ended_by_an_error(app_url, serve
             serve.kill()
             expect(page.locator(REPLY_STATS).last).to_contain_text("ended by an error", timeout=20_000)
             expect(page.get_by_text("before the reply was finished").first).to_be_visible()
-            expect(box, "the textbox is usable again after the error").to_be_enabled(timeout=5000)
+            expect(box, "the textbox is usable again after the error").to_be_enabled()
             assert reply.inner_text().strip(), "the text shown before the error stays"
         finally:
             serve.start()

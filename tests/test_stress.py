@@ -70,7 +70,7 @@ def test_concurrent_sessions_stay_separate(figures):
 def test_cancels_free_the_engine(figures):
     cancels = figures["cancels"]
     assert cancels["cancels"] + cancels["disconnects"] >= 8 and cancels["hung"] == 0
-    assert cancels["leaked"] == 0 and cancels["idle_after_ms"] <= 2000
+    assert cancels["leaked"] == 0 and cancels["idle_after_ms"] <= 5000  # bench/stress.py IDLE_DEADLINE_S
     assert cancels["next_request_ok"]
 
 
