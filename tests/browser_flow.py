@@ -214,13 +214,25 @@ def set_max_new_tokens(page, value: int) -> None:
     set_slider(page, "Max new tokens", value)
 
 
-def set_slider(page, label: str, value: float) -> None:
-    """Set a slider in the (open) settings through its number box."""
+def set_slider(page, label: str, value: float, tries: int = 3) -> None:
+    """Set a slider in the (open) settings through its number box.
+
+    Typed within a few milliseconds of the accordion opening, a value can be put back to the
+    default by the page itself (seen once in 20 fresh pages with the engine panel open: both boxes
+    read 500 again 6 ms after Enter, with no answer from the server in between), which no person
+    types fast enough to meet. So the value is typed again if it did not take; one that never
+    takes still fails here."""
     number = page.get_by_label(f"number input for {label}")
+    slider = page.get_by_label(f"range slider for {label}")
+    for _ in range(tries - 1):
+        number.fill(str(value))
+        number.press("Enter")
+        with contextlib.suppress(AssertionError):
+            # The slider follows the number box a moment later (the page's own update).
+            expect(slider).to_have_value(str(value), timeout=2000)
+            return
     number.fill(str(value))
     number.press("Enter")
-    # The slider follows the number box a moment later (the page's own update, not ours).
-    slider = page.get_by_label(f"range slider for {label}")
     expect(slider, f"{label} did not take {value}").to_have_value(str(value), timeout=5000)
 
 
