@@ -224,16 +224,16 @@ def set_slider(page, label: str, value: float, tries: int = 3) -> None:
     takes still fails here."""
     number = page.get_by_label(f"number input for {label}")
     slider = page.get_by_label(f"range slider for {label}")
-    for _ in range(tries - 1):
+    for attempt in range(1, tries + 1):
         number.fill(str(value))
         number.press("Enter")
-        with contextlib.suppress(AssertionError):
+        try:
             # The slider follows the number box a moment later (the page's own update).
-            expect(slider).to_have_value(str(value), timeout=2000)
+            expect(slider, f"{label} did not take {value}").to_have_value(str(value), timeout=2000)
             return
-    number.fill(str(value))
-    number.press("Enter")
-    expect(slider, f"{label} did not take {value}").to_have_value(str(value), timeout=5000)
+        except AssertionError:
+            if attempt == tries:
+                raise
 
 
 def send(box, message: str) -> None:
