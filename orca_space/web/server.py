@@ -4,6 +4,7 @@ settings that are safe on a public link."""
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any
 
@@ -146,4 +147,16 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
         css=CSS,
     )
     options.update(overrides)
-    return demo.launch(**options)
+    try:
+        return demo.launch(**options)
+    except OSError as exc:  # gradio's "Cannot find empty port": say it with our flags, no traceback
+        log.debug("launch failed", exc_info=True)
+        print(f"app.py: error: {cannot_listen(settings, exc)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def cannot_listen(settings: Settings, exc: OSError) -> str:
+    return (
+        f"cannot listen on {settings.host}:{settings.port} ({exc.strerror or 'in use'}): another program "
+        "may hold the port, or the address is not this machine's; choose another with --port or --host"
+    )
