@@ -12,7 +12,11 @@ upgrade moves what it relies on:
 - the `/chat` API must keep answering text, not the page's reply-plus-notes (`answer_api_in_text`);
 - the saved-conversations column belongs in a sidebar that folds away on phones (`move_history_to`);
 - the page's own changes to the chat (continue, import) are saved as ChatInterface saves its own
-  (`save_step`), and its continue button hides on ChatInterface's events (`chat_changing_triggers`).
+  (`save_step`), and its continue button hides on ChatInterface's events (`chat_changing_triggers`);
+- every message must reach the browser as written and come back so: no text rewritten, a reply's
+  raw HTML shown as text (`show_messages_as_written`);
+- the textbox's placeholder, which ChatInterface blanks for each reply, comes back after it
+  (`MESSAGE_PLACEHOLDER`, `placeholder_back`).
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ import functools
 
 import gradio as gr
 
+from .reply_markdown import shown_reply, written_reply
 from .reply_stats import reply_text, settle
 
 REPLY_STEP = "_submit_fn"  # ChatInterface's name for the page's reply steps
+MESSAGE_PLACEHOLDER = "Type a message…"
 
 
 def chat_state_syncs(page: gr.Blocks, chat: gr.ChatInterface) -> list:
@@ -110,7 +116,13 @@ def locked_textbox() -> gr.Textbox:
 
 
 def unlocked_textbox() -> gr.Textbox:
-    return gr.Textbox(interactive=True, submit_btn=True, stop_btn=False)
+    return gr.Textbox(interactive=True, submit_btn=True, stop_btn=False, placeholder=MESSAGE_PLACEHOLDER)
+
+
+def placeholder_back(_shown=None) -> gr.Textbox:
+    """After a reply: ChatInterface blanks the placeholder when a message is sent and never puts
+    it back, so from the first reply on the empty textbox said nothing."""
+    return gr.Textbox(placeholder=MESSAGE_PLACEHOLDER)
 
 
 def answer_api_in_text(page: gr.Blocks, api_name: str = "chat") -> None:
@@ -161,6 +173,22 @@ def save_conversation(chat: gr.ChatInterface):
     return chat._save_conversation
 
 
+def as_chat_interface_keeps(history: list) -> list:
+    """Messages as ChatInterface keeps them, each content a list of typed parts: the page's own
+    messages hold plain text, and ChatInterface's list of saved conversations reads the parts
+    (`_generate_chat_title`; a saved import with plain text made it raise)."""
+    return [
+        {**message, "content": [text_part(part, str) for part in content_parts(message["content"])]}
+        if isinstance(message, dict) and "content" in message
+        else message
+        for message in history
+    ]
+
+
+def content_parts(content) -> list:
+    return content if isinstance(content, list) else [content]
+
+
 def chat_changing_triggers(chat: gr.ChatInterface) -> list:
     """The events by which ChatInterface changes the chat: a message, retry, edit, undo, clear, an
     example or option, a new chat, a saved conversation opened."""
@@ -175,3 +203,55 @@ def chat_changing_triggers(chat: gr.ChatInterface) -> list:
         chat.new_chat_button.click,
         chat.chat_history_dataset.click,
     ]
+
+
+def show_messages_as_written(chat: gr.ChatInterface) -> None:
+    """Send every message to the browser as written, a reply's raw HTML as text, and take the
+    chat the browser sends back (the next turn's history) as it was written.
+
+    gradio's Chatbot passes text content through `inspect.cleandoc` on its way out (the first
+    line's indentation, a common indentation and trailing blank lines dropped, tabs made spaces),
+    and the browser sends that back, so from the second turn on the model saw changed messages.
+    Text given as a typed part is sent as it is. A reply's text goes out through `shown_reply`
+    and comes back through `written_reply`, its exact inverse; a user's message is shown as
+    typed, Markdown and all, by the page's script (`assets.LIVE_PAGE_HEAD`).
+    """
+    chatbot = chat.chatbot
+    send, receive = chatbot.postprocess, chatbot.preprocess
+
+    def postprocess(value):
+        return send(None if value is None else [message_as_shown(message) for message in value])
+
+    def preprocess(payload):
+        return [message_as_written(message) for message in receive(payload)]
+
+    chatbot.postprocess, chatbot.preprocess = postprocess, preprocess
+    chatbot.shows_messages_as_written = True  # for the test that this survives gradio upgrades
+
+
+def message_as_shown(message):
+    """A history message with its text as typed parts, a reply's through `shown_reply`."""
+    if not isinstance(message, dict) or "content" not in message:
+        return message  # gradio's own message objects: none on this page
+    show = shown_reply if message.get("role") == "assistant" else str
+    content = message["content"]
+    if isinstance(content, str):
+        return {**message, "content": {"type": "text", "text": show(content)}}
+    if isinstance(content, list):
+        return {**message, "content": [text_part(part, show) for part in content]}
+    return message
+
+
+def text_part(part, show):
+    if isinstance(part, str):
+        return {"type": "text", "text": show(part)}
+    if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+        return {**part, "text": show(part["text"])}
+    return part
+
+
+def message_as_written(message):
+    """A message from the browser, a reply's text parts through `written_reply`."""
+    if message.get("role") != "assistant":
+        return message
+    return {**message, "content": [text_part(part, written_reply) for part in message["content"]]}

@@ -17,7 +17,7 @@ from ..runtime import ChatRuntime
 from ..settings import Settings
 from .access import AccessGate
 from .admission import Admission
-from .assets import CSS
+from .assets import CSS, LIVE_PAGE_HEAD, page_theme
 from .mcp_tool import add_mcp_tool, expose_only_the_tool, quiet_state_warning
 from .openai_api import OpenAIApi
 
@@ -143,8 +143,9 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
         enable_monitoring=False,  # no /monitoring dashboard on a public link
         max_file_size=0,  # the chat takes no files: refuse uploads instead of storing any size for anyone
         footer_links=["api", "gradio"],
-        theme=gr.themes.Soft(primary_hue="blue"),
+        theme=page_theme(),
         css=CSS,
+        head=LIVE_PAGE_HEAD,
     )
     options.update(overrides)
     try:
