@@ -84,7 +84,7 @@ def max_new_tokens_limit(context_length: int) -> Limit:
         raise ValueError(f"context_length must be at least {MIN_CONTEXT_LENGTH}, got {context_length}")
     limit = LIMITS["max_new_tokens"]
     high = min(limit.high, context_length - MIN_PROMPT_TOKENS)
-    return replace(limit, high=high, default=min(limit.default, context_length // 2, high))
+    return replace(limit, high=high, default=min(limit.default, context_length // 2))
 
 
 def check_seed(value: object) -> int:

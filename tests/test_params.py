@@ -178,7 +178,9 @@ def test_max_new_tokens_follows_the_context(context, default, high):
     limit = max_new_tokens_limit(context)
     assert (limit.default, limit.high, limit.low) == (default, high, 1)
     assert limit.default <= limit.high, "the default is always a value the slider can hold"
-    assert context - limit.default >= context // 2, "with the defaults, half the context is left for the prompt"
+    assert context - limit.default >= context // 2, (
+        "with the defaults, half the context is left for the prompt"
+    )
     assert context - limit.high >= MIN_PROMPT_TOKENS, "the largest setting still leaves room for a message"
     assert (limit.name, limit.label) == ("max_new_tokens", "Max new tokens")
 

@@ -20,7 +20,9 @@ def test_a_refusal_logs_one_line_and_asks_gradio_for_no_traceback(caplog):
         error = refusal("message is empty")
     assert isinstance(error, gr.Error) and error.message == "message is empty"
     assert error.print_exception is False, "gradio prints the traceback of any gr.Error that asks for it"
-    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(logging.INFO, "refused: message is empty")]
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.INFO, "refused: message is empty")
+    ]
 
 
 @pytest.mark.parametrize(

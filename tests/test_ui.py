@@ -319,7 +319,11 @@ def test_the_chat_goes_to_the_browser_as_written_and_comes_back_so(page):
     assert getattr(chatbot, "shows_messages_as_written", False), "show_messages_as_written is installed"
     typed = "  two spaces first\n\tthen a tab <b>and a tag</b>\n"
     reply = "See <b>this</b>, `<i>code</i>` and $a<b$."
-    history = [{"role": "user", "content": typed}, reply_message(reply), stats_note(ReplyFigures(3, ending="stop"))]
+    history = [
+        {"role": "user", "content": typed},
+        reply_message(reply),
+        stats_note(ReplyFigures(3, ending="stop")),
+    ]
     sent = chatbot.postprocess(history)
     texts = [message.content[0].text for message in sent.root]
     assert texts[:2] == [typed, "See \\<b>this\\</b>, `<i>code</i>` and $a<b$."]

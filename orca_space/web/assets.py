@@ -16,6 +16,7 @@ import gradio as gr
 from .presets import CUSTOM, PRESETS
 from .transcript import MAX_TRANSCRIPT_BYTES
 
+
 def page_theme() -> gr.themes.Base:
     """gradio's Soft theme in blue, its light-mode text made to meet WCAG AA (4.5:1) where it did
     not: field labels (blue 500 on blue 100, 3.0:1), the primary button (white on blue 500,

@@ -25,8 +25,8 @@ import gradio as gr
 from ..engines.requests import EngineError
 from ..params import LIMITS, max_new_tokens_limit
 from .access import matching_key
-from .refusals import refusal
 from .admission import Admission, Refused, request_client
+from .refusals import refusal
 from .ui import DEFAULT_SYSTEM_MESSAGE
 
 TOOL_API_NAME = "ask"

@@ -16,8 +16,8 @@ from ..runtime import ChatRuntime
 from . import assets, chat_hooks
 from .engine_panel import engine_markdown
 from .presets import preset_for
-from .refusals import refusal
 from .prompt_view import CONTROL_LABEL, PromptView, highlighted, summary_markdown
+from .refusals import refusal
 from .transcript import (
     Transcript,
     TranscriptError,
@@ -175,7 +175,9 @@ def settings_for_context(settings: dict[str, float], context_length: int) -> dic
     most = max_new_tokens_limit(context_length).high
     if settings.get("max_new_tokens", 0) <= most:
         return settings
-    gr.Info(f"Max new tokens {settings['max_new_tokens']:g} is more than this context allows; it is {most:g}.")
+    gr.Info(
+        f"Max new tokens {settings['max_new_tokens']:g} is more than this context allows; it is {most:g}."
+    )
     return {**settings, "max_new_tokens": most}
 
 

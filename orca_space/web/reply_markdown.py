@@ -27,9 +27,7 @@ LATEX_DELIMITERS = [
     {"left": "\\(", "right": "\\)", "display": False},
     {"left": "$", "right": "$", "display": False},
 ]
-MATH = [
-    re.compile(f"{re.escape(d['left'])}[\\s\\S]+?{re.escape(d['right'])}") for d in LATEX_DELIMITERS
-]
+MATH = [re.compile(f"{re.escape(d['left'])}[\\s\\S]+?{re.escape(d['right'])}") for d in LATEX_DELIMITERS]
 # `<` then a letter, `/`, `!` or `?`: the start of an HTML tag, end tag, comment, declaration or
 # processing instruction, the only ways Markdown lets raw HTML in.
 HTML_START = re.compile(r"<(?=[A-Za-z/!?])")
