@@ -31,26 +31,30 @@ MATH = [re.compile(f"{re.escape(d['left'])}[\\s\\S]+?{re.escape(d['right'])}") f
 # `<` then a letter, `/`, `!` or `?`: the start of an HTML tag, end tag, comment, declaration or
 # processing instruction, the only ways Markdown lets raw HTML in.
 HTML_START = re.compile(r"<(?=[A-Za-z/!?])")
-FENCE = re.compile(r"[ \t>]*(`{3,}|~{3,})")  # a code fence, also indented or in a blockquote
+# A code fence line, also indented or in a blockquote, and what follows the fence on it.
+FENCE = re.compile(r"^[ \t>]*(`{3,}|~{3,})(.*)$", re.MULTILINE)
 BLANK = re.compile(r"\n[ \t]*\n")
 BACKTICKS = re.compile(r"`+")
-CACHED = 1024  # a conversation's replies: each update of a chat re-sends all of them
+# Replies with markup, rewritten once each: every update of a streaming reply re-sends the whole
+# conversation, whose earlier replies have not changed.
+CACHED = 256
 
 
-@lru_cache(maxsize=CACHED)
 def shown_reply(text: str) -> str:
     """`text` with its raw HTML made literal for the chat's Markdown (see the module docstring)."""
-    if "<" not in text:
-        return text
-    return _rewrite(text, lambda run: 2 * run + 1)
+    return _rewritten(text, shown=True) if HTML_START.search(text) else text
+
+
+def written_reply(shown: str) -> str:
+    """The text `shown_reply` was given, from what it returned."""
+    return _rewritten(shown, shown=False) if HTML_START.search(shown) else shown
 
 
 @lru_cache(maxsize=CACHED)
-def written_reply(shown: str) -> str:
-    """The text `shown_reply` was given, from what it returned."""
-    if "<" not in shown:
-        return shown
-    return _rewrite(shown, lambda run: (run - 1) // 2 if run % 2 else run)
+def _rewritten(text: str, shown: bool) -> str:
+    if shown:  # k backslashes before the `<` become 2k + 1: k shown, and one to make it text
+        return _rewrite(text, lambda run: 2 * run + 1)
+    return _rewrite(text, lambda run: (run - 1) // 2 if run % 2 else run)
 
 
 def _rewrite(text: str, backslashes) -> str:
@@ -108,15 +112,13 @@ def code_spans(text: str) -> Iterator[tuple[int, int]]:
 def fenced_blocks(text: str) -> Iterator[tuple[int, int]]:
     """(start, end) of each fenced block, its fence lines included; an unclosed fence runs to
     the end, as in Markdown (and as a reply still streaming often has)."""
-    opened, offset = None, 0
-    for line in text.splitlines(keepends=True):
-        fence = FENCE.match(line)
-        if opened is None and fence:
-            opened = (offset, fence.group(1))
-        elif opened is not None and fence and closes(fence.group(1), opened[1], line[fence.end() :]):
-            yield opened[0], offset + len(line)
+    opened = None
+    for fence in FENCE.finditer(text):
+        if opened is None:
+            opened = (fence.start(), fence.group(1))
+        elif closes(fence.group(1), opened[1], fence.group(2)):
+            yield opened[0], fence.end()
             opened = None
-        offset += len(line)
     if opened is not None:
         yield opened[0], len(text)
 
