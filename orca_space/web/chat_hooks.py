@@ -22,6 +22,7 @@ upgrade moves what it relies on:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import gradio as gr
 
@@ -119,7 +120,7 @@ def unlocked_textbox() -> gr.Textbox:
     return gr.Textbox(interactive=True, submit_btn=True, stop_btn=False, placeholder=MESSAGE_PLACEHOLDER)
 
 
-def placeholder_back(_shown=None) -> gr.Textbox:
+def placeholder_back(_shown: object = None) -> gr.Textbox:
     """After a reply: ChatInterface blanks the placeholder when a message is sent and never puts
     it back, so from the first reply on the empty textbox said nothing."""
     return gr.Textbox(placeholder=MESSAGE_PLACEHOLDER)
@@ -185,7 +186,7 @@ def as_chat_interface_keeps(history: list) -> list:
     ]
 
 
-def content_parts(content) -> list:
+def content_parts(content: object) -> list:
     return content if isinstance(content, list) else [content]
 
 
@@ -229,7 +230,7 @@ def show_messages_as_written(chat: gr.ChatInterface) -> None:
     chatbot.shows_messages_as_written = True  # for the test that this survives gradio upgrades
 
 
-def message_as_shown(message):
+def message_as_shown(message: object) -> object:
     """A history message with its text as typed parts, a reply's through `shown_reply`."""
     if not isinstance(message, dict) or "content" not in message:
         return message  # gradio's own message objects: none on this page
@@ -242,7 +243,7 @@ def message_as_shown(message):
     return message
 
 
-def text_part(part, show):
+def text_part(part: object, show: Callable[[str], str]) -> object:
     if isinstance(part, str):
         return {"type": "text", "text": show(part)}
     if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
@@ -250,7 +251,7 @@ def text_part(part, show):
     return part
 
 
-def message_as_written(message):
+def message_as_written(message: dict) -> dict:
     """A message from the browser, a reply's text parts through `written_reply`."""
     if message.get("role") != "assistant":
         return message
