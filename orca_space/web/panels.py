@@ -57,12 +57,13 @@ def add_prompt_panel(last_prompt: gr.State) -> None:
     )
 
 
-def show_prompt(view: PromptView | None):
+def show_prompt(state: dict | None):
+    view = PromptView.from_state(state)
     return summary_markdown(view), highlighted(view)
 
 
-def show_prompt_if_open(view: PromptView | None, is_open: bool):
-    return show_prompt(view) if is_open else (gr.skip(), gr.skip())
+def show_prompt_if_open(state: dict | None, is_open: bool):
+    return show_prompt(state) if is_open else (gr.skip(), gr.skip())
 
 
 def add_transcript_panel(runtime: ChatRuntime, controls: ChatControls) -> None:

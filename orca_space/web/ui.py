@@ -71,7 +71,9 @@ def build_ui(runtime: ChatRuntime) -> gr.Blocks:
                 "system message",
             )
             sliders = parameter_sliders()
-        last_prompt = gr.State(None)  # the PromptView of the last reply
+        # States hold plain data only: gradio hashes them after every event and copies them into
+        # each new session (see page_state). The last reply's prompt is a PromptView.as_state().
+        last_prompt = gr.State(None)
         chat = build_chat(runtime, [system_box, *sliders], last_prompt)
         with gr.Sidebar(open=False, width=260, elem_id="conversations") as sidebar:
             pass  # opened on wide screens as the page loads (see assets)
@@ -104,6 +106,8 @@ def build_chat(runtime: ChatRuntime, inputs: list, last_prompt: gr.State) -> gr.
         make_respond(runtime),
         chatbot=gr.Chatbot(
             label=runtime.model_name.rsplit("/", 1)[-1],
+            # The page's title names the model; a shown label floats over the replies at phone width.
+            show_label=False,
             latex_delimiters=LATEX_DELIMITERS,
             buttons=["copy", "copy_all"],
             placeholder="Ask MistralOrca anything.",
