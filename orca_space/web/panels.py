@@ -37,7 +37,7 @@ class ChatControls:
 def add_prompt_panel(last_prompt: gr.State) -> None:
     """The exact ChatML of the last reply, its tokens against the budget, the turns left out."""
     with gr.Accordion("Prompt of the last reply", open=False) as panel:
-        summary = gr.Markdown(summary_markdown(None))
+        summary = gr.Markdown(summary_markdown(None), elem_id="prompt-summary")
         text = gr.HighlightedText(
             [],
             color_map={CONTROL_LABEL: "#f59e0b"},
