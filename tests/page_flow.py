@@ -104,6 +104,35 @@ CONTRAST_JS = """
 """
 
 
+COVERED_MESSAGE_POINTS_JS = """() => {
+  const chat = document.querySelector('#chatbot .bubble-wrap');
+  const view = chat.getBoundingClientRect();
+  const covered = [];
+  for (let top = 0; top <= chat.scrollHeight; top += 40) {
+    chat.scrollTop = top;
+    for (const message of document.querySelectorAll('#chatbot .message')) {
+      const box = message.getBoundingClientRect();
+      for (let y = Math.max(box.top, view.top) + 2; y < Math.min(box.bottom, view.bottom) - 2; y += 6) {
+        for (let x = box.left + 2; x < box.right - 2; x += 8) {
+          const hit = document.elementFromPoint(x, y);
+          // gradio's scroll-to-bottom arrow floats over the list on purpose, while scrolled up.
+          if (hit && !message.contains(hit) && !hit.closest('.scroll-down-button-container')) {
+            covered.push(`scrolled ${top}px: ${hit.tagName}.${hit.className} at ${Math.round(x)},${Math.round(y)}`);
+          }
+        }
+      }
+    }
+  }
+  return covered;
+}"""
+
+
+def covered_message_points(page) -> list[str]:
+    """Points of messages in the chat's visible area that something else is drawn over, at
+    every scroll position of the message list (scrolled 40 px at a time)."""
+    return page.evaluate(COVERED_MESSAGE_POINTS_JS)
+
+
 def contrast(page, selector: str) -> float:
     """The WCAG contrast ratio of an element's text against the first opaque background behind it."""
     return page.locator(selector).last.evaluate(CONTRAST_JS)
