@@ -263,6 +263,34 @@ def test_no_static_file_workers_even_when_gradio_is_asked_for_them(app, fetches)
         assert answer.text != '{"status":"ok"}', f"a static file worker listens on {worker_port}"
 
 
+REDIRECT_BAIT = [
+    "/logout?next=https://evil.example&_target_url=https://evil.example&url=//evil.example",
+    "/logout/?next=https://evil.example",
+    "/login/huggingface?_target_url=https://evil.example",
+    "/gradio_api/mcp?redirect=https://evil.example",
+    "//evil.example/",
+    "/%2F%2Fevil.example/",
+    "/\\evil.example/",
+    "/gradio_api/file=https://evil.example/",
+]
+
+
+@pytest.mark.parametrize("path", REDIRECT_BAIT)
+def test_no_route_redirects_to_another_host(app, fetches, path):
+    """gradio's redirects (after a logout, a trailing slash, an old open redirect on /file=) go
+    to the app itself, whatever the query says."""
+    connection = HTTPConnection(urlsplit(app).netloc, timeout=10)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        location = response.getheader("location") or ""
+    finally:
+        connection.close()
+    if 300 <= response.status < 400:
+        target, own = httpx.URL(app).join(location), httpx.URL(app)
+        assert (target.host, target.port) == (own.host, own.port), f"{path} sent the client to {location}"
+
+
 # -- FileData URLs in request bodies ---------------------------------------------------------------
 
 REMOTE_FILE = {"path": "https://example.com/big.bin", "meta": {"_type": "gradio.FileData"}}
