@@ -197,7 +197,9 @@ def test_twenty_links_at_once_from_separate_connections_are_all_readable(tmp_pat
         thread.join(30)
     assert not errors, f"concurrent shares failed: {errors}"
     reader = LinkStore(path)
-    assert {reader.get(link.id).snapshot for link in made.values()} == {f"conversation {i}" for i in range(20)}
+    assert {reader.get(link.id).snapshot for link in made.values()} == {
+        f"conversation {i}" for i in range(20)
+    }
     assert len({link.id for link in made.values()}) == 20
 
 

@@ -69,7 +69,9 @@ class ConversationLinks:
         stored = self.store.get(link_id)
         if stored is None:
             return None
-        return SharedConversation(stored.id, read_snapshot(stored.snapshot), stored.created_at, stored.expires_at)
+        return SharedConversation(
+            stored.id, read_snapshot(stored.snapshot), stored.created_at, stored.expires_at
+        )
 
     def delete(self, link_id: object, delete_token: object) -> bool:
         return self.store.delete(link_id, delete_token)
