@@ -7,8 +7,10 @@ import pytest
 from starlette.requests import Request
 
 from orca_space.runtime import ChatRuntime
+from orca_space.settings import parse_settings
 from orca_space.sharing.links import ConversationLinks
 from orca_space.sharing.store import DB_FILENAME, StoreLimits
+from orca_space.startup import new_runtime
 from orca_space.web import chat_display
 from orca_space.web.link_page import DELETED, LINK_PATH, WRONG_TOKEN, make_delete_link, make_open_link
 from orca_space.web.share_panel import NOT_HERE, link_url, make_share, visitor
@@ -79,7 +81,9 @@ def test_the_link_page_draws_messages_exactly_as_the_chat(runtime):
         return {key: value for key, value in props.items() if key not in LAYOUT_PROPS | ACTION_PROPS}
 
     assert drawing(chat["props"]) == drawing(shared["props"])
-    assert not shared["props"].get("editable") and not shared["props"]["_retryable"], "the link page is read-only"
+    assert not shared["props"].get("editable") and not shared["props"]["_retryable"], (
+        "the link page is read-only"
+    )
     for key, value in chat_display.DISPLAY_OPTIONS.items():
         assert chat["props"][key] == value, key
     with pytest.raises(ValueError, match="sanitize_html"):
@@ -145,3 +149,26 @@ def test_a_visitor_is_the_logged_in_user_else_the_address(runtime):
     assert visitor(runtime, request(client="1.2.3.4", forwarded="9.9.9.9")) == "ip:1.2.3.4"
     runtime.trusted_proxy_hops = 1
     assert visitor(runtime, request(client="1.2.3.4", forwarded="9.9.9.9")) == "ip:9.9.9.9"
+
+
+def test_the_settings_reach_the_store_alike_for_every_backend(tmp_path):
+    """Links keep text only: the local, remote and ZeroGPU runtimes (all made by new_runtime) get
+    the same store, with the limits the flags set."""
+    flags = [
+        "--data-dir",
+        str(tmp_path),
+        "--link-max-kb",
+        "64",
+        "--links-max-mb",
+        "2",
+        "--link-expiry-days",
+        "0.5",
+    ]
+    for backend in ([], ["--backend", "remote", "--endpoint", "http://127.0.0.1:9/v1"], ["--zerogpu"]):
+        settings = parse_settings([*backend, *flags, "--links-per-hour", "7"], {})
+        links = new_runtime(settings, "m", demo=False, concurrency=1).links
+        assert links.store.path == tmp_path / DB_FILENAME and links.limiter.limit == 7
+        assert links.store.limits == StoreLimits(64 << 10, 2 << 20, 43200.0)
+    unlimited = parse_settings(["--data-dir", str(tmp_path), "--links-per-hour", "0"], {})
+    links = new_runtime(unlimited, "m", demo=False, concurrency=1).links
+    assert links.limiter is None and links.store.limits.expiry_s is None

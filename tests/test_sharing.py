@@ -284,3 +284,14 @@ def test_a_stored_snapshot_is_the_export_of_the_same_chat(tmp_path):
     stored = json.loads(links.store.get(link.id).snapshot)
     exported = json.loads(conversation_json(HISTORY, "Be brief.", SETTINGS, "m"))
     assert {**stored, "exported_at": None} == {**exported, "exported_at": None}
+
+
+def test_a_deleted_conversation_is_gone_from_the_files_and_they_are_private(tmp_path):
+    store = LinkStore(tmp_path / DB_FILENAME)
+    keep = store.create("kept " * 50)
+    link = store.create("REGRETTED-" * 400)
+    assert store.delete(link.id, link.delete_token)
+    raw = b"".join(path.read_bytes() for path in tmp_path.iterdir())
+    assert b"REGRETTED-" not in raw, "a deleted snapshot's text stays readable on disk"
+    assert store.get(keep.id) is not None
+    assert (store.path.stat().st_mode & 0o777) == 0o600, "only the app's user may read the links"

@@ -235,10 +235,14 @@ class LinkStore:
         """A connection with the schema in place; SQLite's failures become StoreUnavailable."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Readable by the app's user only; SQLite gives its -wal and -shm files the same mode.
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
             db = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
             raise self._unavailable(exc) from None
         try:
+            # A deleted snapshot's text is overwritten, not left in free pages (some builds' default).
+            db.execute("PRAGMA secure_delete = ON")
             self._ensure_schema(db)
             yield db
         except sqlite3.Error as exc:
