@@ -123,6 +123,8 @@ def test_share_open_read_only_continue_and_delete(app_url, person):
     reader = person()
     reader.goto(link)
     expect(reader.locator("#link-header")).to_contain_text("A shared conversation")
+    for page in (sharer, reader):  # a page reached only by links: no navigation bar on either
+        expect(page.get_by_role("link", name="Home")).to_have_count(0)
     expect(reader.locator(USER_MESSAGES)).to_have_count(3)
     assert texts(reader, USER_MESSAGES) == asked and texts(reader, BOT_MESSAGES) == answered
     expect(reader.locator("#chatbot .thought-group .title").first).to_contain_text("hit max new tokens")

@@ -25,6 +25,7 @@ LAYOUT_PROPS = {
     "height",
     "elem_id",
     "elem_classes",
+    "autoscroll",
     "value",
     "name",
 }

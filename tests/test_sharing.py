@@ -235,6 +235,12 @@ def test_a_snapshot_refuses_an_empty_chat_and_one_over_its_size():
         take_snapshot(HISTORY * 20, "", SETTINGS, "m", 1024)
 
 
+def test_a_reply_still_streaming_is_shared_as_stopped():
+    streaming = [*HISTORY[:-1], stats_note(ReplyFigures(3, 0.1, None, None))]
+    last_note = read_snapshot(snapshot_text(history=streaming)).messages[-1]
+    assert last_note["metadata"]["status"] == "done" and "stopped" in last_note["metadata"]["title"]
+
+
 def test_a_stored_snapshot_is_checked_again_when_read():
     """What is on disk may have been changed behind the app's back: a system turn, an unknown
     field or a bad setting is refused when the link is opened, not shown or continued."""

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from ..web.reply_stats import settle
 from ..web.transcript import Transcript, TranscriptError, conversation_json, parse_transcript
 from .store import LinkRefused, readable_size
 
@@ -33,7 +34,8 @@ def take_snapshot(
     """The snapshot of the chat as the page shows it, checked; SnapshotRefused if it cannot be
     shared: nothing to share, over `max_bytes`, or refused by the import's checks."""
     try:
-        text = conversation_json(history, system_message, settings, model, now or datetime.now(UTC))
+        # A reply still streaming is shared as far as it got, and says it was stopped there.
+        text = conversation_json(settle(history), system_message, settings, model, now or datetime.now(UTC))
     except ValueError as exc:  # a message that is not text
         raise SnapshotRefused(f"this conversation cannot be shared: {exc}") from None
     size = len(text.encode("utf-8", "surrogatepass"))

@@ -46,10 +46,15 @@ def add_link_page(page: gr.Blocks, runtime: ChatRuntime) -> None:
     with page.route(PAGE_NAME, LINK_PATH, show_in_navbar=False):
         gr.Navbar(visible="hidden")  # "hidden", not False: gradio 6.31 shows the bar for False
         header = gr.Markdown(elem_id="link-header")
-        # elem_id "chatbot", as the chat's, so the page's CSS draws notes the same way; the two
-        # are never in one document.
+        # elem_id "chatbot", as the chat's, so the page's CSS draws notes the same way (the two
+        # are never in one document); a reader starts at the first message, not the last.
         chatbot = conversation_chatbot(
-            label=PAGE_NAME, show_label=False, height="60vh", elem_id="chatbot", elem_classes=[READ_ONLY]
+            label=PAGE_NAME,
+            show_label=False,
+            height="60vh",
+            autoscroll=False,
+            elem_id="chatbot",
+            elem_classes=[READ_ONLY],
         )
         with gr.Row():
             carry_on = gr.Button(
