@@ -17,6 +17,7 @@ from ..settings import Settings
 from .access import AccessGate
 from .admission import Admission
 from .assets import CSS
+from .link_page import LINK_PAGE_CSS
 from .mcp_tool import add_mcp_tool, expose_only_the_tool, quiet_state_warning
 from .openai_api import OpenAIApi
 from .remote_fetch_guard import RemoteFetchGuard, refuse_remote_downloads
@@ -152,7 +153,7 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
         max_file_size=0,  # the chat takes no files: refuse uploads instead of storing any size for anyone
         footer_links=["api", "gradio"],
         theme=gr.themes.Soft(primary_hue="blue"),
-        css=CSS,
+        css=CSS + LINK_PAGE_CSS,
     )
     options.update(overrides)
     return demo.launch(**options)
