@@ -4,7 +4,7 @@ The stream-stop-chat flow lives in `tests/browser_flow.py` so it can run against
 deployments too; the page's features (figures under replies, continue, the prompt panel,
 presets, export and import, layout) use `tests/page_flow.py`. One app serves every test but
 two that need their own: one with a short message limit, one whose model loads on cue.
-Set ORCA_UPDATE_SCREENSHOT=1 to copy the layout test's screenshots to docs/ for the README.
+Set ORCA_UPDATE_SCREENSHOT=1 to copy the layout test's screenshots to docs/ for the README and docs/how-it-works.md.
 """
 
 from __future__ import annotations
