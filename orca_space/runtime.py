@@ -9,6 +9,7 @@ from .engines.ladder import EngineChoice
 from .engines.requests import EngineStats
 from .loading import LoadStatus
 from .ratelimit import RateLimiter
+from .sharing.links import ConversationLinks
 
 
 @dataclass
@@ -24,6 +25,7 @@ class ChatRuntime:
     engine_choice: EngineChoice | None = None  # which local engine serves, and why
     limiter: RateLimiter | None = None  # per user or address; None = no limit
     trusted_proxy_hops: int = 0
+    links: ConversationLinks | None = None  # conversation links (not --share); None = none offered
 
     def engine_stats(self) -> EngineStats | None:
         return self.engine.stats() if self.engine is not None else None

@@ -23,6 +23,8 @@ from .loading import (
 from .ratelimit import RateLimiter
 from .runtime import ChatRuntime
 from .settings import Settings
+from .sharing.links import ConversationLinks
+from .sharing.store import StoreLimits
 from .tiny import is_tiny_checkpoint, write_tiny_checkpoint
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,22 @@ def new_runtime(settings: Settings, model_name: str, demo: bool, concurrency: in
         concurrency=concurrency,
         limiter=RateLimiter(settings.rate_limit, window=60.0) if settings.rate_limit else None,
         trusted_proxy_hops=settings.trusted_proxy_hops,
+        links=conversation_links(settings),
     )
+
+
+def conversation_links(settings: Settings) -> ConversationLinks | None:
+    """The store of conversation links, opened on first use (so a bad database never stops
+    the app from starting); text only, so every backend gets the same."""
+    if not settings.data_dir:
+        return None
+    limits = StoreLimits(
+        max_snapshot_bytes=settings.link_max_kb << 10,
+        max_total_bytes=settings.links_max_mb << 20,
+        expiry_s=settings.link_expiry_days * 86400 or None,
+    )
+    log.info("Conversation links are kept in %s", settings.data_dir)
+    return ConversationLinks.in_directory(Path(settings.data_dir), limits, settings.links_per_hour)
 
 
 def start_local_runtime(settings: Settings) -> ChatRuntime:

@@ -68,7 +68,7 @@ async def test_a_refused_message_is_a_quiet_gr_error_naming_the_slider(encoder, 
 
 
 @pytest.mark.anyio
-async def test_a_bug_is_no_refusal_and_keeps_its_traceback(encoder):
+async def test_a_bug_is_no_refusal_and_keeps_its_traceback(encoder, caplog):
     class Broken:
         async def stream_reply(self, messages, params, notify=None):
             raise KeyError("a bug")
@@ -77,6 +77,9 @@ async def test_a_bug_is_no_refusal_and_keeps_its_traceback(encoder):
     runtime = ChatRuntime(model_name="m", context_length=8192)
     runtime.service = ChatService(Broken(), encoder, ChatLimits())
     runtime.status.update("ready", "Ready.")
-    with pytest.raises(KeyError):  # gradio prints its traceback: it is the server's fault
+    with caplog.at_level(logging.INFO), pytest.raises(gr.Error, match="unexpected error"):
         async for _ in make_respond(runtime)("hi", [], "", 16, 0.4, 0.95, 40, 1.1, None):
             pass
+    traced = [r for r in caplog.records if r.exc_info and r.exc_info[0] is KeyError]
+    assert len(traced) == 1, "the server's own fault is logged with its traceback, once"
+    assert not [r for r in caplog.records if r.getMessage().startswith("refused:")], "a bug is no refusal"

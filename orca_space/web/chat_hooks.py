@@ -13,8 +13,6 @@ upgrade moves what it relies on:
 - the saved-conversations column belongs in a sidebar that folds away on phones (`move_history_to`);
 - the page's own changes to the chat (continue, import) are saved as ChatInterface saves its own
   (`save_step`), and its continue button hides on ChatInterface's events (`chat_changing_triggers`);
-- every message must reach the browser as written and come back so: no text rewritten, a reply's
-  raw HTML shown as text (`show_messages_as_written`);
 - the textbox's placeholder, which ChatInterface blanks for each reply, comes back after it
   (`MESSAGE_PLACEHOLDER`, `placeholder_back`).
 """
@@ -22,12 +20,11 @@ upgrade moves what it relies on:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import gradio as gr
 
-from .reply_markdown import shown_reply, written_reply
-from .reply_stats import reply_text, settle
+from .chat_display import text_part
+from .reply_stats import reply_text, settle, settled_after_failure
 
 REPLY_STEP = "_submit_fn"  # ChatInterface's name for the page's reply steps
 MESSAGE_PLACEHOLDER = "Type a message…"
@@ -93,8 +90,9 @@ def recover_from_errors(page: gr.Blocks, chat: gr.ChatInterface, extra_steps: li
     On a stop, gradio's front end dispatches this step and the `.then` steps at once, and the
     one whose answer comes back last draws the chat. So both settle a spinning note the same
     way, as "stopped", and a reply that fails settles its own note ("ended by an error") in its
-    last update before raising (`replying.stream_figures`); whichever step wins, the chat is
-    the same.
+    last update before raising (`replying.failures_said`); whichever step wins, the chat is
+    the same. A step that failed before its function could show anything (inside gradio) left
+    the user's message bare: this step adds the note saying so (`settled_after_failure`).
     """
     for step in [*reply_steps(page, chat), *(extra_steps or [])]:
         step.failure(
@@ -107,7 +105,7 @@ def recover_from_errors(page: gr.Blocks, chat: gr.ChatInterface, extra_steps: li
 
 
 def restore_after_failure(shown_history: list):
-    settled = settle(shown_history or [])
+    settled = settled_after_failure(shown_history or [])
     return settled, settled, unlocked_textbox()
 
 
@@ -204,55 +202,3 @@ def chat_changing_triggers(chat: gr.ChatInterface) -> list:
         chat.new_chat_button.click,
         chat.chat_history_dataset.click,
     ]
-
-
-def show_messages_as_written(chat: gr.ChatInterface) -> None:
-    """Send every message to the browser as written, a reply's raw HTML as text, and take the
-    chat the browser sends back (the next turn's history) as it was written.
-
-    gradio's Chatbot passes text content through `inspect.cleandoc` on its way out (the first
-    line's indentation, a common indentation and trailing blank lines dropped, tabs made spaces),
-    and the browser sends that back, so from the second turn on the model saw changed messages.
-    Text given as a typed part is sent as it is. A reply's text goes out through `shown_reply`
-    and comes back through `written_reply`, its exact inverse; a user's message is shown as
-    typed, Markdown and all, by the page's script (`assets.LIVE_PAGE_HEAD`).
-    """
-    chatbot = chat.chatbot
-    send, receive = chatbot.postprocess, chatbot.preprocess
-
-    def postprocess(value):
-        return send(None if value is None else [message_as_shown(message) for message in value])
-
-    def preprocess(payload):
-        return [message_as_written(message) for message in receive(payload)]
-
-    chatbot.postprocess, chatbot.preprocess = postprocess, preprocess
-    chatbot.shows_messages_as_written = True  # for the test that this survives gradio upgrades
-
-
-def message_as_shown(message: object) -> object:
-    """A history message with its text as typed parts, a reply's through `shown_reply`."""
-    if not isinstance(message, dict) or "content" not in message:
-        return message  # gradio's own message objects: none on this page
-    show = shown_reply if message.get("role") == "assistant" else str
-    content = message["content"]
-    if isinstance(content, str):
-        return {**message, "content": {"type": "text", "text": show(content)}}
-    if isinstance(content, list):
-        return {**message, "content": [text_part(part, show) for part in content]}
-    return message
-
-
-def text_part(part: object, show: Callable[[str], str]) -> object:
-    if isinstance(part, str):
-        return {"type": "text", "text": show(part)}
-    if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-        return {**part, "text": show(part["text"])}
-    return part
-
-
-def message_as_written(message: dict) -> dict:
-    """A message from the browser, a reply's text parts through `written_reply`."""
-    if message.get("role") != "assistant":
-        return message
-    return {**message, "content": [text_part(part, written_reply) for part in message["content"]]}

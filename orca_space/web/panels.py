@@ -44,7 +44,7 @@ class ChatControls:
 def add_prompt_panel(last_prompt: gr.State) -> None:
     """The exact ChatML of the last reply, its tokens against the budget, the turns left out."""
     with gr.Accordion("Prompt of the last reply", open=False) as panel:
-        summary = gr.Markdown(summary_markdown(None))
+        summary = gr.Markdown(summary_markdown(None), elem_id="prompt-summary")
         text = gr.HighlightedText(
             [],
             color_map={CONTROL_LABEL: "#f59e0b"},
@@ -64,12 +64,13 @@ def add_prompt_panel(last_prompt: gr.State) -> None:
     )
 
 
-def show_prompt(view: PromptView | None):
+def show_prompt(state: dict | None):
+    view = PromptView.from_state(state)
     return summary_markdown(view), highlighted(view)
 
 
-def show_prompt_if_open(view: PromptView | None, is_open: bool):
-    return show_prompt(view) if is_open else (gr.skip(), gr.skip())
+def show_prompt_if_open(state: dict | None, is_open: bool):
+    return show_prompt(state) if is_open else (gr.skip(), gr.skip())
 
 
 def add_transcript_panel(runtime: ChatRuntime, controls: ChatControls) -> None:
@@ -105,7 +106,6 @@ def add_transcript_panel(runtime: ChatRuntime, controls: ChatControls) -> None:
     as_markdown.click(export(conversation_markdown), settings_inputs, [markdown_text], **private).then(
         None, [markdown_text], None, js=assets.save_text_js("md", "text/markdown"), **private
     )
-    shown = [chat.chatbot, chat.chatbot_state, chat.chatbot_value, chat.conversation_id]
     picked = gr.State(None)  # the checked file, as plain data, between the two steps
     load.click(
         read_import,
@@ -120,7 +120,7 @@ def add_transcript_panel(runtime: ChatRuntime, controls: ChatControls) -> None:
     ).success(
         import_conversation(runtime, controls.can_continue),
         [picked],
-        [*shown, controls.system_box, controls.preset, *controls.sliders, controls.continue_row],
+        loaded_conversation_outputs(controls),
         **private,
     ).success(**chat_hooks.save_step(chat, save_imported(chat)), **private)
 
@@ -155,23 +155,35 @@ def import_conversation(runtime: ChatRuntime, can_continue: Callable[[list], boo
     def load_file(picked: dict | None):
         if picked is None:
             return (gr.skip(),) * (7 + len(PARAMETER_ORDER))
-        transcript = Transcript(**picked)
-        if transcript.model and transcript.model != runtime.model_name:
-            gr.Info(f"This conversation was with {transcript.model}; it goes on with {runtime.model_name}.")
-        settings = settings_for_context(transcript.settings, runtime.context_length)
-        sliders = [settings.get(name, gr.skip()) for name in PARAMETER_ORDER]
-        messages = transcript.messages
-        preset = preset_for(transcript.system_message)
-        # A new conversation (id None), shown, in the history states, and saved next.
-        shown = (messages, messages, messages, None)
-        return *shown, transcript.system_message, preset, *sliders, gr.Row(visible=can_continue(messages))
+        return loaded_conversation(runtime, Transcript(**picked), can_continue)
 
     return load_file
 
 
+def loaded_conversation_outputs(controls: ChatControls) -> list:
+    """What a loaded conversation (an import, a conversation link) sets: see loaded_conversation."""
+    chat = controls.chat
+    shown = [chat.chatbot, chat.chatbot_state, chat.chatbot_value, chat.conversation_id]
+    return [*shown, controls.system_box, controls.preset, *controls.sliders, controls.continue_row]
+
+
+def loaded_conversation(runtime: ChatRuntime, transcript: Transcript, can_continue: Callable[[list], bool]):
+    """A checked conversation as a new chat: shown, in the history states, with its system
+    message, preset and settings; continue offered if its last reply was cut."""
+    if transcript.model and transcript.model != runtime.model_name:
+        gr.Info(f"This conversation was with {transcript.model}; it goes on with {runtime.model_name}.")
+    settings = settings_for_context(transcript.settings, runtime.context_length)
+    sliders = [settings.get(name, gr.skip()) for name in PARAMETER_ORDER]
+    messages = transcript.messages
+    preset = preset_for(transcript.system_message)
+    # A new conversation (id None), shown, in the history states, and saved next.
+    shown = (messages, messages, messages, None)
+    return *shown, transcript.system_message, preset, *sliders, gr.Row(visible=can_continue(messages))
+
+
 def settings_for_context(settings: dict[str, float], context_length: int) -> dict[str, float]:
-    """A file's settings as this page's sliders can hold them: max new tokens within what this
-    context allows (a chat exported at 8,192 tokens, imported where the context is 300)."""
+    """A loaded chat's settings as this page's sliders can hold them: max new tokens within what
+    this context allows (a chat exported or shared at 8,192 tokens, loaded where it is 300)."""
     most = max_new_tokens_limit(context_length).high
     if settings.get("max_new_tokens", 0) <= most:
         return settings
@@ -189,4 +201,5 @@ def add_engine_panel(runtime: ChatRuntime) -> None:
     private = {"queue": False, "api_visibility": "private"}
     panel.expand(lambda: (engine_markdown(runtime), gr.Timer(active=True)), None, [figures, timer], **private)
     panel.collapse(lambda: gr.Timer(active=False), None, [timer], **private)
-    timer.tick(lambda: engine_markdown(runtime), None, [figures], **private)
+    # Quietly: gradio dims an output while its event runs, which every 2 s would be a flicker.
+    timer.tick(lambda: engine_markdown(runtime), None, [figures], show_progress="hidden", **private)

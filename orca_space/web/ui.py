@@ -18,12 +18,14 @@ from ..engines.ladder import RUNG_SPEED
 from ..params import LIMITS, PARAMETER_ORDER, Limit, check_value, max_new_tokens_limit
 from ..runtime import ChatRuntime
 from . import assets, chat_hooks
+from .chat_display import conversation_chatbot
+from .link_page import add_link_page
 from .panels import ChatControls, add_engine_panel, add_prompt_panel, add_transcript_panel
 from .presets import CHOICES, DEFAULT_PRESET, MODEL_CARD, preset_text
 from .refusals import refusal, short_label
-from .reply_markdown import LATEX_DELIMITERS
 from .reply_stats import last_reply_figures, settle
 from .replying import make_continue, make_respond
+from .share_panel import add_share_panel
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,9 @@ def build_ui(runtime: ChatRuntime) -> gr.Blocks:
                 "system message",
             )
             sliders = parameter_sliders(runtime.context_length)
-        last_prompt = gr.State(None)  # the PromptView of the last reply
+        # States hold plain data only: gradio hashes them after every event and copies them into
+        # each new session (see page_state). The last reply's prompt is a PromptView.as_state().
+        last_prompt = gr.State(None)
         chat = build_chat(runtime, [system_box, *sliders], last_prompt)
         with gr.Sidebar(open=False, width=260, elem_id="conversations") as sidebar:
             pass  # opened on wide screens as the page loads (see assets)
@@ -80,6 +84,7 @@ def build_ui(runtime: ChatRuntime) -> gr.Blocks:
             chat, system_box, preset, sliders, actions, lambda history: can_continue(runtime, history)
         )
         add_transcript_panel(runtime, controls)
+        add_share_panel(demo, runtime, controls)
         add_engine_panel(runtime)
         wire_presets(preset, system_box)
         chat_hooks.recover_from_errors(demo, chat, extra_steps=[continue_step])
@@ -89,22 +94,28 @@ def build_ui(runtime: ChatRuntime) -> gr.Blocks:
         )
         chat_hooks.answer_api_in_text(demo)
         timer = gr.Timer(1.0, active=not runtime.status.ready)
-        timer.tick(lambda: refresh_status(runtime), None, [status, timer], api_visibility="private")
+        timer.tick(
+            lambda: refresh_status(runtime),
+            None,
+            [status, timer],
+            show_progress="hidden",
+            api_visibility="private",
+        )
         # The status baked into the page is from when it was built; refresh it at once.
         demo.load(lambda: refresh_status(runtime), None, [status, timer], api_visibility="private")
         demo.load(None, js=assets.OPEN_SIDEBAR_ON_WIDE_SCREENS_JS)
-        chat_hooks.show_messages_as_written(chat)
         chat_hooks.after_each_reply(demo, chat, chat_hooks.placeholder_back, [chat.textbox], [continue_step])
+    add_link_page(demo, runtime)  # a page of its own: after the chat page's `with` block
     return demo
 
 
 def build_chat(runtime: ChatRuntime, inputs: list, last_prompt: gr.State) -> gr.ChatInterface:
     return gr.ChatInterface(
         make_respond(runtime),
-        chatbot=gr.Chatbot(
+        chatbot=conversation_chatbot(
             label=runtime.model_name.rsplit("/", 1)[-1],
-            latex_delimiters=LATEX_DELIMITERS,
-            buttons=["copy", "copy_all"],
+            # The page's title names the model; a shown label floats over the replies at phone width.
+            show_label=False,
             placeholder="Ask MistralOrca anything.",
             scale=1,
             height="60vh",
