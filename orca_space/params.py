@@ -8,7 +8,7 @@ the right kind within range and raises `ValueError` naming the parameter otherwi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from numbers import Integral, Real
 
 
@@ -35,6 +35,10 @@ LIMITS = {
     )
 }
 PARAMETER_ORDER = tuple(LIMITS)
+# The smallest context the app takes (--context-length), and the room always kept in it for the
+# prompt: the ChatML frame, a short system message and a short question.
+MIN_CONTEXT_LENGTH = 256
+MIN_PROMPT_TOKENS = 128
 # Below this, logits / temperature overflows: 0 (greedy) is what such a value means anyway.
 MIN_SAMPLING_TEMPERATURE = 0.01
 # A seed is a signed 64-bit integer, as OpenAI-compatible servers (vLLM, TGI) take it.
@@ -66,6 +70,21 @@ class SamplingParams:
                 f"got {values['temperature']}"
             )
         return cls(seed=None if seed is None else check_seed(seed), **values)
+
+
+def max_new_tokens_limit(context_length: int) -> Limit:
+    """Max new tokens for a context of `context_length` tokens (prompt plus reply).
+
+    The reply may take all but MIN_PROMPT_TOKENS of the context (and at most 4096), so the
+    largest setting still leaves room for a message; the default is the model card's 500, or
+    half the context when that is less, so that with the defaults a message is answered and
+    the history keeps as much room as the reply. At the model's 8,192 tokens both are as before.
+    """
+    if context_length < MIN_CONTEXT_LENGTH:
+        raise ValueError(f"context_length must be at least {MIN_CONTEXT_LENGTH}, got {context_length}")
+    limit = LIMITS["max_new_tokens"]
+    high = min(limit.high, context_length - MIN_PROMPT_TOKENS)
+    return replace(limit, high=high, default=min(limit.default, context_length // 2))
 
 
 def check_seed(value: object) -> int:

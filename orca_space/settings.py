@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from .chat import MAX_MESSAGE_CHARS
 from .engines.ladder import DEFAULT_WARMUP_TIMEOUT_S, ENGINE_CHOICES
+from .params import MIN_CONTEXT_LENGTH
 from .sharing.store import DEFAULT_MAX_SNAPSHOT_BYTES, default_data_dir
 from .tiny import MODEL_ID
 from .zerogpu import on_zerogpu
@@ -119,6 +120,10 @@ FALLBACK_ENV = {
     "ORCA_MCP": "GRADIO_MCP_SERVER",
 }
 BACKENDS = ("local", "remote")
+MAX_PORT = 65535
+# Options that only one backend reads: given to the other, they would be silently ignored.
+REMOTE_ONLY = ("endpoint", "api_key", "request_timeout", "remote_concurrency")
+LOCAL_ONLY = ("engine", "warmup_timeout", "demo", "zerogpu")
 MAX_LINK_KB = DEFAULT_MAX_SNAPSHOT_BYTES >> 10
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
@@ -161,19 +166,25 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
     parser = build_parser()
     args = parser.parse_args(argv)
     values = {}
+    given = {}  # option name -> the flag or variable that set it, for the user's own choices
     for option in OPTIONS:
         name = option.flag[2:].replace("-", "_")
-        raw = getattr(args, name)
+        raw, source = getattr(args, name), option.flag
         if raw is None:
-            raw = environ.get(option.env, environ.get(FALLBACK_ENV.get(option.env, ""), None))
+            source = next((env for env in variables_for(option) if env in environ), None)
+            raw = environ[source] if source else None
         if raw is None and option.env == "ORCA_TRUSTED_PROXY_HOPS" and environ.get("SPACE_ID"):
             raw = 1  # a Space sits behind one proxy of Hugging Face's
+        elif raw is not None:
+            given[name] = source
         try:
             values[name] = option.default if raw is None else convert(option, raw)
         except ValueError as exc:
             parser.error(f"{option.flag} / {option.env}: {exc}")
-    if values["context_length"] < 256:
-        parser.error("--context-length must be at least 256")
+    if not 1 <= values["port"] <= MAX_PORT:
+        parser.error(f"--port must be between 1 and {MAX_PORT}, got {values['port']}")
+    if values["context_length"] < MIN_CONTEXT_LENGTH:
+        parser.error(f"--context-length must be at least {MIN_CONTEXT_LENGTH}")
     for name in ("max_message_chars", "max_input_tokens", "max_queue"):
         if values[name] < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -189,6 +200,8 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
         parser.error("--backend remote needs --endpoint URL (or ORCA_ENDPOINT)")
     if values["request_timeout"] <= 0 or values["remote_concurrency"] < 1:
         parser.error("--request-timeout and --remote-concurrency must be positive")
+    if problem := ignored_option(values, given):
+        parser.error(problem)
     if not 1 <= values["link_max_kb"] <= MAX_LINK_KB:
         parser.error(f"--link-max-kb must be 1 to {MAX_LINK_KB} (an imported file's limit)")
     if values["links_per_hour"] < 0 or values["links_max_mb"] < 1:
@@ -198,6 +211,27 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
     values["data_dir"] = values["data_dir"] or str(default_data_dir(environ))
     values["zerogpu"] = values["zerogpu"] or on_zerogpu(environ)
     return Settings(**values, hf_token=environ.get("HF_TOKEN") or None)
+
+
+def variables_for(option: Option) -> tuple[str, ...]:
+    """The environment variables that set `option`, ours first."""
+    fallback = FALLBACK_ENV.get(option.env)
+    return (option.env,) if fallback is None else (option.env, fallback)
+
+
+def ignored_option(values: Mapping[str, object], given: Mapping[str, str]) -> str | None:
+    """A sentence naming an option the user set that the chosen setup would ignore, or None.
+
+    `given` holds only what the user set (flag or environment), so a default, or ZeroGPU
+    detected from the Space, is never refused."""
+    remote = values["backend"] == "remote"
+    for name in LOCAL_ONLY if remote else REMOTE_ONLY:
+        if name in given and values[name] is not False:  # ORCA_DEMO=0 asks for nothing
+            wanted = "--backend local (the model in this process)" if remote else "--backend remote"
+            return f"{given[name]} is only for {wanted}: leave it out, or use {wanted.split(' (')[0]}"
+    if values["demo"] and "model" in given:
+        return f"--demo serves its own tiny model: leave out {given['model']}, or drop --demo to serve it"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:

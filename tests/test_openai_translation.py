@@ -121,7 +121,11 @@ def test_a_message_too_long_for_the_context_is_a_400(http):
 
 def test_max_tokens_at_the_context_is_refused_by_its_name(http):
     response = complete(http, [text("user", "hi")], max_tokens=CONTEXT)
-    assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens"
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == "max_tokens"
+    assert error["message"].startswith(f"max_tokens ({CONTEXT}) must be below"), (
+        "OpenAI's name, not the page's"
+    )
 
 
 def test_stream_options_without_stream_are_ignored(http):

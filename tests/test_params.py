@@ -6,12 +6,14 @@ import pytest
 
 from orca_space.params import (
     LIMITS,
+    MIN_PROMPT_TOKENS,
     MIN_SAMPLING_TEMPERATURE,
     PARAMETER_ORDER,
     Limit,
     SamplingParams,
     check_seed,
     check_value,
+    max_new_tokens_limit,
 )
 
 
@@ -160,3 +162,29 @@ def test_bounds_that_are_not_whole_numbers_are_shown_as_they_are():
         check_value(limit, 0.99)
     with pytest.raises(ValueError, match=r"^max_new_tokens must be in \[1, 4096\], got 5000$"):
         check_value(LIMITS["max_new_tokens"], 5000)
+
+
+@pytest.mark.parametrize(
+    "context, default, high",
+    [
+        (8192, 500, 4096),  # the model's context: the model card's 500, the engine's 4096
+        (4096, 500, 3968),
+        (1000, 500, 872),
+        (300, 150, 172),  # `--demo --context-length 300`: half the context, the rest for the prompt
+        (256, 128, 128),  # the smallest context the app takes
+    ],
+)
+def test_max_new_tokens_follows_the_context(context, default, high):
+    limit = max_new_tokens_limit(context)
+    assert (limit.default, limit.high, limit.low) == (default, high, 1)
+    assert limit.default <= limit.high, "the default is always a value the slider can hold"
+    assert context - limit.default >= context // 2, (
+        "with the defaults, half the context is left for the prompt"
+    )
+    assert context - limit.high >= MIN_PROMPT_TOKENS, "the largest setting still leaves room for a message"
+    assert (limit.name, limit.label) == ("max_new_tokens", "Max new tokens")
+
+
+def test_max_new_tokens_needs_a_context():
+    with pytest.raises(ValueError, match="context_length must be at least 256, got 200"):
+        max_new_tokens_limit(200)

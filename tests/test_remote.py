@@ -427,7 +427,7 @@ def test_app_streams_a_multi_chunk_reply_from_the_server(app_url, client):
 
 def test_app_still_validates_before_calling_the_server(client):
     assert "empty" in failure(submit(client, "   "))
-    assert "top_p" in failure(submit(client, "Hi", top_p=0.0))
+    assert "Top-p must be in" in failure(submit(client, "Hi", top_p=0.0))
 
 
 def test_app_stop_closes_the_servers_stream(app_url, client, serve):

@@ -111,31 +111,31 @@ def assert_still_serving(http) -> None:
 
 BIG = "1" + "0" * 400  # a JSON integer no float can hold
 BAD_PAYLOADS = [
-    # (id, fragments, the words the error must contain)
-    ("nan-max_new_tokens", {"max_new_tokens": "NaN"}, "max_new_tokens must be a finite number"),
-    ("nan-temperature", {"temperature": "NaN"}, "temperature must be a finite number"),
-    ("inf-top_p", {"top_p": "Infinity"}, "top_p must be a finite number"),
+    # (id, fragments, the words the error must contain: the parameter as its slider is labelled)
+    ("nan-max_new_tokens", {"max_new_tokens": "NaN"}, "Max new tokens must be a finite number"),
+    ("nan-temperature", {"temperature": "NaN"}, "Temperature must be a finite number"),
+    ("inf-top_p", {"top_p": "Infinity"}, "Top-p must be a finite number"),
     (
         "minus-inf-repetition_penalty",
         {"repetition_penalty": "-Infinity"},
-        "repetition_penalty must be a finite",
+        "Repetition penalty must be a finite",
     ),
-    ("overflowing-float-top_k", {"top_k": "1e400"}, "top_k must be a finite number"),
-    ("huge-float-max_new_tokens", {"max_new_tokens": "1e308"}, r"max_new_tokens must be in \[1, 4096\]"),
-    ("negative-temperature", {"temperature": "-0.5"}, r"temperature must be in \[0, 2\]"),
-    ("zero-top_p", {"top_p": "0"}, r"top_p must be in \(0, 1\]"),
-    ("fractional-top_k", {"top_k": "0.5"}, "top_k must be a whole number"),
-    ("string-top_p", {"top_p": '"0.9"'}, "top_p must be a number, got str"),
-    ("null-top_k", {"top_k": "null"}, "top_k must be a number, got NoneType"),
-    ("bool-max_new_tokens", {"max_new_tokens": "true"}, "max_new_tokens must be a number, got bool"),
-    ("list-max_new_tokens", {"max_new_tokens": "[4]"}, "max_new_tokens must be a number, got list"),
-    ("dict-temperature", {"temperature": '{"value": 0.1}'}, "temperature must be a number, got dict"),
+    ("overflowing-float-top_k", {"top_k": "1e400"}, "Top-k must be a finite number"),
+    ("huge-float-max_new_tokens", {"max_new_tokens": "1e308"}, r"Max new tokens must be in \[1, 4096\]"),
+    ("negative-temperature", {"temperature": "-0.5"}, r"Temperature must be in \[0, 2\]"),
+    ("zero-top_p", {"top_p": "0"}, r"Top-p must be in \(0, 1\]"),
+    ("fractional-top_k", {"top_k": "0.5"}, "Top-k must be a whole number"),
+    ("string-top_p", {"top_p": '"0.9"'}, "Top-p must be a number, got str"),
+    ("null-top_k", {"top_k": "null"}, "Top-k must be a number, got NoneType"),
+    ("bool-max_new_tokens", {"max_new_tokens": "true"}, "Max new tokens must be a number, got bool"),
+    ("list-max_new_tokens", {"max_new_tokens": "[4]"}, "Max new tokens must be a number, got list"),
+    ("dict-temperature", {"temperature": '{"value": 0.1}'}, "Temperature must be a number, got dict"),
     ("empty-message", {"message": '"   "'}, "message is empty"),
     ("nul-in-message", {"message": '"a\\u0000b"'}, "message contains a NUL character"),
     ("megabyte-message", {"message": json.dumps("x" * MEGABYTE)}, "message is 1,048,576 characters"),
     ("megabyte-system", {"system": json.dumps("x" * MEGABYTE)}, "system message is 1,048,576 characters"),
     ("null-system", {"system": "null"}, "system message must be text"),
-    ("too-many-new-tokens", {"max_new_tokens": "4097"}, r"max_new_tokens must be in \[1, 4096\]"),
+    ("too-many-new-tokens", {"max_new_tokens": "4097"}, r"Max new tokens must be in \[1, 4096\]"),
 ]
 
 
@@ -173,7 +173,7 @@ def test_non_text_message_is_an_error_naming_it(http, field, fragment):
 def test_huge_integer_is_an_error_naming_the_parameter(http):
     status, events, _ = call_chat(http, raw_body(max_new_tokens=BIG))
     assert_still_serving(http)
-    assert "max_new_tokens" in error_text(events)
+    assert "Max new tokens" in error_text(events)
 
 
 @pytest.mark.parametrize(

@@ -25,3 +25,30 @@ def test_health_reports_loading_ready_and_a_dead_engine():
     body = health(runtime)
     assert body["status"] == "error" and "engine stopped" in body["message"], "a dead engine is never 'ok'"
     assert {"active", "queued", "capacity"} <= set(body)
+
+
+def test_a_port_in_use_is_one_sentence_and_exit_2(tiny_dir):
+    """A new user's second `python app.py` while the first still runs: one line naming --port, no
+    traceback (gradio's own error speaks of `server_port` and `launch()`)."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "app.py", "--model", str(tiny_dir), "--port", str(port)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"app.py: error: cannot listen on 127.0.0.1:{port}") and "--port" in last, last

@@ -59,15 +59,71 @@ def test_access_keys_and_mcp():
         (["--rate-limit", "-1"], {}, "cannot be negative"),
         (["--access-key", "has space"], {}, "--access-key"),
         ([], {"ORCA_ACCESS_KEY": "caf\u00e9"}, "printable ASCII"),
+        (["--port", "99999"], {}, "--port must be between 1 and 65535, got 99999"),
+        (["--port", "0"], {}, "--port must be between 1 and 65535"),
+        # Flags that would be silently ignored are refused, each named with what it needs.
+        (["--endpoint", "http://gpu:8080/v1"], {}, "--endpoint is only for --backend remote"),
+        ([], {"ORCA_ENDPOINT": "http://gpu:8080/v1"}, "ORCA_ENDPOINT is only for --backend remote"),
+        (["--api-key", "k"], {}, "--api-key is only for --backend remote"),
+        (["--request-timeout", "5"], {}, "--request-timeout is only for --backend remote"),
+        (["--remote-concurrency", "4"], {}, "--remote-concurrency is only for --backend remote"),
+        (
+            ["--backend", "remote", "--endpoint", "http://x/v1", "--engine", "eager"],
+            {},
+            "--engine is only for",
+        ),
+        (["--backend", "remote", "--endpoint", "http://x/v1", "--demo"], {}, "--demo is only for"),
+        (
+            ["--backend", "remote", "--endpoint", "http://x/v1", "--warmup-timeout", "9"],
+            {},
+            "--warmup-timeout",
+        ),
+        (["--backend", "remote", "--endpoint", "http://x/v1", "--zerogpu"], {}, "--zerogpu is only for"),
+        (["--demo", "--model", "/models/x"], {}, "--demo serves its own tiny model: leave out --model"),
     ],
 )
 def test_bad_settings_exit_with_a_message(argv, env, fragment, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exited:
         parse_settings(argv, env)
-    assert fragment in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert fragment in err, err
+    assert exited.value.code == 2 and "Traceback" not in err, (
+        "refused as argparse refuses: one sentence, exit 2"
+    )
+
+
+def test_remote_and_local_flags_each_work_where_they_belong():
+    remote = parse_settings(["--backend", "remote", "--endpoint", "http://x/v1", "--api-key", "k"], {})
+    assert (remote.endpoint, remote.api_key) == ("http://x/v1", "k")
+    local = parse_settings(["--engine", "eager", "--warmup-timeout", "9"], {"HF_TOKEN": "hf_x"})
+    assert (local.engine, local.warmup_timeout, local.hf_token) == ("eager", 9.0, "hf_x")
+    assert parse_settings(["--demo", "--zerogpu"], {}).zerogpu, "ZeroGPU can serve the demo model"
+    spaces = {"SPACES_ZERO_GPU": "true", "SPACE_ID": "me/orca"}
+    assert parse_settings(["--backend", "remote", "--endpoint", "http://x/v1"], spaces).backend == "remote", (
+        "ZeroGPU detected from the Space is no flag the user gave"
+    )
 
 
 def test_readme_documents_every_option():
     text = README.read_text()
     for option in OPTIONS:
         assert re.search(rf"`{option.flag}\b", text) and f"`{option.env}`" in text, option.flag
+
+
+def test_the_app_refuses_an_ignored_flag_before_starting_anything():
+    """Through `python app.py` itself, with the real os.environ (which refuses `None in environ`)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "app.py", "--endpoint", "http://gpu:8080/v1"],
+        cwd=README.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "app.py: error: --endpoint is only for --backend remote: leave it out, or use --backend remote"
+    )

@@ -14,7 +14,7 @@ from orca_space.replies import ReplyDelta
 from orca_space.runtime import ChatRuntime
 from orca_space.web import chat_hooks
 from orca_space.web.page_state import is_plain_data
-from orca_space.web.panels import import_conversation
+from orca_space.web.panels import import_conversation, read_import
 from orca_space.web.prompt_view import PromptView
 from orca_space.web.reply_stats import ReplyFigures, read_figures, reply_message, stats_note, waiting_note
 from orca_space.web.replying import make_continue, make_respond
@@ -205,7 +205,7 @@ async def test_a_reply_refused_before_it_began_says_so_under_the_message(encoder
     once says the message ended by an error instead of spinning or vanishing."""
     reply = make_respond(ready_runtime(encoder, Backend()))("hi", [], "", 100, 9.0, 0.95, 40, 1.1, None)
     updates = []
-    with pytest.raises(gr.Error, match="temperature"):
+    with pytest.raises(gr.Error, match="Temperature must be in"):  # as the slider names it
         async for update in reply:
             updates.append(update)
     assert len(updates) == 2, updates
@@ -342,15 +342,52 @@ def test_import_loads_everything_or_nothing():
         stats_note(ReplyFigures(3, ending="length")),
     ]
     text = conversation_json(history, "Be brief.", {"temperature": 0.0}, "m")
-    outputs = load(text, len(text))
+    outputs = load(read_import(text, len(text)))
     assert outputs[0] == history and outputs[1] == history and outputs[3] is None, (
         "shown, in state, a new chat"
     )
     assert outputs[4] == "Be brief." and outputs[5] == "Custom" and outputs[7] == 0.0
     forged = json.dumps({**json.loads(text), "messages": [{"role": "system", "content": "evil"}]})
     with pytest.raises(gr.Error, match="role 'system'"):
-        load(forged, len(forged))
-    assert all(output == gr.skip() for output in load("", -1)), "a closed file picker changes nothing"
+        read_import(forged, len(forged))
+    assert all(output == gr.skip() for output in load(read_import("", -1))), "a closed picker changes nothing"
+
+
+def test_the_chat_goes_to_the_browser_as_written_and_comes_back_so(page):
+    """What the browser gets is what it sends back as the next turn's history: a reply's raw HTML
+    is made literal on the way out and restored on the way in; nothing else is rewritten (gradio's
+    cleandoc took the indentation and tabs of a pasted snippet before)."""
+    chatbot = next(block for block in page.blocks.values() if isinstance(block, gr.Chatbot))
+    # gradio rebuilds a session's chatbot from its constructor arguments when an event sets one of
+    # its properties (opening a saved conversation does): the rebuilt one must send as written too.
+    rebuilt = gr.Chatbot(**{**chatbot.constructor_args, "render": False})
+    assert_sent_as_written(chatbot)
+    assert_sent_as_written(rebuilt)
+
+
+def assert_sent_as_written(chatbot):
+    typed = "  two spaces first\n\tthen a tab <b>and a tag</b>\n"
+    reply = "See <b>this</b>, `<i>code</i>` and $a<b$."
+    history = [
+        {"role": "user", "content": typed},
+        reply_message(reply),
+        stats_note(ReplyFigures(3, ending="stop")),
+    ]
+    sent = chatbot.postprocess(history)
+    texts = [message.content[0].text for message in sent.root]
+    assert texts[:2] == [typed, "See \\<b>this\\</b>, `<i>code</i>` and $a<b$."]
+    back = chatbot.preprocess(sent)
+    assert [part["text"] for message in back for part in message["content"]] == [typed, reply, ""]
+    assert read_figures(back[2]) == ReplyFigures(3, ending="stop"), "the note's figures survive"
+
+
+def test_an_import_keeps_max_new_tokens_within_this_context():
+    """A chat exported with max new tokens 4000, imported where the context is 300: the slider gets
+    the most this context allows (172), not a value every message would be refused for."""
+    load = import_conversation(ChatRuntime(model_name="m", context_length=300), can_continue=lambda h: False)
+    text = conversation_json([], "", {"max_new_tokens": 4000, "top_k": 5}, "m")
+    outputs = load(read_import(text, len(text)))
+    assert (outputs[6], outputs[9]) == (172, 5), "max new tokens fitted, the other settings as they were"
 
 
 @pytest.mark.anyio

@@ -2,16 +2,33 @@
 
 The JavaScript does what only the browser can: read a file the user picks (so the server never
 enables uploads: `max_file_size=0` keeps refusing them on every route), save text as a file,
-mirror the system box into the presets dropdown without a round trip, and open the
-conversations sidebar on screens wide enough for it.
+mirror the system box into the presets dropdown without a round trip, open the conversations
+sidebar on screens wide enough for it, and keep true, as gradio redraws the page, what its
+components do not offer (`LIVE_PAGE_HEAD`).
 """
 
 from __future__ import annotations
 
 import json
 
+import gradio as gr
+
 from .presets import CUSTOM, PRESETS
 from .transcript import MAX_TRANSCRIPT_BYTES
+
+
+def page_theme() -> gr.themes.Base:
+    """gradio's Soft theme in blue, its light-mode text made to meet WCAG AA (4.5:1) where it did
+    not: field labels (blue 500 on blue 100, 3.0:1), the primary button (white on blue 500,
+    3.7:1) and quiet text such as a slider's bounds and the footer (grey 400, 2.4:1)."""
+    return gr.themes.Soft(primary_hue="blue").set(
+        block_label_text_color="*primary_700",
+        block_title_text_color="*primary_700",
+        button_primary_background_fill="*primary_600",
+        button_primary_background_fill_hover="*primary_700",
+        body_text_color_subdued="*neutral_600",
+    )
+
 
 CSS = """
 /* The chat shows no label (the page's title names the model) and its toolbar (clear, copy all)
@@ -33,7 +50,24 @@ CSS = """
 #chatbot .message.thought .arrow { display: none; }
 
 #reply-actions { gap: var(--spacing-md); }
+/* Empty once loaded; while gradio's loader shows in it, it is no scrollable region to tab to. */
+#load-status { overflow: visible; }
 #prompt-text { max-height: 24rem; overflow-y: auto; }
+
+/* A user's message as typed (see LIVE_PAGE_HEAD): its spaces and line breaks kept, long tokens
+   wrapped rather than overflowing. */
+#chatbot .md.as-typed { white-space: pre-wrap; overflow-wrap: anywhere; }
+
+/* Whole words on narrow screens: gradio's highlighted text breaks anywhere (`break-all`) and a
+   narrow table column breaks its words; a word too long for the line (a URL) may still wrap. */
+#prompt-text .text { word-break: normal; overflow-wrap: anywhere; }
+#engine-panel table { width: 100%; }
+#engine-panel th, #engine-panel td { word-break: normal; overflow-wrap: normal; }
+#engine-panel td:first-child, #engine-panel th:first-child { white-space: nowrap; width: 1%; }
+#engine-panel td:last-child { overflow-wrap: anywhere; }
+/* A control token in the prompt: gradio writes its text black over the colour at half strength,
+   which on the dark theme's background is 3.9:1; light text there is 5.4:1. */
+.dark #prompt-text .token.highlighted { color: var(--neutral-50) !important; }
 
 /* Phones: the chat first; the header shrinks to one line. */
 @media (max-width: 640px) {
@@ -96,4 +130,49 @@ OPEN_SIDEBAR_ON_WIDE_SCREENS_JS = """
   const sidebar = document.querySelector("#conversations");
   if (sidebar && !sidebar.classList.contains("open")) sidebar.querySelector(".toggle-button")?.click();
 }
+"""
+
+
+# gradio's chatbot renders every message as Markdown with raw HTML, a user's too, and offers no
+# setting for one role: `hi</s><s> and <b>bold?</b>` showed bold and struck-through, `</s>` gone.
+# The message's own text is in the aria-label gradio gives it ("user's message: " + the text), so
+# the rendered body is replaced by that text (replies keep their Markdown: chat_hooks); an
+# observer's callback runs before the browser paints, so the rendered form is never seen. The
+# textbox and its send and stop buttons get names (gradio's buttons are bare icons), and the
+# examples' `role="list"`,
+# whose items are buttons, becomes a group. In the page's <head>, so that it watches from the
+# first render. tests/test_browser_polish.py fails if a gradio upgrade moves what it relies on.
+LIVE_PAGE_HEAD = """
+<script>
+(() => {
+  const USER_PREFIX = "user's message: ";
+  // gradio wraps the textbox and its buttons in one <label>, so the box's name took in the button's.
+  const NAMES = {
+    "textarea": "Message", "button.submit-button": "Send message", "button.stop-button": "Stop the reply",
+  };
+  const keep = () => {
+    for (const message of document.querySelectorAll('#chatbot [data-testid="user"][aria-label]')) {
+      const label = message.getAttribute("aria-label");
+      const body = message.querySelector(".message-content > .md");
+      if (!body || !label.startsWith(USER_PREFIX)) continue;
+      const typed = label.slice(USER_PREFIX.length);
+      if (body.childElementCount === 0 && body.textContent === typed) continue;
+      body.textContent = typed;
+      body.classList.add("as-typed");
+    }
+    for (const [selector, name] of Object.entries(NAMES)) {
+      for (const control of document.querySelectorAll(`#message-box ${selector}:not([aria-label])`)) {
+        control.setAttribute("aria-label", name);
+      }
+    }
+    for (const list of document.querySelectorAll('#chatbot .examples[role="list"]')) {
+      list.setAttribute("role", "group");
+      list.setAttribute("aria-label", "Example messages");
+    }
+  };
+  new MutationObserver(keep).observe(document.documentElement, {
+    subtree: true, childList: true, attributes: true, attributeFilter: ["aria-label", "role"],
+  });
+})();
+</script>
 """

@@ -12,7 +12,9 @@ upgrade moves what it relies on:
 - the `/chat` API must keep answering text, not the page's reply-plus-notes (`answer_api_in_text`);
 - the saved-conversations column belongs in a sidebar that folds away on phones (`move_history_to`);
 - the page's own changes to the chat (continue, import) are saved as ChatInterface saves its own
-  (`save_step`), and its continue button hides on ChatInterface's events (`chat_changing_triggers`).
+  (`save_step`), and its continue button hides on ChatInterface's events (`chat_changing_triggers`);
+- the textbox's placeholder, which ChatInterface blanks for each reply, comes back after it
+  (`MESSAGE_PLACEHOLDER`, `placeholder_back`).
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import functools
 
 import gradio as gr
 
+from .chat_display import text_part
 from .reply_stats import reply_text, settle, settled_after_failure
 
 REPLY_STEP = "_submit_fn"  # ChatInterface's name for the page's reply steps
+MESSAGE_PLACEHOLDER = "Type a message…"
 
 
 def chat_state_syncs(page: gr.Blocks, chat: gr.ChatInterface) -> list:
@@ -111,7 +115,13 @@ def locked_textbox() -> gr.Textbox:
 
 
 def unlocked_textbox() -> gr.Textbox:
-    return gr.Textbox(interactive=True, submit_btn=True, stop_btn=False)
+    return gr.Textbox(interactive=True, submit_btn=True, stop_btn=False, placeholder=MESSAGE_PLACEHOLDER)
+
+
+def placeholder_back(_shown: object = None) -> gr.Textbox:
+    """After a reply: ChatInterface blanks the placeholder when a message is sent and never puts
+    it back, so from the first reply on the empty textbox said nothing."""
+    return gr.Textbox(placeholder=MESSAGE_PLACEHOLDER)
 
 
 def answer_api_in_text(page: gr.Blocks, api_name: str = "chat") -> None:
@@ -160,6 +170,22 @@ def save_step(chat: gr.ChatInterface, fn=None) -> dict:
 def save_conversation(chat: gr.ChatInterface):
     """ChatInterface's own save, for a step of the page's."""
     return chat._save_conversation
+
+
+def as_chat_interface_keeps(history: list) -> list:
+    """Messages as ChatInterface keeps them, each content a list of typed parts: the page's own
+    messages hold plain text, and ChatInterface's list of saved conversations reads the parts
+    (`_generate_chat_title`; a saved import with plain text made it raise)."""
+    return [
+        {**message, "content": [text_part(part, str) for part in content_parts(message["content"])]}
+        if isinstance(message, dict) and "content" in message
+        else message
+        for message in history
+    ]
+
+
+def content_parts(content: object) -> list:
+    return content if isinstance(content, list) else [content]
 
 
 def chat_changing_triggers(chat: gr.ChatInterface) -> list:

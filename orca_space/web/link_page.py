@@ -21,6 +21,7 @@ from ..sharing.links import ConversationLinks, SharedConversation
 from ..sharing.store import LinkError
 from . import link_scripts
 from .chat_display import conversation_chatbot
+from .refusals import refusal
 from .share_panel import LINK_EVENTS, LINK_PATH, NOT_HERE
 from .transcript import setting_name
 
@@ -111,9 +112,9 @@ def make_delete_link(links: ConversationLinks):
         try:
             deleted = links.delete(request.query_params.get("id", ""), token)
         except LinkError as exc:
-            raise gr.Error(f"The link was not deleted: {exc}.") from None
+            raise refusal(f"The link was not deleted: {exc}.") from None
         if not deleted:
-            raise gr.Error(WRONG_TOKEN)
+            raise refusal(WRONG_TOKEN)
         return gone(f"## {DELETED}")
 
     return delete_link

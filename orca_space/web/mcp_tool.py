@@ -23,9 +23,10 @@ from collections.abc import AsyncIterator, Sequence
 import gradio as gr
 
 from ..engines.requests import EngineError
-from ..params import LIMITS
+from ..params import LIMITS, max_new_tokens_limit
 from .access import matching_key
 from .admission import Admission, Refused, request_client
+from .refusals import refusal
 from .ui import DEFAULT_SYSTEM_MESSAGE
 
 TOOL_API_NAME = "ask"
@@ -33,11 +34,12 @@ TOOL_API_NAME = "ask"
 
 def add_mcp_tool(demo: gr.Blocks, admission: Admission, access_keys: Sequence[str]) -> None:
     """Register the tool's endpoint on the page's Blocks (call before launch)."""
+    default_tokens = int(max_new_tokens_limit(admission.runtime.context_length).default)  # the page's
 
     async def ask_mistral_orca(
         message: str,
         system_message: str = DEFAULT_SYSTEM_MESSAGE,
-        max_new_tokens: int = int(LIMITS["max_new_tokens"].default),
+        max_new_tokens: int = default_tokens,
         temperature: float = LIMITS["temperature"].default,
         request: gr.Request = None,
     ) -> str:
@@ -46,7 +48,7 @@ def add_mcp_tool(demo: gr.Blocks, admission: Admission, access_keys: Sequence[st
         Args:
             message: the question or instruction, as a user would type it
             system_message: how the model should behave; empty for none
-            max_new_tokens: the longest answer, in tokens (1 to 4096)
+            max_new_tokens: the longest answer, in tokens (1 to 4096, and less than the context)
             temperature: 0 for the most likely answer (greedy), up to 2 for more varied ones
         """
         try:
@@ -59,7 +61,7 @@ def add_mcp_tool(demo: gr.Blocks, admission: Admission, access_keys: Sequence[st
                     text = reply.text
             return text
         except (ValueError, Refused, EngineError) as exc:
-            raise gr.Error(str(exc)) from None
+            raise refusal(str(exc)) from None
 
     with demo:  # re-entering the built page adds the endpoint to it
         gr.api(ask_mistral_orca, api_name=TOOL_API_NAME, queue=False)

@@ -134,7 +134,8 @@ def prepare(service: ChatService, request: ChatCompletionRequest) -> PreparedCha
     except PromptTooLong as exc:
         raise ApiError(str(exc), param="messages", code="context_length_exceeded") from None
     except ValueError as exc:
-        raise ApiError(str(exc), param=error_param(str(exc), conversation, limit_name)) from None
+        param = error_param(str(exc), conversation, limit_name)
+        raise ApiError(in_api_words(str(exc), param), param=param) from None
     context = service.limits.context_length
     if chat.dropped_turns:
         raise ApiError(
@@ -148,6 +149,13 @@ def prepare(service: ChatService, request: ChatCompletionRequest) -> PreparedCha
         room = min(int(LIMITS["max_new_tokens"].high), context - chat.prompt_tokens)
         chat = replace(chat, params=replace(chat.params, max_new_tokens=room))
     return chat
+
+
+def in_api_words(message: str, param: str) -> str:
+    """The chat service's "max_new_tokens (600) must be below the context length" under the name
+    the client sent: "max_tokens (600) ..." (or max_completion_tokens)."""
+    internal = "max_new_tokens"
+    return param + message[len(internal) :] if message.startswith(internal) else message
 
 
 def error_param(message: str, conversation: Conversation, limit_name: str) -> str:

@@ -7,16 +7,17 @@ closed by default, and what they show is computed only while they are open.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import gradio as gr
 
-from ..params import PARAMETER_ORDER
+from ..params import PARAMETER_ORDER, max_new_tokens_limit
 from ..runtime import ChatRuntime
 from . import assets, chat_hooks
 from .engine_panel import engine_markdown
 from .presets import preset_for
 from .prompt_view import CONTROL_LABEL, PromptView, highlighted, summary_markdown
+from .refusals import refusal
 from .transcript import (
     Transcript,
     TranscriptError,
@@ -105,14 +106,22 @@ def add_transcript_panel(runtime: ChatRuntime, controls: ChatControls) -> None:
     as_markdown.click(export(conversation_markdown), settings_inputs, [markdown_text], **private).then(
         None, [markdown_text], None, js=assets.save_text_js("md", "text/markdown"), **private
     )
+    picked = gr.State(None)  # the checked file, as plain data, between the two steps
     load.click(
-        import_conversation(runtime, controls.can_continue),
+        read_import,
         [picked_text, picked_size],
-        loaded_conversation_outputs(controls),
+        [picked],
         js=assets.pick_file_js(),
-        # Queued, so that a refused file's gr.Error shows its message in a toast.
+        # Queued, so that a refused file's gr.Error shows its message in a toast. Its only output
+        # is a state: gradio covers an event's visible outputs with a red "Error" when it fails,
+        # and a refused file must change nothing on the page, the chat least of all.
         api_visibility="private",
         show_progress="hidden",
+    ).success(
+        import_conversation(runtime, controls.can_continue),
+        [picked],
+        loaded_conversation_outputs(controls),
+        **private,
     ).success(**chat_hooks.save_step(chat, save_imported(chat)), **private)
 
 
@@ -124,20 +133,29 @@ def save_imported(chat: gr.ChatInterface):
     def save_if_any(index, history, saved):
         if not history:
             return gr.skip(), gr.skip()
-        return save(index, history, saved)
+        return save(index, chat_hooks.as_chat_interface_keeps(history), saved)
 
     return save_if_any
 
 
+def read_import(text: str, size: float) -> dict | None:
+    """The picked file, checked (`parse_transcript`), as plain data; None when the file picker
+    was closed without a choice. A file that is no conversation is refused with its reason."""
+    if text == "" and size == -1:
+        return None
+    try:
+        return asdict(parse_transcript(text, size))
+    except TranscriptError as exc:
+        raise refusal(f"Could not import the conversation: {exc}.") from None
+
+
 def import_conversation(runtime: ChatRuntime, can_continue: Callable[[list], bool]):
-    def load_file(text, size):
-        if text == "" and size == -1:  # the file picker was closed without a choice
+    """Show a checked file (`read_import`): its chat, system message and settings."""
+
+    def load_file(picked: dict | None):
+        if picked is None:
             return (gr.skip(),) * (7 + len(PARAMETER_ORDER))
-        try:
-            transcript = parse_transcript(text, size)
-        except TranscriptError as exc:
-            raise gr.Error(f"Could not import the conversation: {exc}.") from None
-        return loaded_conversation(runtime, transcript, can_continue)
+        return loaded_conversation(runtime, Transcript(**picked), can_continue)
 
     return load_file
 
@@ -154,12 +172,25 @@ def loaded_conversation(runtime: ChatRuntime, transcript: Transcript, can_contin
     message, preset and settings; continue offered if its last reply was cut."""
     if transcript.model and transcript.model != runtime.model_name:
         gr.Info(f"This conversation was with {transcript.model}; it goes on with {runtime.model_name}.")
-    sliders = [transcript.settings.get(name, gr.skip()) for name in PARAMETER_ORDER]
+    settings = settings_for_context(transcript.settings, runtime.context_length)
+    sliders = [settings.get(name, gr.skip()) for name in PARAMETER_ORDER]
     messages = transcript.messages
     preset = preset_for(transcript.system_message)
     # A new conversation (id None), shown, in the history states, and saved next.
     shown = (messages, messages, messages, None)
     return *shown, transcript.system_message, preset, *sliders, gr.Row(visible=can_continue(messages))
+
+
+def settings_for_context(settings: dict[str, float], context_length: int) -> dict[str, float]:
+    """A loaded chat's settings as this page's sliders can hold them: max new tokens within what
+    this context allows (a chat exported or shared at 8,192 tokens, loaded where it is 300)."""
+    most = max_new_tokens_limit(context_length).high
+    if settings.get("max_new_tokens", 0) <= most:
+        return settings
+    gr.Info(
+        f"Max new tokens {settings['max_new_tokens']:g} is more than this context allows; it is {most:g}."
+    )
+    return {**settings, "max_new_tokens": most}
 
 
 def add_engine_panel(runtime: ChatRuntime) -> None:
@@ -170,4 +201,5 @@ def add_engine_panel(runtime: ChatRuntime) -> None:
     private = {"queue": False, "api_visibility": "private"}
     panel.expand(lambda: (engine_markdown(runtime), gr.Timer(active=True)), None, [figures, timer], **private)
     panel.collapse(lambda: gr.Timer(active=False), None, [timer], **private)
-    timer.tick(lambda: engine_markdown(runtime), None, [figures], **private)
+    # Quietly: gradio dims an output while its event runs, which every 2 s would be a flicker.
+    timer.tick(lambda: engine_markdown(runtime), None, [figures], show_progress="hidden", **private)

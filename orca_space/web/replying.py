@@ -23,6 +23,7 @@ from ..params import PARAMETER_ORDER
 from ..ratelimit import client_key
 from ..runtime import ChatRuntime
 from .prompt_view import prompt_view
+from .refusals import in_page_words, refusal
 from .reply_stats import (
     ReplyFigures,
     is_note,
@@ -103,7 +104,7 @@ async def failures_said(
         if isinstance(exc, gr.Error):
             raise
         log.exception("a reply step failed")
-        raise gr.Error(UNFORESEEN_FAILURE) from None
+        raise gr.Error(UNFORESEEN_FAILURE, print_exception=False) from None  # its trace is just above
 
 
 def make_continue(runtime: ChatRuntime):
@@ -136,12 +137,12 @@ async def continued_reply(
     enforce_rate_limit(runtime, request)
     service = runtime.service
     if service is None or not service.continues_replies:
-        raise gr.Error("This backend cannot continue a reply; send a message such as “go on” instead.")
+        raise refusal("This backend cannot continue a reply; send a message such as “go on” instead.")
     history = list(history or [])
     earlier = last_reply_figures(history)
     shown = [message for message in history if not is_note(message)]
     if not shown or not isinstance(shown[-1], dict) or shown[-1].get("role") != "assistant":
-        raise gr.Error("There is no reply to continue: the chat must end with one.")
+        raise refusal("There is no reply to continue: the chat must end with one.")
     chat = await prepared_or_error(service.prepare_continuation, shown, system_message, raw)
     reply_so_far = chat.messages[-1]["content"]
     before_reply = history[: last_reply_index(history)]
@@ -167,8 +168,8 @@ async def stream_figures(service: ChatService, chat: PreparedChat) -> AsyncItera
         async with contextlib.aclosing(service.stream(chat, notify=gr.Info)) as updates:
             async for reply in updates:
                 yield ReplyFigures.from_stats(reply.stats), reply.text
-    except EngineError as exc:
-        raise gr.Error(str(exc)) from None
+    except EngineError as exc:  # the engine's or server's own log has the details
+        raise refusal(str(exc), logging.WARNING) from None
 
 
 async def wait_for_model(runtime: ChatRuntime, timeout_s: float = LOAD_WAIT_S) -> AsyncIterator[str]:
@@ -178,9 +179,9 @@ async def wait_for_model(runtime: ChatRuntime, timeout_s: float = LOAD_WAIT_S) -
     shown = None
     while runtime.service is None:
         if runtime.status.failed:
-            raise gr.Error(f"The model could not be loaded: {runtime.status.message}")
+            raise refusal(f"The model could not be loaded: {runtime.status.message}", logging.WARNING)
         if monotonic() > deadline:
-            raise gr.Error(f"The model is still loading after {timeout_s / 60:.0f} minutes; try again later.")
+            raise refusal(f"The model is still loading after {timeout_s / 60:.0f} minutes; try again later.")
         if (progress := loading_progress(runtime)) != shown:
             shown = progress
             yield progress
@@ -210,8 +211,8 @@ async def prepared_or_error(prepare: Callable[..., PreparedChat], *args) -> Prep
         # Tokenizing a long history takes milliseconds: off the event loop, which streams
         # everyone else's replies.
         return await asyncio.to_thread(prepare, *args)
-    except ValueError as exc:
-        raise gr.Error(str(exc)) from None
+    except ValueError as exc:  # the user's input: the reason, in the page's words
+        raise refusal(in_page_words(str(exc))) from None
 
 
 def warn_if_turns_were_left_out(runtime: ChatRuntime, chat: PreparedChat) -> None:
@@ -231,6 +232,6 @@ def enforce_rate_limit(runtime: ChatRuntime, request: gr.Request | None) -> None
     )
     wait = runtime.limiter.acquire(key)
     if wait > 0:
-        raise gr.Error(
+        raise refusal(
             f"Too many messages: the limit is {runtime.limiter.limit} per minute. Try again in {wait:.0f} s."
         )

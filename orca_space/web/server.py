@@ -4,6 +4,7 @@ settings that are safe on a public link."""
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any
 
@@ -16,7 +17,7 @@ from ..runtime import ChatRuntime
 from ..settings import Settings
 from .access import AccessGate
 from .admission import Admission
-from .assets import CSS
+from .assets import CSS, LIVE_PAGE_HEAD, page_theme
 from .link_page import LINK_PAGE_CSS
 from .mcp_tool import add_mcp_tool, expose_only_the_tool, quiet_state_warning
 from .openai_api import OpenAIApi
@@ -152,8 +153,21 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
         num_workers=0,
         max_file_size=0,  # the chat takes no files: refuse uploads instead of storing any size for anyone
         footer_links=["api", "gradio"],
-        theme=gr.themes.Soft(primary_hue="blue"),
+        theme=page_theme(),
         css=CSS + LINK_PAGE_CSS,
+        head=LIVE_PAGE_HEAD,
     )
     options.update(overrides)
-    return demo.launch(**options)
+    try:
+        return demo.launch(**options)
+    except OSError as exc:  # gradio's "Cannot find empty port": say it with our flags, no traceback
+        log.debug("launch failed", exc_info=True)
+        print(f"app.py: error: {cannot_listen(settings, exc)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def cannot_listen(settings: Settings, exc: OSError) -> str:
+    return (
+        f"cannot listen on {settings.host}:{settings.port} ({exc.strerror or 'in use'}): another program "
+        "may hold the port, or the address is not this machine's; choose another with --port or --host"
+    )

@@ -26,6 +26,7 @@ from ..sharing.links import ConversationLinks
 from ..sharing.store import LinkError
 from . import link_scripts
 from .panels import ChatControls, loaded_conversation, loaded_conversation_outputs
+from .refusals import refusal
 
 LINK_PATH = "shared"  # a link is /shared?id=ID (the link page's route)
 PANEL_LABEL = "Share by link"
@@ -91,7 +92,7 @@ def make_share(runtime: ChatRuntime, links: ConversationLinks):
                 history or [], system_message or "", settings, runtime.model_name, visitor(runtime, request)
             )
         except LinkError as exc:
-            raise gr.Error(f"No link was made: {exc}.") from None
+            raise refusal(f"No link was made: {exc}.") from None
         kept = json.dumps({"id": link.id, "token": link.delete_token, "created": link.created_at})
         return gr.Group(visible=True), link_url(page_base, link.id), link.delete_token, kept
 
@@ -107,9 +108,9 @@ def make_continue_from_link(runtime: ChatRuntime, links: ConversationLinks, cont
         try:
             shared = links.open(link_id)
         except LinkError as exc:
-            raise gr.Error(f"Could not open the shared conversation: {exc}.") from None
+            raise refusal(f"Could not open the shared conversation: {exc}.") from None
         if shared is None:
-            raise gr.Error(NOT_HERE)
+            raise refusal(NOT_HERE)
         gr.Info("The shared conversation is now a chat of your own: send a message to carry it on.")
         return loaded_conversation(runtime, shared.transcript, controls.can_continue)
 

@@ -3,12 +3,13 @@
 The JSON holds the messages (each reply with its figures), the system message, the generation
 settings and the model's name. Loading one back is strict, because the file comes from
 anywhere: a size limit before parsing, then every field checked, and a `TranscriptError`
-naming the first problem. A system turn in the messages, a control token in any text, a
-wrong type or an unknown field is refused; nothing is half-loaded.
+naming the first problem. A system turn in the messages, a wrong type or an unknown field is
+refused; nothing is half-loaded.
 
-Control strings typed in a chat are harmless to the model (`chatml` never turns text into
-control tokens), but a file whose text holds them was not written by this page's export of
-an ordinary chat, so it is refused as forged rather than guessed at.
+What is checked is the file's structure, not its words: imported text is text, exactly as typed
+text is. `<|im_start|>` in a message (a chat about ChatML, say) stays plain text for the model,
+because `chatml` never turns text into control tokens; the system turn comes only from the
+system-message field, and every message's role is one of two.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..chat import MAX_HISTORY_MESSAGE_CHARS, MAX_HISTORY_MESSAGES, MAX_SYSTEM_CHARS, message_text
-from ..chatml import IM_END, IM_START
 from ..params import LIMITS, PARAMETER_ORDER, check_value
 from .reply_stats import ReplyFigures, is_note, read_figures, reply_message, stats_note
 
@@ -30,7 +30,6 @@ VERSION = 1
 # Below the 4 MB request-body cap with room for JSON escaping on the way in, and as much as the
 # page can send back each turn anyway (it sends the whole conversation).
 MAX_TRANSCRIPT_BYTES = 1 << 20
-CONTROL_STRINGS = (IM_START, IM_END)
 TOP_LEVEL_FIELDS = {"format", "version", "model", "exported_at", "system_message", "settings", "messages"}
 MESSAGE_FIELDS = {"role", "content", "stats"}
 
@@ -193,11 +192,6 @@ def checked_text(where: str, value: object, max_chars: int) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate, which JSON's \\u escapes can spell
         raise TranscriptError(f"{where} contains text that is not valid Unicode") from None
-    for control in CONTROL_STRINGS:
-        if control in value:
-            raise TranscriptError(
-                f"{where} contains the control token {control}; a conversation file holds plain text"
-            )
     return value
 
 

@@ -10,17 +10,19 @@ and folded panels: the last reply's prompt, export and import, the engine.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import gradio as gr
 
 from ..engines.ladder import RUNG_SPEED
-from ..params import LIMITS, PARAMETER_ORDER, check_value
+from ..params import LIMITS, PARAMETER_ORDER, Limit, check_value, max_new_tokens_limit
 from ..runtime import ChatRuntime
 from . import assets, chat_hooks
 from .chat_display import conversation_chatbot
 from .link_page import add_link_page
 from .panels import ChatControls, add_engine_panel, add_prompt_panel, add_transcript_panel
 from .presets import CHOICES, DEFAULT_PRESET, MODEL_CARD, preset_text
+from .refusals import refusal, short_label
 from .reply_stats import last_reply_figures, settle
 from .replying import make_continue, make_respond
 from .share_panel import add_share_panel
@@ -67,7 +69,7 @@ def build_ui(runtime: ChatRuntime) -> gr.Blocks:
                 ),
                 "system message",
             )
-            sliders = parameter_sliders()
+            sliders = parameter_sliders(runtime.context_length)
         # States hold plain data only: gradio hashes them after every event and copies them into
         # each new session (see page_state). The last reply's prompt is a PromptView.as_state().
         last_prompt = gr.State(None)
@@ -92,10 +94,17 @@ def build_ui(runtime: ChatRuntime) -> gr.Blocks:
         )
         chat_hooks.answer_api_in_text(demo)
         timer = gr.Timer(1.0, active=not runtime.status.ready)
-        timer.tick(lambda: refresh_status(runtime), None, [status, timer], api_visibility="private")
+        timer.tick(
+            lambda: refresh_status(runtime),
+            None,
+            [status, timer],
+            show_progress="hidden",
+            api_visibility="private",
+        )
         # The status baked into the page is from when it was built; refresh it at once.
         demo.load(lambda: refresh_status(runtime), None, [status, timer], api_visibility="private")
         demo.load(None, js=assets.OPEN_SIDEBAR_ON_WIDE_SCREENS_JS)
+        chat_hooks.after_each_reply(demo, chat, chat_hooks.placeholder_back, [chat.textbox], [continue_step])
     add_link_page(demo, runtime)  # a page of its own: after the chat page's `with` block
     return demo
 
@@ -113,7 +122,14 @@ def build_chat(runtime: ChatRuntime, inputs: list, last_prompt: gr.State) -> gr.
             elem_id="chatbot",
         ),
         textbox=require_text(
-            gr.Textbox(placeholder="Type a message…", submit_btn=True, stop_btn=True), "message"
+            gr.Textbox(
+                placeholder=chat_hooks.MESSAGE_PLACEHOLDER,
+                label="Message",  # its accessible name; ChatInterface hides the label
+                submit_btn=True,
+                stop_btn=True,
+                elem_id="message-box",
+            ),
+            "message",
         ),
         additional_inputs=inputs,
         additional_outputs=[last_prompt],
@@ -185,7 +201,7 @@ def choose_preset(name: str):
     try:
         text = preset_text(name)
     except ValueError as exc:
-        raise gr.Error(str(exc)) from None
+        raise refusal(str(exc)) from None
     return gr.skip() if text is None else text
 
 
@@ -237,19 +253,20 @@ def refresh_status(runtime: ChatRuntime):
     return status_markdown(runtime), gr.Timer(active=not done)
 
 
-def name_parameter_in_errors(slider: gr.Slider, parameter: str) -> gr.Slider:
-    """Make the slider's server-side check name its parameter.
+def name_parameter_in_errors(slider: gr.Slider, limit: Limit) -> gr.Slider:
+    """Make the slider's server-side check name its parameter as the slider is labelled.
 
     gradio's own check says only "Value 5.0 is greater than maximum value 2.0" and lets NaN
-    through; API callers need to know which of the five numbers was wrong. (An instance
-    override rather than a subclass: gradio writes a .pyi stub beside any component subclass.)
+    through; people (and `/chat` API callers) need to know which of the five numbers was wrong.
+    (An instance override rather than a subclass: gradio writes a .pyi stub beside any
+    component subclass.)
     """
 
     def preprocess(payload: object) -> float:
         try:
-            return check_value(LIMITS[parameter], payload)
+            return check_value(limit, payload)
         except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+            raise refusal(str(exc)) from None
 
     slider.preprocess = preprocess
     return slider
@@ -261,24 +278,38 @@ def require_text(textbox: gr.Textbox, name: str) -> gr.Textbox:
 
     def preprocess(payload: object) -> str:
         if not isinstance(payload, str):
-            raise gr.Error(f"{name} must be text, got {type(payload).__name__}")
+            raise refusal(f"{name} must be text, got {type(payload).__name__}")
         return payload
 
     textbox.preprocess = preprocess
     return textbox
 
 
-def parameter_sliders() -> list[gr.Slider]:
+def parameter_sliders(context_length: int) -> list[gr.Slider]:
+    """The five generation sliders; max new tokens fitted to the context (`max_new_tokens_limit`)."""
+    limits = page_limits(context_length)
     return [
         name_parameter_in_errors(
             gr.Slider(
-                minimum=LIMITS[name].low,
-                maximum=LIMITS[name].high,
-                value=LIMITS[name].default,
+                minimum=lowest_setting(limits[name], SLIDER_STEPS[name]),
+                maximum=limits[name].high,
+                value=limits[name].default,
                 step=SLIDER_STEPS[name],
                 label=LIMITS[name].label,
             ),
-            name,
+            limits[name],
         )
         for name in PARAMETER_ORDER
     ]
+
+
+def lowest_setting(limit: Limit, step: float) -> float:
+    """The slider's lowest stop: top-p's range is (0, 1], so its slider starts a step above 0."""
+    return limit.low if limit.low_inclusive else limit.low + step
+
+
+def page_limits(context_length: int) -> dict[str, Limit]:
+    """The sliders' limits, each named as its slider is labelled, so that a refusal says
+    "Top-p must be in (0, 1]" rather than the code's `top_p`."""
+    limits = {**LIMITS, "max_new_tokens": max_new_tokens_limit(context_length)}
+    return {name: replace(limit, name=short_label(name)) for name, limit in limits.items()}
