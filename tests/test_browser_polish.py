@@ -268,6 +268,8 @@ def test_the_controls_are_named_and_axe_finds_nothing_serious(browser, app, widt
         for panel in (PROMPT_PANEL, ENGINE_PANEL):
             open_panel(page, panel)
         expect(page.locator("#engine-panel")).to_contain_text("Chats")
+        # Nothing in flight (a panel's first fill, a refresh): gradio dims an output while it waits.
+        page.wait_for_function("() => document.querySelectorAll('.wrap.default:not(.hide)').length === 0")
         page.add_script_tag(path=str(AXE_JS))
         result = page.evaluate("async () => await axe.run(document, {resultTypes: ['violations']})")
         serious = [

@@ -161,8 +161,8 @@ LIVE_PAGE_HEAD = """
       body.classList.add("as-typed");
     }
     for (const [selector, name] of Object.entries(NAMES)) {
-      for (const control of document.querySelectorAll(`#message-box ${selector}:not([aria-label])`)) {
-        control.setAttribute("aria-label", name);
+      for (const control of document.querySelectorAll(`#message-box ${selector}`)) {
+        if (control.getAttribute("aria-label") !== name) control.setAttribute("aria-label", name);
       }
     }
     for (const list of document.querySelectorAll('#chatbot .examples[role="list"]')) {
