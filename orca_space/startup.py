@@ -79,6 +79,7 @@ def start_local_runtime(settings: Settings) -> ChatRuntime:
             choice=settings.engine,
             warmup_timeout=settings.warmup_timeout,
             on_progress=lambda message, fraction: status.update("loading", message, fraction),
+            prefix_cache=settings.prefix_cache,
         )
         atexit.register(engine.close)  # stop the model thread before the interpreter tears down
         runtime.engine, runtime.engine_choice = engine, choice

@@ -288,7 +288,7 @@ def test_inference_client_streams_a_reply(app_url, model, client, monkeypatch):
 
 
 class CannedBackend:
-    async def stream_reply(self, messages, params, notify=None):
+    async def stream_reply(self, messages, params, notify=None, cache_scope=None):
         yield ReplyDelta("fine", tokens=1)
         yield ReplyDelta(finish_reason="stop")
 

@@ -26,9 +26,15 @@ def greedy_reference(model, prompt: list[int], new_tokens: int) -> list[int]:
     `generate` would mask the prompt's <|im_end|> as padding (the tiny model's pad token)."""
     ids = torch.tensor([prompt])
     out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens, eos_token_id=None
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        eos_token_id=None,
     )
     return out[0, len(prompt) :].tolist()
+
+
 END_OF_TURN = [32000, 13]  # <|im_end|>\n, as a next turn's prompt has after the reply
 
 
