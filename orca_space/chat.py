@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from time import monotonic
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .chatml import ChatEncoder
 from .detokenizer import StreamingDetokenizer
@@ -21,6 +21,9 @@ from .history import FittedChat, Message, fit_history, group_turns
 from .params import SamplingParams
 from .replies import Reply, ReplyDelta, accumulate, coalesce
 from .throughput import ThroughputMeter
+
+if TYPE_CHECKING:
+    from .metrics import ReplyMetrics
 
 MAX_MESSAGE_CHARS = 16_000
 MAX_SYSTEM_CHARS = 8_000
@@ -92,11 +95,13 @@ class ChatService:
         encoder: ChatEncoder,
         limits: ChatLimits,
         meter: ThroughputMeter | None = None,
+        metrics: ReplyMetrics | None = None,
     ) -> None:
         self.backend = backend
         self.encoder = encoder
         self.limits = limits
         self.meter = meter or ThroughputMeter()  # tokens streamed by every reply, for the page
+        self.metrics = metrics  # time to first token and between tokens, for /metrics
         self._fixed_cost = len(encoder.prefix) + len(encoder.reply_header)
 
     @property
@@ -183,6 +188,8 @@ class ChatService:
         `cache_scope`: who is asking (see `ChatBackend`)."""
         started = monotonic()
         deltas = self.backend.stream_reply(chat.messages, chat.params, notify, cache_scope)
+        if self.metrics is not None:
+            deltas = self.metrics.observe(deltas, started)
         updates = accumulate(deltas, chat.prompt_tokens, started)
         if coalesced:
             updates = coalesce(updates, self.limits.update_interval_s)
