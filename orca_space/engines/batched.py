@@ -369,8 +369,9 @@ class BatchedEngine(RequestQueue):
         for index in range(batch):
             slot = self._slots[index]
             if slot is not None and slot.decoding:
-                positions[index], tokens[index] = slot.next_position, slot.last_token
-                slot.wrote(slot.next_position + 1)
+                position = positions[index] = slot.prompt_len + slot.generated - 1  # slot.next_position
+                tokens[index] = slot.last_token
+                slot.high_water = max(slot.high_water, position + 1)
         kv_len = kv_cache.kv_bucket(max(positions) + 1, self.cache_len)
         self.staging.copy_into(
             [self.buffers.tokens[:batch], self.buffers.positions[:batch]], [tokens, positions]
@@ -393,7 +394,7 @@ class BatchedEngine(RequestQueue):
 
     def _accept(self, slot: Slot, token: int, logits: torch.Tensor | None = None) -> None:
         """Stream a sampled token, or finish the request on a stop token or its token limit."""
-        slot.sampled.append(token)
+        slot.took(token)
         if token == NON_FINITE:
             self.non_finite_replies += 1
             log.error("request %s: the model's logits stopped being finite numbers", slot.handle.id)

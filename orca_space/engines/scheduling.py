@@ -20,20 +20,19 @@ class Slot:
     index: int
     prefilled: int = 0  # prompt tokens already in the cache (taken from a kept cache included)
     high_water: int = 0  # 1 + the highest ring position written (see prefix_cache.KeptCache)
+    generated: int = 0  # tokens sampled so far, a final stop token included
+    last_token: int = 0  # the latest sampled token: the next decode step's input
     sampled: list[int] = field(default_factory=list)  # every token sampled, a final stop included
 
     @property
     def prompt_len(self) -> int:
         return len(self.handle.prompt_ids)
 
-    @property
-    def generated(self) -> int:
-        return len(self.sampled)
-
-    @property
-    def last_token(self) -> int:
-        """The latest sampled token: the next decode step's input."""
-        return self.sampled[-1] if self.sampled else 0
+    def took(self, token: int) -> None:
+        """A token was sampled for this request."""
+        self.sampled.append(token)
+        self.generated += 1
+        self.last_token = token
 
     def cached_tokens(self) -> list[int]:
         """The tokens whose keys and values are in the slot: the prompt so far, then every
