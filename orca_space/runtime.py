@@ -10,6 +10,7 @@ from .engines.requests import EngineStats
 from .loading import LoadStatus
 from .metrics import AppMetrics
 from .ratelimit import RateLimiter
+from .sharing.links import ConversationLinks
 
 
 @dataclass
@@ -26,6 +27,7 @@ class ChatRuntime:
     limiter: RateLimiter | None = None  # per user or address; None = no limit
     trusted_proxy_hops: int = 0
     metrics: AppMetrics | None = None  # what GET /metrics serves (the server adds one if none)
+    links: ConversationLinks | None = None  # conversation links (not --share); None = none offered
 
     def engine_stats(self) -> EngineStats | None:
         return self.engine.stats() if self.engine is not None else None

@@ -6,12 +6,14 @@ Only `app.py` calls `parse_settings`; every other module takes explicit argument
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .chat import MAX_MESSAGE_CHARS
 from .engines.ladder import DEFAULT_WARMUP_TIMEOUT_S, ENGINE_CHOICES
 from .engines.prefix_cache import MODES as PREFIX_CACHE_MODES
+from .sharing.store import DEFAULT_MAX_SNAPSHOT_BYTES, default_data_dir
 from .tiny import MODEL_ID
 from .zerogpu import on_zerogpu
 
@@ -92,6 +94,30 @@ OPTIONS = (
         16,
         int,
     ),
+    # Conversation links (not --share): where they are kept and their limits.
+    Option(
+        "--data-dir",
+        "ORCA_DATA_DIR",
+        "folder for the app's data: conversation links (default: /data/orca-space on a Space with "
+        "persistent storage, else ~/.cache/orca-space)",
+        None,
+    ),
+    Option("--link-max-kb", "ORCA_LINK_MAX_KB", "largest conversation a link holds, in KB", 1024, int),
+    Option(
+        "--links-per-hour",
+        "ORCA_LINKS_PER_HOUR",
+        "conversation links per visitor per hour (0 = no limit)",
+        20,
+        int,
+    ),
+    Option("--links-max-mb", "ORCA_LINKS_MAX_MB", "all conversation links together, in MB", 1024, int),
+    Option(
+        "--link-expiry-days",
+        "ORCA_LINK_EXPIRY_DAYS",
+        "days a conversation link lasts (0 = until deleted)",
+        0.0,
+        float,
+    ),
 )
 # Spaces and gradio deployments set these; honour them when ours are unset.
 FALLBACK_ENV = {
@@ -100,6 +126,7 @@ FALLBACK_ENV = {
     "ORCA_MCP": "GRADIO_MCP_SERVER",
 }
 BACKENDS = ("local", "remote")
+MAX_LINK_KB = DEFAULT_MAX_SNAPSHOT_BYTES >> 10
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
 
@@ -130,6 +157,11 @@ class Settings:
     api_key: str | None = None
     request_timeout: float = 60.0
     remote_concurrency: int = 16
+    data_dir: str = ""  # set by parse_settings (default_data_dir); "" means no conversation links
+    link_max_kb: int = 1024
+    links_per_hour: int = 20
+    links_max_mb: int = 1024
+    link_expiry_days: float = 0.0
     hf_token: str | None = None
 
 
@@ -167,6 +199,13 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
         parser.error("--backend remote needs --endpoint URL (or ORCA_ENDPOINT)")
     if values["request_timeout"] <= 0 or values["remote_concurrency"] < 1:
         parser.error("--request-timeout and --remote-concurrency must be positive")
+    if not 1 <= values["link_max_kb"] <= MAX_LINK_KB:
+        parser.error(f"--link-max-kb must be 1 to {MAX_LINK_KB} (an imported file's limit)")
+    if values["links_per_hour"] < 0 or values["links_max_mb"] < 1:
+        parser.error("--links-per-hour cannot be negative and --links-max-mb must be at least 1")
+    if not 0 <= values["link_expiry_days"] < math.inf:
+        parser.error("--link-expiry-days must be 0 (no expiry) or a positive number of days")
+    values["data_dir"] = values["data_dir"] or str(default_data_dir(environ))
     values["zerogpu"] = values["zerogpu"] or on_zerogpu(environ)
     return Settings(**values, hf_token=environ.get("HF_TOKEN") or None)
 

@@ -24,6 +24,8 @@ from .metrics import AppMetrics
 from .ratelimit import RateLimiter
 from .runtime import ChatRuntime
 from .settings import Settings
+from .sharing.links import ConversationLinks
+from .sharing.store import StoreLimits
 from .tiny import is_tiny_checkpoint, write_tiny_checkpoint
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ def new_runtime(settings: Settings, model_name: str, demo: bool, concurrency: in
         concurrency=concurrency,
         limiter=RateLimiter(settings.rate_limit, window=60.0) if settings.rate_limit else None,
         trusted_proxy_hops=settings.trusted_proxy_hops,
+        links=conversation_links(settings),
     )
     runtime.metrics = AppMetrics(runtime.engine_stats)
     return runtime
@@ -57,6 +60,20 @@ def new_runtime(settings: Settings, model_name: str, demo: bool, concurrency: in
 
 def new_service(runtime: ChatRuntime, backend, encoder: ChatEncoder, settings: Settings) -> ChatService:
     return ChatService(backend, encoder, chat_limits(settings), metrics=runtime.metrics.replies)
+
+
+def conversation_links(settings: Settings) -> ConversationLinks | None:
+    """The store of conversation links, opened on first use (so a bad database never stops
+    the app from starting); text only, so every backend gets the same."""
+    if not settings.data_dir:
+        return None
+    limits = StoreLimits(
+        max_snapshot_bytes=settings.link_max_kb << 10,
+        max_total_bytes=settings.links_max_mb << 20,
+        expiry_s=settings.link_expiry_days * 86400 or None,
+    )
+    log.info("Conversation links are kept in %s", settings.data_dir)
+    return ConversationLinks.in_directory(Path(settings.data_dir), limits, settings.links_per_hour)
 
 
 def start_local_runtime(settings: Settings) -> ChatRuntime:

@@ -8,7 +8,7 @@ for, counted against the visitor's daily quota. Nothing is batched across users,
 `generate_tokens` (transformers' `generate`) inside one small generator: `gpu_reply` below.
 
 This is the only module that touches `spaces`. Three of its rules shape it (read from spaces
-0.51.3, see the README's "Deploying on ZeroGPU"):
+0.51.3, see "Deploying on ZeroGPU" in docs/deploying.md):
 - the GPU function is a plain (sync) generator whose items are pickled: it yields token ids,
   then ("finish", reason) or ("error", sentence), never tensors;
 - closing it takes effect at the worker's next item, and a thread started in the worker is not

@@ -107,6 +107,13 @@ def wait_until_idle(engine, timeout: float = 5.0) -> bool:
 @contextlib.contextmanager
 def app_in_process(*args: str):
     """`python app.py ARGS` without the subprocess: monkeypatches reach its engine."""
+    with page_in_process(*args) as (url, runtime, _):
+        yield url, runtime
+
+
+@contextlib.contextmanager
+def page_in_process(*args: str):
+    """As `app_in_process`, also yielding the gr.Blocks page (whose sessions' states a test reads)."""
     from orca_space.settings import parse_settings
     from orca_space.startup import start_runtime
     from orca_space.web.server import launch
@@ -120,7 +127,7 @@ def app_in_process(*args: str):
     try:
         body = wait_until_ready(url, timeout=60)
         assert body["status"] == "ok", body
-        yield url, runtime
+        yield url, runtime, demo
     finally:
         demo.close()
         if runtime.engine is not None:

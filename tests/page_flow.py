@@ -104,6 +104,75 @@ CONTRAST_JS = """
 """
 
 
+COVERED_MESSAGE_POINTS_JS = """() => {
+  const chat = document.querySelector('#chatbot .bubble-wrap');
+  const view = chat.getBoundingClientRect();
+  const covered = [];
+  for (let top = 0; top <= chat.scrollHeight; top += 40) {
+    chat.scrollTop = top;
+    for (const message of document.querySelectorAll('#chatbot .message')) {
+      const box = message.getBoundingClientRect();
+      for (let y = Math.max(box.top, view.top) + 2; y < Math.min(box.bottom, view.bottom) - 2; y += 6) {
+        for (let x = box.left + 2; x < box.right - 2; x += 8) {
+          const hit = document.elementFromPoint(x, y);
+          // gradio's scroll-to-bottom arrow floats over the list on purpose, while scrolled up.
+          if (hit && !message.contains(hit) && !hit.closest('.scroll-down-button-container')) {
+            covered.push(`scrolled ${top}px: ${hit.tagName}.${hit.className} at ${Math.round(x)},${Math.round(y)}`);
+          }
+        }
+      }
+    }
+  }
+  return covered;
+}"""
+
+
+def covered_message_points(page) -> list[str]:
+    """Points of messages in the chat's visible area that something else is drawn over, at
+    every scroll position of the message list (scrolled 40 px at a time)."""
+    return page.evaluate(COVERED_MESSAGE_POINTS_JS)
+
+
 def contrast(page, selector: str) -> float:
     """The WCAG contrast ratio of an element's text against the first opaque background behind it."""
     return page.locator(selector).last.evaluate(CONTRAST_JS)
+
+
+def click_last(page, button: str) -> None:
+    """Click the last of the chat's message buttons named `button` (Retry, Undo, Edit...)."""
+    page.locator("#chatbot").get_by_role("button", name=button, exact=True).last.click()
+
+
+def reply_after(page, action, max_new_tokens: int) -> str:
+    """Set max new tokens, do `action()` (which starts a reply), wait until that reply has ended,
+    return its text.
+
+    A reply on the tiny model can start and end between two looks at the page, and a retry or an
+    edit keeps the number of replies, so the new reply is told from the old by its length: greedy
+    replies of the random-weight model run to max new tokens, which the caller makes differ."""
+    open_settings(page)
+    set_max_new_tokens(page, max_new_tokens)
+    close_settings(page)
+    action()
+    expect(page.locator(REPLY_STATS).last).to_contain_text(
+        f"{max_new_tokens} tokens · ", timeout=60_000
+    )
+    wait_until_settled(page)
+    return page.locator(BOT_MESSAGES).last.inner_text()
+
+
+def retry_last(page, max_new_tokens: int) -> str:
+    """Retry the last reply (as `max_new_tokens` long) and wait until it has ended; its text."""
+    return reply_after(page, lambda: click_last(page, "Retry"), max_new_tokens)
+
+
+def edit_last_message(page, text: str, max_new_tokens: int) -> str:
+    """Edit the last user message to `text` and wait until its new reply (as `max_new_tokens`
+    long) has ended; its text."""
+
+    def edit() -> None:
+        click_last(page, "Edit")
+        page.locator("#chatbot textarea.edit-textarea").fill(text)
+        click_last(page, "Submit")
+
+    return reply_after(page, edit, max_new_tokens)

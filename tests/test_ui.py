@@ -13,6 +13,7 @@ from orca_space.engines.requests import EngineError
 from orca_space.replies import ReplyDelta
 from orca_space.runtime import ChatRuntime
 from orca_space.web import chat_hooks
+from orca_space.web.page_state import is_plain_data
 from orca_space.web.panels import import_conversation
 from orca_space.web.prompt_view import PromptView
 from orca_space.web.reply_stats import ReplyFigures, read_figures, reply_message, stats_note, waiting_note
@@ -118,9 +119,15 @@ async def collect(generator):
 async def test_a_reply_streams_with_its_figures_and_the_prompt_once(encoder):
     runtime = ready_runtime(encoder, Backend())
     updates = await collect(make_respond(runtime)("hi", [], "Be brief.", *PARAMS, None))
-    messages, view = updates[0]
-    assert isinstance(view, PromptView) and view.text.startswith("<s><|im_start|>system\nBe brief.")
-    assert all(later == gr.skip() for _, later in updates[1:]), "the prompt panel's state is set once"
+    (note,), nothing = updates[0]
+    assert note["metadata"]["title"] == "Waiting for the first token…" and nothing == gr.skip(), (
+        "a note shows at once, before any work that could fail"
+    )
+    messages, state = updates[1]
+    assert is_plain_data(state), "the prompt view is kept in a gr.State as plain data"
+    view = PromptView.from_state(state)
+    assert view.text.startswith("<s><|im_start|>system\nBe brief.") and view.as_state() == state
+    assert all(later == gr.skip() for _, later in updates[2:]), "the prompt panel's state is set once"
     last, _ = updates[-1]
     assert last[0] == reply_message("Hello there")
     figures = read_figures(last[1])
@@ -151,6 +158,7 @@ async def test_closing_a_reply_closes_its_stream_at_once(encoder):
     then (that is what cancels the engine request), not when the garbage collector runs."""
     backend = Backend(forever=True)
     reply = make_respond(ready_runtime(encoder, backend))("hi", [], "", *PARAMS, None)
+    await anext(reply)  # the note shown at once
     messages, _ = await anext(reply)
     assert messages[0]["content"]
     await reply.aclose()
@@ -171,20 +179,50 @@ class FailingBackend(Backend):
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("error", [EngineError("the server stopped"), RuntimeError("a bug")])
-async def test_a_reply_that_fails_settles_its_own_note_before_raising(encoder, error):
+@pytest.mark.parametrize(
+    "error, said",
+    [(EngineError("the server stopped"), "the server stopped"), (RuntimeError("a bug"), "unexpected error")],
+)
+async def test_a_reply_that_fails_settles_its_own_note_before_raising(encoder, error, said):
     """The page's failure clean-up also runs on a stop, racing the after-reply step; it cannot
-    say "ended by an error", so a failing reply must, in its last update."""
+    say "ended by an error", so a failing reply must, in its last update. An unforeseen error
+    is one sentence for the person, its trace for the log."""
     reply = make_respond(ready_runtime(encoder, FailingBackend(error)))("hi", [], "", *PARAMS, None)
     updates = []
-    with pytest.raises(gr.Error if isinstance(error, EngineError) else RuntimeError, match=str(error)):
+    with pytest.raises(gr.Error, match=said):
         async for update in reply:
             updates.append(update)
     last, _ = updates[-1]
     assert last[0] == reply_message("Hello"), "the text shown before the error stays"
     assert read_figures(last[1]).ending == "failed"
     assert last[1]["metadata"]["title"].endswith("ended by an error")
-    assert all(read_figures(messages[1]).ending is None for messages, _ in updates[:-1])
+    assert all(read_figures(messages[-1]).ending is None for messages, _ in updates[:-1])
+
+
+@pytest.mark.anyio
+async def test_a_reply_refused_before_it_began_says_so_under_the_message(encoder):
+    """A refusal (here: a parameter out of range) raises its own sentence, and the note shown at
+    once says the message ended by an error instead of spinning or vanishing."""
+    reply = make_respond(ready_runtime(encoder, Backend()))("hi", [], "", 100, 9.0, 0.95, 40, 1.1, None)
+    updates = []
+    with pytest.raises(gr.Error, match="temperature"):
+        async for update in reply:
+            updates.append(update)
+    assert len(updates) == 2, updates
+    (note,), _ = updates[-1]
+    assert read_figures(note).ending == "failed" and note["metadata"]["status"] == "done"
+
+
+def test_a_message_left_bare_by_a_failure_inside_gradio_gets_a_note():
+    """gradio can fail an event before the reply function runs (issue #21: hashing a state); the
+    user's message then has no reply and no note, and the failure clean-up adds one."""
+    bare = [{"role": "user", "content": "hi"}, reply_message("yo"), {"role": "user", "content": "again"}]
+    shown, state, textbox = chat_hooks.restore_after_failure(bare)
+    assert shown == state and shown[:3] == bare and len(shown) == 4
+    assert read_figures(shown[3]).ending == "failed" and "ended by an error" in shown[3]["metadata"]["title"]
+    assert textbox.interactive is True
+    answered = [*bare[:2], stats_note(ReplyFigures(1, ending="stop"))]
+    assert chat_hooks.restore_after_failure(answered)[0] == answered, "nothing added under a reply"
 
 
 @pytest.mark.anyio
@@ -219,6 +257,7 @@ async def test_a_message_sent_while_loading_waits_and_is_answered(encoder, monke
     runtime = ChatRuntime(model_name="m", context_length=8192)
     runtime.status.update("downloading", "Downloading the weights…", 0.4)
     reply = make_respond(runtime)("hi", [], "", *PARAMS, None)
+    await anext(reply)  # the note shown at once
     waiting, _ = await anext(reply)
     assert waiting == [waiting_note("Waiting for the model: Downloading the weights… 40%")]
     runtime.service = ChatService(Backend(), encoder, ChatLimits(update_interval_s=0.0))
@@ -232,8 +271,11 @@ async def test_only_a_failed_load_refuses(monkeypatch):
     monkeypatch.setattr("orca_space.web.replying.LOAD_POLL_S", 0.01)
     runtime = ChatRuntime(model_name="m", context_length=8192)
     reply = make_respond(runtime)("hi", [], "", *PARAMS, None)
-    await anext(reply)
+    await anext(reply)  # the note shown at once
+    await anext(reply)  # waiting for the model
     runtime.status.update("failed", "The full model needs a CUDA GPU.")
+    (note,), _ = await anext(reply)
+    assert note["metadata"]["title"].endswith("ended by an error"), "the waiting note says it failed"
     with pytest.raises(gr.Error, match="could not be loaded: The full model needs a CUDA GPU"):
         await anext(reply)
 
@@ -245,7 +287,7 @@ async def test_continue_grows_the_same_reply_and_adds_up_its_tokens(encoder):
     cut = ReplyFigures(tokens=20, first_token_s=0.1, tokens_per_s=10.0, ending="length")
     history = [{"role": "user", "content": "hi"}, reply_message("Hello there"), stats_note(cut)]
     updates = await collect(make_continue(runtime)(history, "", *PARAMS, None))
-    shown, view = updates[-1][0], updates[0][1]
+    shown, view = updates[-1][0], PromptView.from_state(updates[0][1])
     assert shown[:2] == history[:2][:1] + [reply_message("Hello there and more.")], "one reply, grown"
     assert len(shown) == 3, "still one reply and one note: not a new turn"
     merged = read_figures(shown[2])

@@ -14,11 +14,11 @@ from .presets import CUSTOM, PRESETS
 from .transcript import MAX_TRANSCRIPT_BYTES
 
 CSS = """
-/* The chat's label gets its own row above the messages instead of floating over the first one
-   (it did at phone width); the message list takes the rest of the height. */
+/* The chat shows no label (the page's title names the model) and its toolbar (clear, copy all)
+   gets its own row above the messages instead of floating over the text of a reply scrolled
+   beneath it, as gradio draws both; the message list takes the rest of the height. */
 #chatbot .wrapper { display: flex; flex-direction: column; }
-#chatbot .wrapper > label[data-testid="block-label"] { position: static; align-self: flex-start;
-  max-width: calc(100% - 4.5rem); overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+#chatbot .wrapper > .top-panel { position: static; align-self: flex-end; }
 #chatbot .bubble-wrap { flex: 1 1 auto; min-height: 0; }
 
 /* A reply's figures: one quiet line of small type, not a box. (gradio marks a "thought" that

@@ -21,7 +21,7 @@ import functools
 
 import gradio as gr
 
-from .reply_stats import reply_text, settle
+from .reply_stats import reply_text, settle, settled_after_failure
 
 REPLY_STEP = "_submit_fn"  # ChatInterface's name for the page's reply steps
 
@@ -86,8 +86,9 @@ def recover_from_errors(page: gr.Blocks, chat: gr.ChatInterface, extra_steps: li
     On a stop, gradio's front end dispatches this step and the `.then` steps at once, and the
     one whose answer comes back last draws the chat. So both settle a spinning note the same
     way, as "stopped", and a reply that fails settles its own note ("ended by an error") in its
-    last update before raising (`replying.stream_figures`); whichever step wins, the chat is
-    the same.
+    last update before raising (`replying.failures_said`); whichever step wins, the chat is
+    the same. A step that failed before its function could show anything (inside gradio) left
+    the user's message bare: this step adds the note saying so (`settled_after_failure`).
     """
     for step in [*reply_steps(page, chat), *(extra_steps or [])]:
         step.failure(
@@ -100,7 +101,7 @@ def recover_from_errors(page: gr.Blocks, chat: gr.ChatInterface, extra_steps: li
 
 
 def restore_after_failure(shown_history: list):
-    settled = settle(shown_history or [])
+    settled = settled_after_failure(shown_history or [])
     return settled, settled, unlocked_textbox()
 
 

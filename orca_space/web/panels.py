@@ -17,7 +17,13 @@ from . import assets, chat_hooks
 from .engine_panel import engine_markdown
 from .presets import preset_for
 from .prompt_view import CONTROL_LABEL, PromptView, highlighted, summary_markdown
-from .transcript import TranscriptError, conversation_json, conversation_markdown, parse_transcript
+from .transcript import (
+    Transcript,
+    TranscriptError,
+    conversation_json,
+    conversation_markdown,
+    parse_transcript,
+)
 
 ENGINE_REFRESH_S = 2.0
 
@@ -37,7 +43,7 @@ class ChatControls:
 def add_prompt_panel(last_prompt: gr.State) -> None:
     """The exact ChatML of the last reply, its tokens against the budget, the turns left out."""
     with gr.Accordion("Prompt of the last reply", open=False) as panel:
-        summary = gr.Markdown(summary_markdown(None))
+        summary = gr.Markdown(summary_markdown(None), elem_id="prompt-summary")
         text = gr.HighlightedText(
             [],
             color_map={CONTROL_LABEL: "#f59e0b"},
@@ -57,12 +63,13 @@ def add_prompt_panel(last_prompt: gr.State) -> None:
     )
 
 
-def show_prompt(view: PromptView | None):
+def show_prompt(state: dict | None):
+    view = PromptView.from_state(state)
     return summary_markdown(view), highlighted(view)
 
 
-def show_prompt_if_open(view: PromptView | None, is_open: bool):
-    return show_prompt(view) if is_open else (gr.skip(), gr.skip())
+def show_prompt_if_open(state: dict | None, is_open: bool):
+    return show_prompt(state) if is_open else (gr.skip(), gr.skip())
 
 
 def add_transcript_panel(runtime: ChatRuntime, controls: ChatControls) -> None:
@@ -98,11 +105,10 @@ def add_transcript_panel(runtime: ChatRuntime, controls: ChatControls) -> None:
     as_markdown.click(export(conversation_markdown), settings_inputs, [markdown_text], **private).then(
         None, [markdown_text], None, js=assets.save_text_js("md", "text/markdown"), **private
     )
-    shown = [chat.chatbot, chat.chatbot_state, chat.chatbot_value, chat.conversation_id]
     load.click(
         import_conversation(runtime, controls.can_continue),
         [picked_text, picked_size],
-        [*shown, controls.system_box, controls.preset, *controls.sliders, controls.continue_row],
+        loaded_conversation_outputs(controls),
         js=assets.pick_file_js(),
         # Queued, so that a refused file's gr.Error shows its message in a toast.
         api_visibility="private",
@@ -131,16 +137,29 @@ def import_conversation(runtime: ChatRuntime, can_continue: Callable[[list], boo
             transcript = parse_transcript(text, size)
         except TranscriptError as exc:
             raise gr.Error(f"Could not import the conversation: {exc}.") from None
-        if transcript.model and transcript.model != runtime.model_name:
-            gr.Info(f"This conversation was with {transcript.model}; it goes on with {runtime.model_name}.")
-        sliders = [transcript.settings.get(name, gr.skip()) for name in PARAMETER_ORDER]
-        messages = transcript.messages
-        preset = preset_for(transcript.system_message)
-        # A new conversation (id None), shown, in the history states, and saved next.
-        shown = (messages, messages, messages, None)
-        return *shown, transcript.system_message, preset, *sliders, gr.Row(visible=can_continue(messages))
+        return loaded_conversation(runtime, transcript, can_continue)
 
     return load_file
+
+
+def loaded_conversation_outputs(controls: ChatControls) -> list:
+    """What a loaded conversation (an import, a conversation link) sets: see loaded_conversation."""
+    chat = controls.chat
+    shown = [chat.chatbot, chat.chatbot_state, chat.chatbot_value, chat.conversation_id]
+    return [*shown, controls.system_box, controls.preset, *controls.sliders, controls.continue_row]
+
+
+def loaded_conversation(runtime: ChatRuntime, transcript: Transcript, can_continue: Callable[[list], bool]):
+    """A checked conversation as a new chat: shown, in the history states, with its system
+    message, preset and settings; continue offered if its last reply was cut."""
+    if transcript.model and transcript.model != runtime.model_name:
+        gr.Info(f"This conversation was with {transcript.model}; it goes on with {runtime.model_name}.")
+    sliders = [transcript.settings.get(name, gr.skip()) for name in PARAMETER_ORDER]
+    messages = transcript.messages
+    preset = preset_for(transcript.system_message)
+    # A new conversation (id None), shown, in the history states, and saved next.
+    shown = (messages, messages, messages, None)
+    return *shown, transcript.system_message, preset, *sliders, gr.Row(visible=can_continue(messages))
 
 
 def add_engine_panel(runtime: ChatRuntime) -> None:

@@ -5,11 +5,17 @@ ids stand for, `ChatEncoder.prompt_pieces`), control tokens marked as such so th
 `<|im_start|>` typed in a message (plain text to the model) looks different from the real one;
 the prompt's token count against the budget (context length minus max new tokens); and the
 turns that were left out to fit.
+
+The page keeps the view in a `gr.State` as plain data (`as_state`, read back by `from_state`):
+gradio hashes such states after every event, and a dataclass holding dicts cannot be hashed
+(see `page_state`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from ..chat import PreparedChat
 from ..chatml import ChatEncoder, PromptPiece
@@ -37,6 +43,31 @@ class PromptView:
     @property
     def text(self) -> str:
         return "".join(piece.text for piece in self.pieces)
+
+    def as_state(self) -> dict[str, Any]:
+        """The view as plain data (dicts, lists, text, numbers), for the page's gr.State."""
+        return {
+            "pieces": [[piece.text, piece.control] for piece in self.pieces],
+            "prompt_tokens": self.prompt_tokens,
+            "context_length": self.context_length,
+            "max_new_tokens": self.max_new_tokens,
+            "left_out": [{"role": m["role"], "content": m["content"]} for m in self.left_out],
+            "continued": self.continued,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any] | None) -> PromptView | None:
+        """The view `as_state` made, or None when there is none yet."""
+        if state is None:
+            return None
+        return cls(
+            pieces=tuple(PromptPiece(text, control) for text, control in state["pieces"]),
+            prompt_tokens=state["prompt_tokens"],
+            context_length=state["context_length"],
+            max_new_tokens=state["max_new_tokens"],
+            left_out=tuple(dict(message) for message in state["left_out"]),
+            continued=state["continued"],
+        )
 
 
 def prompt_view(encoder: ChatEncoder, chat: PreparedChat, context_length: int) -> PromptView:

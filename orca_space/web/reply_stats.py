@@ -31,6 +31,7 @@ CONTINUABLE: frozenset[str] = frozenset({"length", "stopped"})  # a reply that w
 STATS_ID_PREFIX = "reply-stats:"
 WAITING_ID = "waiting-for-model"
 STOPPED_WAITING = "Stopped while waiting for the model."
+WAITING_FOR_FIRST_TOKEN = "Waiting for the first token…"
 
 Message = Mapping[str, Any]
 
@@ -79,6 +80,8 @@ class ReplyFigures:
 
     def line(self) -> str:
         """The summary and, once the reply has ended, why: the line under the reply."""
+        if self.ending is None and self.tokens == 0 and self.parts == 1:
+            return WAITING_FOR_FIRST_TOKEN
         return f"{self.summary()} · {self.ending_words}" if self.ending else self.summary()
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,11 +181,27 @@ def settle(history: Sequence[Message], ending: Ending = "stopped") -> list[Messa
     return [settled_note(message, ending) for message in history]
 
 
+def settled_after_failure(history: Sequence[Message]) -> list[Message]:
+    """The history as the page's failure step leaves it (`chat_hooks.recover_from_errors`).
+
+    A reply step settles its own note as "ended by an error" before it raises, and shows a
+    note from its very first update on; so a last user message with neither a reply nor a
+    note means the step failed before it could show anything (inside gradio, before the reply
+    function ran) and gets a note saying so: a message never goes unanswered in silence. A
+    note still spinning here belongs to a stopped reply (gradio runs this step on a stop too).
+    """
+    settled = settle(history)
+    last = settled[-1] if settled else None
+    if isinstance(last, Mapping) and last.get("role") == "user":
+        settled.append(stats_note(ReplyFigures(ending="failed")))
+    return settled
+
+
 def settled_note(message: Message, ending: Ending) -> Message:
     metadata = message.get("metadata") if isinstance(message, Mapping) else None
     if not is_note(message) or not isinstance(metadata, Mapping) or metadata.get("status") != "pending":
         return message
-    if metadata.get("id") == WAITING_ID:
+    if metadata.get("id") == WAITING_ID and ending != "failed":
         return {**message, "metadata": {**metadata, "title": STOPPED_WAITING, "status": "done"}}
     figures = read_figures(message)
     return stats_note((figures or ReplyFigures()).ended(ending))

@@ -28,6 +28,7 @@ from .reply_stats import (
     is_note,
     last_reply_figures,
     reply_message,
+    settle,
     stats_note,
     waiting_note,
     without_notes,
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 # a chat still waiting after that is told to come back rather than held forever.
 LOAD_WAIT_S = 20 * 60
 LOAD_POLL_S = 0.25  # how often a waiting chat looks at the load status (a sleep, not a spin)
+UNFORESEEN_FAILURE = "The reply ended by an unexpected error (logged on the server); try again."
 
 
 def make_respond(runtime: ChatRuntime):
@@ -53,23 +55,56 @@ def make_respond(runtime: ChatRuntime):
         repetition_penalty,
         request: gr.Request,
     ):
-        enforce_rate_limit(runtime, request)
-        async with contextlib.aclosing(wait_for_model(runtime)) as waiting:
-            async for progress in waiting:
-                yield [waiting_note(progress)], gr.skip()
-        service = runtime.service
         raw = raw_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
-        chat = await prepared_or_error(service.prepare, message, without_notes(history), system_message, raw)
-        warn_if_turns_were_left_out(runtime, chat)
-        view = prompt_view(service.encoder, chat, runtime.context_length)
-        # aclosing: a stop closes this generator, and must close the stream inside it at once.
-        scope = visitor_scope(runtime, request)
-        async with contextlib.aclosing(stream_figures(service, chat, scope)) as updates:
-            async for figures, text in updates:
-                yield [reply_message(text), stats_note(figures)], view
-                view = gr.skip()  # the prompt panel's state is set once per reply
+        updates = new_reply(runtime, message, history, system_message, raw, request)
+        # The note shows at once, and says "ended by an error" if anything below fails.
+        async with contextlib.aclosing(failures_said(updates, [stats_note(ReplyFigures())])) as shown:
+            async for update in shown:
+                yield update
 
     return respond
+
+
+async def new_reply(
+    runtime: ChatRuntime, message, history, system_message, raw: dict, request: gr.Request | None
+) -> AsyncIterator[tuple[list, object]]:
+    """(the reply with its note, the prompt view's state once) as the reply streams."""
+    enforce_rate_limit(runtime, request)
+    async with contextlib.aclosing(wait_for_model(runtime)) as waiting:
+        async for progress in waiting:
+            yield [waiting_note(progress)], gr.skip()
+    service = runtime.service
+    chat = await prepared_or_error(service.prepare, message, without_notes(history), system_message, raw)
+    warn_if_turns_were_left_out(runtime, chat)
+    view = prompt_view(service.encoder, chat, runtime.context_length).as_state()
+    # aclosing: a stop closes this generator, and must close the stream inside it at once.
+    scope = visitor_scope(runtime, request)
+    async with contextlib.aclosing(stream_figures(service, chat, scope)) as updates:
+        async for figures, text in updates:
+            yield [reply_message(text), stats_note(figures)], view
+            view = gr.skip()  # the prompt panel's state is set once per reply
+
+
+async def failures_said(
+    updates: AsyncIterator[tuple[list, object]], first: list | None = None
+) -> AsyncIterator[tuple[list, object]]:
+    """The reply step's updates (`first` at once, when given); if they fail, one more update
+    whose spinning note says "ended by an error", then the error as one sentence (an unforeseen
+    one's trace goes to the log). A stop closes this generator and is no failure."""
+    shown = first
+    if first is not None:
+        yield first, gr.skip()
+    try:
+        async with contextlib.aclosing(updates):
+            async for shown, *rest in updates:
+                yield (shown, *rest)
+    except Exception as exc:  # a stop (GeneratorExit, CancelledError) is not an Exception
+        if shown is not None:
+            yield settle(shown, "failed"), gr.skip()
+        if isinstance(exc, gr.Error):
+            raise
+        log.exception("a reply step failed")
+        raise gr.Error(UNFORESEEN_FAILURE) from None
 
 
 def make_continue(runtime: ChatRuntime):
@@ -86,28 +121,38 @@ def make_continue(runtime: ChatRuntime):
         repetition_penalty,
         request: gr.Request,
     ):
-        enforce_rate_limit(runtime, request)
-        service = runtime.service
-        if service is None or not service.continues_replies:
-            raise gr.Error("This backend cannot continue a reply; send a message such as “go on” instead.")
-        history = list(history or [])
-        earlier = last_reply_figures(history)
-        shown = [message for message in history if not is_note(message)]
-        if not shown or not isinstance(shown[-1], dict) or shown[-1].get("role") != "assistant":
-            raise gr.Error("There is no reply to continue: the chat must end with one.")
         raw = raw_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
-        chat = await prepared_or_error(service.prepare_continuation, shown, system_message, raw)
-        reply_so_far = chat.messages[-1]["content"]
-        before_reply = history[: last_reply_index(history)]
-        view = prompt_view(service.encoder, chat, runtime.context_length)
-        scope = visitor_scope(runtime, request)
-        async with contextlib.aclosing(stream_figures(service, chat, scope)) as updates:
-            async for figures, text in updates:
-                merged = earlier.followed_by(figures) if earlier is not None else figures
-                yield [*before_reply, reply_message(reply_so_far + text), stats_note(merged)], view
-                view = gr.skip()
+        updates = continued_reply(runtime, history, system_message, raw, request)
+        async with contextlib.aclosing(failures_said(updates)) as shown:
+            async for update in shown:
+                yield update
 
     return continue_reply
+
+
+async def continued_reply(
+    runtime: ChatRuntime, history, system_message, raw: dict, request: gr.Request | None
+) -> AsyncIterator[tuple[list, object]]:
+    """(the whole chat with the reply growing, the prompt view's state once) as it streams."""
+    enforce_rate_limit(runtime, request)
+    service = runtime.service
+    if service is None or not service.continues_replies:
+        raise gr.Error("This backend cannot continue a reply; send a message such as “go on” instead.")
+    history = list(history or [])
+    earlier = last_reply_figures(history)
+    shown = [message for message in history if not is_note(message)]
+    if not shown or not isinstance(shown[-1], dict) or shown[-1].get("role") != "assistant":
+        raise gr.Error("There is no reply to continue: the chat must end with one.")
+    chat = await prepared_or_error(service.prepare_continuation, shown, system_message, raw)
+    reply_so_far = chat.messages[-1]["content"]
+    before_reply = history[: last_reply_index(history)]
+    view = prompt_view(service.encoder, chat, runtime.context_length).as_state()
+    scope = visitor_scope(runtime, request)
+    async with contextlib.aclosing(stream_figures(service, chat, scope)) as updates:
+        async for figures, text in updates:
+            merged = earlier.followed_by(figures) if earlier is not None else figures
+            yield [*before_reply, reply_message(reply_so_far + text), stats_note(merged)], view
+            view = gr.skip()
 
 
 def last_reply_index(history: list) -> int:
@@ -118,23 +163,16 @@ def last_reply_index(history: list) -> int:
 async def stream_figures(
     service: ChatService, chat: PreparedChat, scope: str | None = None
 ) -> AsyncIterator[tuple[ReplyFigures, str]]:
-    """The reply's figures and text as it streams. A reply that fails after it began ends with
-    one more update, its note saying "ended by an error", before the error is raised: the page's
-    clean-up steps run on a stop too and cannot tell the two apart (`chat_hooks`)."""
-    figures, text = None, ""
+    """The reply's figures and text as it streams; an engine's error as one sentence. (A reply
+    that fails after it began says so under it: `failures_said`.) `scope`: see `visitor_scope`."""
     try:
         # Closed explicitly, not whenever the garbage collector gets to it: closing the
         # stream is what cancels the request in the engine (or the HTTP stream) on a stop.
         async with contextlib.aclosing(service.stream(chat, notify=gr.Info, cache_scope=scope)) as updates:
             async for reply in updates:
-                figures, text = ReplyFigures.from_stats(reply.stats), reply.text
-                yield figures, text
-    except Exception as exc:  # a stop (GeneratorExit, CancelledError) is not an Exception
-        if figures is not None:
-            yield figures.ended("failed"), text
-        if isinstance(exc, EngineError):
-            raise gr.Error(str(exc)) from None
-        raise
+                yield ReplyFigures.from_stats(reply.stats), reply.text
+    except EngineError as exc:
+        raise gr.Error(str(exc)) from None
 
 
 async def wait_for_model(runtime: ChatRuntime, timeout_s: float = LOAD_WAIT_S) -> AsyncIterator[str]:

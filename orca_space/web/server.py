@@ -18,8 +18,10 @@ from ..settings import Settings
 from .access import AccessGate
 from .admission import Admission
 from .assets import CSS
+from .link_page import LINK_PAGE_CSS
 from .mcp_tool import add_mcp_tool, expose_only_the_tool, quiet_state_warning
 from .openai_api import OpenAIApi
+from .remote_fetch_guard import RemoteFetchGuard, refuse_remote_downloads
 
 log = logging.getLogger(__name__)
 # Bigger request bodies are refused before anything parses them. Every chat turn the page sends
@@ -150,11 +152,13 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
     app_kwargs: dict[str, Any] = {
         "routes": [health_route(runtime), metrics_route(runtime), *api.routes()],
         "middleware": [
+            Middleware(RemoteFetchGuard),  # no fetching of URLs for clients: see remote_fetch_guard.py
             Middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES),
             # /v1 and gradio's MCP mount are not behind gradio's login: see access.py.
             Middleware(AccessGate, keys=settings.access_key, login_required=settings.auth is not None),
         ],
     }
+    refuse_remote_downloads()
     if settings.mcp:
         add_mcp_tool(demo, admission, settings.access_key)
         app_kwargs["lifespan"] = expose_only_the_tool(demo)
@@ -168,10 +172,16 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
         app_kwargs=app_kwargs,
         mcp_server=settings.mcp,  # explicit: GRADIO_MCP_SERVER is read by settings, not by gradio
         enable_monitoring=False,  # no /monitoring dashboard on a public link
+        # gradio's run history downloads the remote files in a signed-in user's runs and relays
+        # files from Hugging Face buckets; the app has no use for it.
+        run_history=False,
+        # Static file workers (GRADIO_NUM_WORKERS) would serve /file= behind gradio's SSR front,
+        # where the middleware above never sees the request.
+        num_workers=0,
         max_file_size=0,  # the chat takes no files: refuse uploads instead of storing any size for anyone
         footer_links=["api", "gradio"],
         theme=gr.themes.Soft(primary_hue="blue"),
-        css=CSS,
+        css=CSS + LINK_PAGE_CSS,
     )
     options.update(overrides)
     return demo.launch(**options)

@@ -17,10 +17,13 @@ from ..engines.ladder import RUNG_SPEED
 from ..params import LIMITS, PARAMETER_ORDER, check_value
 from ..runtime import ChatRuntime
 from . import assets, chat_hooks
+from .chat_display import conversation_chatbot
+from .link_page import add_link_page
 from .panels import ChatControls, add_engine_panel, add_prompt_panel, add_transcript_panel
 from .presets import CHOICES, DEFAULT_PRESET, MODEL_CARD, preset_text
 from .reply_stats import last_reply_figures, settle
 from .replying import make_continue, make_respond
+from .share_panel import add_share_panel
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +33,6 @@ EXAMPLES = [
     "Write a Python function that checks whether a string is a palindrome, with tests.",
     "Explain the Pythagorean theorem and write it in LaTeX.",
     "I have 3 apples, eat one and buy 5 more. How many do I have? Think step by step.",
-]
-LATEX_DELIMITERS = [
-    {"left": "$$", "right": "$$", "display": True},
-    {"left": "\\[", "right": "\\]", "display": True},
-    {"left": "\\(", "right": "\\)", "display": False},
-    {"left": "$", "right": "$", "display": False},
 ]
 SLIDER_STEPS = {
     "max_new_tokens": 1,
@@ -71,7 +68,9 @@ def build_ui(runtime: ChatRuntime) -> gr.Blocks:
                 "system message",
             )
             sliders = parameter_sliders()
-        last_prompt = gr.State(None)  # the PromptView of the last reply
+        # States hold plain data only: gradio hashes them after every event and copies them into
+        # each new session (see page_state). The last reply's prompt is a PromptView.as_state().
+        last_prompt = gr.State(None)
         chat = build_chat(runtime, [system_box, *sliders], last_prompt)
         with gr.Sidebar(open=False, width=260, elem_id="conversations") as sidebar:
             pass  # opened on wide screens as the page loads (see assets)
@@ -83,6 +82,7 @@ def build_ui(runtime: ChatRuntime) -> gr.Blocks:
             chat, system_box, preset, sliders, actions, lambda history: can_continue(runtime, history)
         )
         add_transcript_panel(runtime, controls)
+        add_share_panel(demo, runtime, controls)
         add_engine_panel(runtime)
         wire_presets(preset, system_box)
         chat_hooks.recover_from_errors(demo, chat, extra_steps=[continue_step])
@@ -96,16 +96,17 @@ def build_ui(runtime: ChatRuntime) -> gr.Blocks:
         # The status baked into the page is from when it was built; refresh it at once.
         demo.load(lambda: refresh_status(runtime), None, [status, timer], api_visibility="private")
         demo.load(None, js=assets.OPEN_SIDEBAR_ON_WIDE_SCREENS_JS)
+    add_link_page(demo, runtime)  # a page of its own: after the chat page's `with` block
     return demo
 
 
 def build_chat(runtime: ChatRuntime, inputs: list, last_prompt: gr.State) -> gr.ChatInterface:
     return gr.ChatInterface(
         make_respond(runtime),
-        chatbot=gr.Chatbot(
+        chatbot=conversation_chatbot(
             label=runtime.model_name.rsplit("/", 1)[-1],
-            latex_delimiters=LATEX_DELIMITERS,
-            buttons=["copy", "copy_all"],
+            # The page's title names the model; a shown label floats over the replies at phone width.
+            show_label=False,
             placeholder="Ask MistralOrca anything.",
             scale=1,
             height="60vh",
