@@ -13,12 +13,14 @@ step is doing. Steps, in order:
 3) the bandwidth floor: copy bandwidth / weight bytes, the best batch-1 decode rate possible;
 4) the engine ladder on the full-size model: which rung `auto` picks, its warm-up, its self-check;
 5) greedy equality with `generate`: the first 64 tokens of a few prompts, or a near-tie said so;
-6) the engine's speed: single stream, time to first token at 512 and 4096, 8 and 64 streams;
-7) graph replay time per batch and key bucket;
-8) cuDNN against memory-efficient attention (the SDPA call, and the whole step as a graph);
-9) the compiled step, only if time is left;
-10) the app's load path: checkpoint on disk -> from_pretrained -> ready engine (slots, stranded);
-11) the slow baselines, short: generate + TextIteratorStreamer, the reference rung.
+6) a conversation of 10 turns past 3,000 tokens: each turn's first token, continued from the
+   kept KV cache, against a fresh prompt of the same length (target: turn 10 within 40 ms);
+7) the engine's speed: single stream, time to first token at 512 and 4096, 8 and 64 streams;
+8) graph replay time per batch and key bucket;
+9) cuDNN against memory-efficient attention (the SDPA call, and the whole step as a graph);
+10) the compiled step, only if time is left;
+11) the app's load path: checkpoint on disk -> from_pretrained -> ready engine (slots, stranded);
+12) the slow baselines, short: generate + TextIteratorStreamer, the reference rung.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ from orca_space.params import SamplingParams  # noqa: E402
 CONTEXT = 8192  # the app's default --context-length
 GREEDY_TOKENS = 64
 BUDGETS = {  # seconds per step; the whole run must stay inside --budget
-    "versions": 10, "gpu_tests": 120, "floor": 10, "model": 30, "ladder": 90, "greedy": 45, "speed": 120,
+    "versions": 10, "gpu_tests": 120, "floor": 10, "model": 30, "ladder": 90, "greedy": 45, "multiturn": 30,
+    "speed": 120,
     "graph_replay": 30, "attention": 30, "compiled_step": 150, "load_path": 100, "reference": 45,
 }  # fmt: skip
 
@@ -192,6 +195,44 @@ def greedy_equality(engine, model, prompt_lens: list[int], tokens: int) -> list[
             row.update(first_difference=at, gap=gap, near_tie=abs(gap) <= tie)
         rows.append(row)
     return rows
+
+
+def first_token_ms(engine, prompt: list[int], params: SamplingParams, scope: str | None):
+    """(ms to the first token, the reply's tokens) of one request."""
+    started, first, tokens = time.perf_counter(), None, []
+    for event in engine.submit(prompt, params, cache_scope=scope):
+        if event.finish_reason == "error":
+            raise RuntimeError(event.error)
+        if event.token is not None:
+            first = first or time.perf_counter()
+            tokens.append(event.token)
+    return (first - started) * 1e3, tokens
+
+
+def multiturn(engine, turns: int = 10, user_tokens: int = 290, reply_tokens: int = 48) -> dict:
+    """A conversation's first token per turn, each turn's prompt the last one's plus its reply and
+    a new message (about 340 tokens a turn: turn 10 is past 3,000), against a fresh prompt of the
+    same length (no scope: nothing reused)."""
+    params = SamplingParams(max_new_tokens=reply_tokens, temperature=0.0, top_k=0, repetition_penalty=1.0)
+    prompt: list[int] = []
+    rows = []
+    for turn in range(1, turns + 1):
+        prompt += random_prompts(1, user_tokens, seed=900 + turn)[0]
+        continued_ms, reply = first_token_ms(engine, prompt, params, "device-check")
+        fresh_ms, _ = first_token_ms(
+            engine, random_prompts(1, len(prompt), seed=1900 + turn)[0], params, None
+        )
+        rows.append(
+            {"turn": turn, "prompt_tokens": len(prompt), "continued_ms": continued_ms, "fresh_ms": fresh_ms}
+        )
+        prompt += reply + [32000, 13]  # the reply, <|im_end|>\n: what the next turn's prompt holds
+    stats = engine.stats()
+    return {
+        "turns": rows,
+        "turn10_first_token_ms": rows[-1]["continued_ms"],
+        "prompt_tokens_reused": stats.prompt_tokens_reused,
+        "prompt_tokens_prefilled": stats.prompt_tokens_prefilled,
+    }
 
 
 def time_graph(step, repeats: int = 20) -> float:
@@ -379,6 +420,9 @@ def run(args) -> None:
             record["status"] = (
                 "ok" if all(r["equal"] or r.get("near_tie") for r in record["prompts"]) else "failed: differs"
             )
+        with report.step("multiturn") as record:
+            figures["multiturn"] = multiturn(engine)
+            record["turn10_first_token_ms"] = figures["multiturn"]["turn10_first_token_ms"]
         with report.step("speed") as record:
             measured = engine_bench.measure_engine(
                 engine, workload, dev, on_figure=lambda r: (figures.update(r), report.write())

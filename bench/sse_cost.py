@@ -38,7 +38,7 @@ def serve(port: int, interval: float, checkpoint: str) -> None:
     from orca_space.web.openai_api import OpenAIApi
 
     class FastBackend:
-        async def stream_reply(self, messages, params, notify=None):
+        async def stream_reply(self, messages, params, notify=None, cache_scope=None):
             for _ in range(params.max_new_tokens):
                 yield ReplyDelta(" tok", tokens=1)
                 await asyncio.sleep(0)  # let the event loop write, as the engine's queue does

@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from time import monotonic
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .chatml import ChatEncoder
 from .detokenizer import StreamingDetokenizer
@@ -21,6 +21,9 @@ from .history import FittedChat, Message, fit_history, group_turns
 from .params import SamplingParams
 from .replies import Reply, ReplyDelta, accumulate, coalesce
 from .throughput import ThroughputMeter
+
+if TYPE_CHECKING:
+    from .metrics import ReplyMetrics
 
 MAX_MESSAGE_CHARS = 16_000
 MAX_SYSTEM_CHARS = 8_000
@@ -69,10 +72,19 @@ Notify = Callable[[str], None]  # shows the user a short notice (the UI passes g
 
 
 class ChatBackend(Protocol):
-    """Where replies come from. `stream_reply` yields `ReplyDelta`s and raises `EngineError`."""
+    """Where replies come from. `stream_reply` yields `ReplyDelta`s and raises `EngineError`.
+
+    `cache_scope` names the visitor (as the web layer identifies them, e.g. "session:…",
+    "key:0", "ip:…"): a backend that keeps what earlier prompts computed lets a prompt start
+    only from that visitor's (see engines/prefix_cache.py); None shares nothing.
+    """
 
     def stream_reply(
-        self, messages: list[Message], params: SamplingParams, notify: Notify | None = None
+        self,
+        messages: list[Message],
+        params: SamplingParams,
+        notify: Notify | None = None,
+        cache_scope: str | None = None,
     ) -> AsyncIterator[ReplyDelta]: ...
 
 
@@ -83,11 +95,13 @@ class ChatService:
         encoder: ChatEncoder,
         limits: ChatLimits,
         meter: ThroughputMeter | None = None,
+        metrics: ReplyMetrics | None = None,
     ) -> None:
         self.backend = backend
         self.encoder = encoder
         self.limits = limits
         self.meter = meter or ThroughputMeter()  # tokens streamed by every reply, for the page
+        self.metrics = metrics  # time to first token and between tokens, for /metrics
         self._fixed_cost = len(encoder.prefix) + len(encoder.reply_header)
 
     @property
@@ -162,13 +176,20 @@ class ChatService:
         return len(self.encoder.encode_message(message["role"], message["content"]))
 
     async def stream(
-        self, chat: PreparedChat, notify: Notify | None = None, coalesced: bool = True
+        self,
+        chat: PreparedChat,
+        notify: Notify | None = None,
+        coalesced: bool = True,
+        cache_scope: str | None = None,
     ) -> AsyncIterator[Reply]:
         """The reply so far with its figures, growing with each item (what a chat window shows),
         at most one update per `update_interval_s` (see `replies.coalesce`); every update with
-        `coalesced=False`, for a caller that must see each one before coalescing (stop strings)."""
+        `coalesced=False`, for a caller that must see each one before coalescing (stop strings).
+        `cache_scope`: who is asking (see `ChatBackend`)."""
         started = monotonic()
-        deltas = self.backend.stream_reply(chat.messages, chat.params, notify)
+        deltas = self.backend.stream_reply(chat.messages, chat.params, notify, cache_scope)
+        if self.metrics is not None:
+            deltas = self.metrics.observe(deltas, started)
         updates = accumulate(deltas, chat.prompt_tokens, started)
         if coalesced:
             updates = coalesce(updates, self.limits.update_interval_s)
@@ -291,10 +312,14 @@ class LocalBackend:
         self.tokenizer = tokenizer
 
     async def stream_reply(
-        self, messages: list[Message], params: SamplingParams, notify: Notify | None = None
+        self,
+        messages: list[Message],
+        params: SamplingParams,
+        notify: Notify | None = None,
+        cache_scope: str | None = None,
     ) -> AsyncIterator[ReplyDelta]:
         prompt_ids, detokenizer = await prompt_and_detokenizer(self.encoder, self.tokenizer, messages)
-        handle = self.engine.submit(prompt_ids, params)
+        handle = self.engine.submit(prompt_ids, params, cache_scope=cache_scope)
         try:
             if notify is not None and (place := self.engine.position(handle)):
                 notify(queue_notice(place, self.engine.capacity))

@@ -1,9 +1,20 @@
-"""Fit a conversation into the context by whole turns.
+"""Fit a conversation into the context by whole turns, dropping old ones in steps.
 
 The prompt must leave room for the reply: the budget is the context length minus max new
-tokens. The system message and the newest user message always stay; then the newest whole
-turns (a user message with the assistant reply that answered it) are kept while they fit, and
-everything older is dropped, so the model never sees half a turn.
+tokens. The system message and the newest user message always stay, and the model never sees
+half a turn (a user message with the assistant reply that answered it).
+
+Once a conversation no longer fits, dropping the single oldest turn each time would change the
+prompt's start on every turn, and the engine could reuse nothing of the previous turn's KV cache
+(`engines/prefix_cache.py`). So turns are dropped in steps: when the prompt does not fit, enough
+of the oldest turns go that a quarter of the budget is free again (`HEADROOM`), and the start
+then stays put for the next few turns, until those fill the room. The cost: right after a step
+the model sees up to a quarter of the budget less history than it could.
+
+The page sends the whole conversation every turn and the server remembers nothing of it, so the
+step must follow from the conversation alone: `stable_start` replays every earlier turn's fit
+(each turn's prompt was the turns before it plus its user message) with today's budget, and so
+finds the same start the previous turns had.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 Message = dict  # {"role": str, "content": str}
+HEADROOM = 0.25  # of the budget, left free when turns are dropped (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -44,26 +56,52 @@ def fit_history(
     message_cost: Callable[[Message], int],
     fixed_cost: int,
 ) -> FittedChat:
-    """Keep the system message, the newest turns that fit, and the new user message.
+    """Keep the system message, the turns from `stable_start` on, and the new user message.
 
     `message_cost(m)` is the number of prompt tokens message `m` adds, and `fixed_cost` the
     tokens every prompt carries (BOS, the reply header): ChatML costs add up per message.
     """
     required = [m for m in (system,) if m is not None]
-    used = fixed_cost + sum(message_cost(m) for m in required) + message_cost(new_user)
-    if used > budget:
+    base = fixed_cost + sum(message_cost(m) for m in required)
+    new_cost = message_cost(new_user)
+    if base + new_cost > budget:
         raise PromptTooLong(
-            f"the message needs {used} tokens with the system message, but only {budget} fit "
+            f"the message needs {base + new_cost} tokens with the system message, but only {budget} fit "
             "(context length minus max new tokens); shorten it or lower max new tokens"
         )
     turns = group_turns(history)
-    kept: list[list[Message]] = []
-    for turn in reversed(turns):
-        cost = sum(message_cost(m) for m in turn)
-        if used + cost > budget:
-            break
-        kept.append(turn)
-        used += cost
-    kept.reverse()
-    messages = required + [m for turn in kept for m in turn] + [new_user]
-    return FittedChat(messages, used, dropped_turns=len(turns) - len(kept))
+    turn_costs = [sum(message_cost(m) for m in turn) for turn in turns]
+    # Each earlier turn's own new message: its first (it starts with the user's, see group_turns).
+    asked = [message_cost(turn[0]) for turn in turns] + [new_cost]
+    start = stable_start(turn_costs, asked, base, budget)
+    messages = required + [m for turn in turns[start:] for m in turn] + [new_user]
+    used = base + sum(turn_costs[start:]) + new_cost
+    return FittedChat(messages, used, dropped_turns=start)
+
+
+def stable_start(turn_costs: Sequence[int], asked: Sequence[int], base: int, budget: int) -> int:
+    """How many of the oldest turns to leave out, replaying every turn's fit from the first.
+
+    At turn k the prompt held `base` tokens, the kept turns before k and the message asked
+    then (`asked[k]`; the last entry is today's). The start stays while that fits `budget`;
+    when not, it moves to the first turn that leaves `HEADROOM` of the budget free (or, when
+    the message asked is too long for that, the first that fits at all).
+    """
+    ends = [0]  # ends[k]: tokens of turns [0, k)
+    for cost in turn_costs:
+        ends.append(ends[-1] + cost)
+
+    def first_fitting(start: int, k: int, limit: float) -> int | None:
+        for candidate in range(start, k + 1):
+            if base + ends[k] - ends[candidate] + asked[k] <= limit:
+                return candidate
+        return None
+
+    start = 0
+    for k in range(len(asked)):
+        if base + ends[k] - ends[start] + asked[k] <= budget:
+            continue
+        roomy = first_fitting(start, k, budget * (1 - HEADROOM))
+        fitting = first_fitting(start, k, budget)
+        start = roomy if roomy is not None else fitting if fitting is not None else k
+    return start

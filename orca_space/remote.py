@@ -81,18 +81,26 @@ class RemoteBackend:
 
     # -- engine side, for /healthz --
     def stats(self) -> EngineStats:
-        # The server's own queue is out of sight; what we know is what we have in flight.
-        return EngineStats(alive=True, active=self._active, queued=0, capacity=self.capacity)
+        # The server's own queue is out of sight; what we know is what we have in flight. Its
+        # prefix cache too: vLLM and TGI keep and reuse prompts themselves (see the README).
+        return EngineStats(
+            alive=True, active=self._active, queued=0, capacity=self.capacity, prefix_cache="server"
+        )
 
     def close(self) -> None:
         """Nothing to release: each reply's client is closed when its stream ends."""
 
     # -- chat side --
     async def stream_reply(
-        self, messages: list[Message], params: SamplingParams, notify: Notify | None = None
+        self,
+        messages: list[Message],
+        params: SamplingParams,
+        notify: Notify | None = None,
+        cache_scope: str | None = None,
     ) -> AsyncIterator[ReplyDelta]:
         """The reply's pieces; raises `EngineError` with a sentence for the user.
-        (`notify` is unused: the server queues out of our sight.)"""
+        (`notify` is unused: the server queues out of our sight; `cache_scope` too: the server
+        decides what it reuses.)"""
         client = self._new_client()  # referenced until `finally`: see the module docstring
         stream = None
         self._active += 1

@@ -8,6 +8,7 @@ from .chat import ChatService
 from .engines.ladder import EngineChoice
 from .engines.requests import EngineStats
 from .loading import LoadStatus
+from .metrics import AppMetrics
 from .ratelimit import RateLimiter
 from .sharing.links import ConversationLinks
 
@@ -25,6 +26,7 @@ class ChatRuntime:
     engine_choice: EngineChoice | None = None  # which local engine serves, and why
     limiter: RateLimiter | None = None  # per user or address; None = no limit
     trusted_proxy_hops: int = 0
+    metrics: AppMetrics | None = None  # what GET /metrics serves (the server adds one if none)
     links: ConversationLinks | None = None  # conversation links (not --share); None = none offered
 
     def engine_stats(self) -> EngineStats | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from .chat import MAX_MESSAGE_CHARS
 from .engines.ladder import DEFAULT_WARMUP_TIMEOUT_S, ENGINE_CHOICES
+from .engines.prefix_cache import MODES as PREFIX_CACHE_MODES
 from .params import MIN_CONTEXT_LENGTH
 from .sharing.store import DEFAULT_MAX_SNAPSHOT_BYTES, default_data_dir
 from .tiny import MODEL_ID
@@ -75,6 +76,12 @@ OPTIONS = (
         "seconds an engine may take to warm up before auto tries the next",
         DEFAULT_WARMUP_TIMEOUT_S,
         float,
+    ),
+    Option(
+        "--prefix-cache",
+        "ORCA_PREFIX_CACHE",
+        "reuse a conversation's KV cache: private (each visitor their own), shared (any visitor's) or off",
+        "private",
     ),
     Option(
         "--endpoint", "ORCA_ENDPOINT", "remote OpenAI-compatible server URL (with --backend remote)", None
@@ -150,6 +157,7 @@ class Settings:
     backend: str = "local"
     engine: str = "auto"
     warmup_timeout: float = DEFAULT_WARMUP_TIMEOUT_S
+    prefix_cache: str = "private"
     endpoint: str | None = None
     api_key: str | None = None
     request_timeout: float = 60.0
@@ -194,6 +202,8 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
         parser.error(f"--backend must be one of {', '.join(BACKENDS)}")
     if values["engine"] not in ENGINE_CHOICES:
         parser.error(f"--engine must be one of {', '.join(ENGINE_CHOICES)}")
+    if values["prefix_cache"] not in PREFIX_CACHE_MODES:
+        parser.error(f"--prefix-cache must be one of {', '.join(PREFIX_CACHE_MODES)}")
     if values["warmup_timeout"] <= 0:
         parser.error("--warmup-timeout must be positive")
     if values["backend"] == "remote" and not values["endpoint"]:

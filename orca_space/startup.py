@@ -20,6 +20,7 @@ from .loading import (
     pick_device,
     resolve_checkpoint,
 )
+from .metrics import AppMetrics
 from .ratelimit import RateLimiter
 from .runtime import ChatRuntime
 from .settings import Settings
@@ -44,7 +45,7 @@ def chat_limits(settings: Settings) -> ChatLimits:
 
 
 def new_runtime(settings: Settings, model_name: str, demo: bool, concurrency: int) -> ChatRuntime:
-    return ChatRuntime(
+    runtime = ChatRuntime(
         model_name=model_name,
         context_length=settings.context_length,
         demo=demo,
@@ -53,6 +54,12 @@ def new_runtime(settings: Settings, model_name: str, demo: bool, concurrency: in
         trusted_proxy_hops=settings.trusted_proxy_hops,
         links=conversation_links(settings),
     )
+    runtime.metrics = AppMetrics(runtime.engine_stats)
+    return runtime
+
+
+def new_service(runtime: ChatRuntime, backend, encoder: ChatEncoder, settings: Settings) -> ChatService:
+    return ChatService(backend, encoder, chat_limits(settings), metrics=runtime.metrics.replies)
 
 
 def conversation_links(settings: Settings) -> ConversationLinks | None:
@@ -96,12 +103,11 @@ def start_local_runtime(settings: Settings) -> ChatRuntime:
             choice=settings.engine,
             warmup_timeout=settings.warmup_timeout,
             on_progress=lambda message, fraction: status.update("loading", message, fraction),
+            prefix_cache=settings.prefix_cache,
         )
         atexit.register(engine.close)  # stop the model thread before the interpreter tears down
         runtime.engine, runtime.engine_choice = engine, choice
-        runtime.service = ChatService(
-            LocalBackend(engine, encoder, tokenizer), encoder, chat_limits(settings)
-        )
+        runtime.service = new_service(runtime, LocalBackend(engine, encoder, tokenizer), encoder, settings)
         status.update("ready", ready_message(runtime, device, engine, choice))
 
     load_in_background(load, runtime.status)
@@ -128,7 +134,7 @@ def start_remote_runtime(settings: Settings) -> ChatRuntime:
             capacity=settings.remote_concurrency,
         )
         runtime.engine = backend
-        runtime.service = ChatService(backend, encoder, chat_limits(settings))
+        runtime.service = new_service(runtime, backend, encoder, settings)
         status.update("ready", f"Ready: streaming {settings.model} from {settings.endpoint}.")
 
     load_in_background(load, runtime.status)
@@ -169,7 +175,7 @@ def start_zerogpu_runtime(settings: Settings, gpu=None) -> ChatRuntime:
             zerogpu.CONCURRENCY,
         )
         runtime.engine, runtime.engine_choice = backend, EngineChoice("zerogpu")
-        runtime.service = ChatService(backend, encoder, chat_limits(settings))
+        runtime.service = new_service(runtime, backend, encoder, settings)
         runtime.status.update("ready", f"Ready: {runtime.model_name} on ZeroGPU, one GPU per reply.")
     except ModelLoadError as exc:
         runtime.status.update("failed", str(exc))

@@ -145,13 +145,18 @@ class ZeroGPUBackend:
         self._active = 0
 
     def stats(self) -> EngineStats:
+        # prefix_cache "none": each reply's worker process ends with its call, and its cache too.
         return EngineStats(alive=True, active=self._active, queued=0, capacity=self.capacity)
 
     def close(self) -> None:
         """Nothing to release: each reply's worker ends with its call."""
 
     async def stream_reply(
-        self, messages: list[Message], params: SamplingParams, notify: Notify | None = None
+        self,
+        messages: list[Message],
+        params: SamplingParams,
+        notify: Notify | None = None,
+        cache_scope: str | None = None,  # unused: a worker keeps nothing between calls
     ) -> AsyncIterator[ReplyDelta]:
         prompt_ids, detokenizer = await prompt_and_detokenizer(self.encoder, self.tokenizer, messages)
         stream = self.gpu_reply(prompt_ids, params, self.stop_ids)

@@ -920,20 +920,21 @@ def test_non_finite_logits_fail_their_request_by_name_and_the_others_finish(
 ):
     engine = new_engine(slots=3)
     real_decode = decode_step.decode
-    poisoned_slot = []
+    poisoned = []  # the request whose row overflows
 
     def decode_with_a_nan_row(weights, cache, tokens, positions, kv_len):
         logits = real_decode(weights, cache, tokens, positions, kv_len)
-        if poisoned_slot and logits.shape[0] > poisoned_slot[0]:
-            logits[poisoned_slot[0]] = float("nan")  # fp16 overflow in one request's forward
+        rows = [s.index for s in engine._slots if s is not None and s.handle in poisoned]
+        if rows and logits.shape[0] > rows[0]:
+            logits[rows[0]] = float("nan")  # fp16 overflow in one request's forward
         return logits
 
     monkeypatch.setattr(decode_step, "decode", decode_with_a_nan_row)
-    poisoned_slot.append(1)  # the second request's slot
     with engine._wakeup:  # all three share every decode step
         handles = [engine.submit(prompts[i], GREEDY) for i in (0, 1, 2)]
+        poisoned.append(handles[1])
     events = [list(h) for h in handles]
-    poisoned_slot.clear()
+    poisoned.clear()
     bad = events[1][-1]
     assert bad.finish_reason == "error" and "not finite" in bad.error, bad
     for i in (0, 2):

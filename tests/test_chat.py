@@ -24,7 +24,7 @@ class RecordingBackend:
         self.pieces = pieces
         self.calls = []
 
-    async def stream_reply(self, messages, params, notify=None):
+    async def stream_reply(self, messages, params, notify=None, cache_scope=None):
         self.calls.append((messages, params))
         for piece in self.pieces:
             yield ReplyDelta(piece, tokens=1)
@@ -128,7 +128,7 @@ class TimedBackend:
     def __init__(self, timed_pieces, clock):
         self.timed_pieces, self.clock = timed_pieces, clock
 
-    async def stream_reply(self, messages, params, notify=None):
+    async def stream_reply(self, messages, params, notify=None, cache_scope=None):
         for at, piece in self.timed_pieces:
             self.clock[0] = at
             yield ReplyDelta(piece, tokens=1)
@@ -159,7 +159,7 @@ class ScriptedBackend:
     def __init__(self, script):
         self.script, self.closed = script, asyncio.Event()
 
-    async def stream_reply(self, messages, params, notify=None):
+    async def stream_reply(self, messages, params, notify=None, cache_scope=None):
         try:
             for step in self.script:
                 if isinstance(step, float):
@@ -255,7 +255,7 @@ async def test_engine_error_is_raised_as_engine_error(encoder, tokenizer):
     class BrokenEngine:
         context_length = 512
 
-        def submit(self, prompt_ids, params):
+        def submit(self, prompt_ids, params, record_logits=False, cache_scope=None):
             from orca_space.engines.requests import RequestHandle
 
             handle = RequestHandle(prompt_ids, params)

@@ -144,7 +144,7 @@ class ScriptedEngine:
         self.tokens, self.reason = tokens, reason
         self.prompts: list[list[int]] = []
 
-    def submit(self, prompt_ids, params):
+    def submit(self, prompt_ids, params, record_logits=False, cache_scope=None):
         self.prompts.append(prompt_ids)
         handle = RequestHandle(prompt_ids, params)
         for token in self.tokens:

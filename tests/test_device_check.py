@@ -44,5 +44,12 @@ def test_the_device_check_runs_every_step_and_writes_every_figure(tmp_path):
         assert engine.get(key) is not None, key
     assert set(engine["per_stream_tok_s"]) == set(engine["aggregate_tok_s"]) == {"1", "4"}
     assert engine["rung"] == "eager" and result["versions"]["torch"]
+    turns = engine["multiturn"]["turns"]
+    assert (
+        len(turns) == 10
+        and turns[-1]["prompt_tokens"] > 3000
+        and engine["multiturn"]["prompt_tokens_reused"] > 0
+    )
+    assert all(row["continued_ms"] > 0 and row["fresh_ms"] > 0 for row in turns)
     assert all(row["equal"] for row in result["steps"]["greedy"]["prompts"]), "greedy equals generate"
     assert result["load_path"]["slots"] >= 1 and result["load_path"]["load_s"] > 0

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from orca_space.history import PromptTooLong, fit_history, group_turns
 
@@ -34,11 +36,13 @@ def test_oldest_whole_turns_are_dropped_first():
     assert fitted.dropped_turns == 1 and fitted.prompt_tokens == 14
 
 
-def test_never_half_a_turn():
-    # Room for 3: the newest turn costs 2, the next 4 does not fit, so it is dropped whole.
+def test_never_half_a_turn_and_a_step_leaves_room():
+    # Budget 11: the prompt before `e` held 15 tokens, so the first turn went (7 of 11 left);
+    # now 14: dropping one more turn leaves 10, more than three quarters of the budget, so the
+    # step drops both, although `e`/`f` alone would fit.
     fitted = fit_history(SYSTEM, HISTORY, user("new"), budget=11, message_cost=cost, fixed_cost=2)
-    assert fitted.messages == [SYSTEM, user("e"), bot("f"), user("new")]
-    assert fitted.dropped_turns == 2
+    assert fitted.messages == [SYSTEM, user("new")]
+    assert fitted.dropped_turns == 3 and fitted.prompt_tokens == 8
 
 
 def test_a_newer_turn_that_does_not_fit_stops_older_ones_too():
@@ -98,3 +102,46 @@ def test_a_history_of_only_assistant_messages_stays_in_order():
     assert group_turns(history) == [[bot("a"), bot("b")]]
     fitted = fit_history(None, history, user("n"), budget=100, message_cost=cost, fixed_cost=0)
     assert fitted.messages == [bot("a"), bot("b"), user("n")]
+
+
+def test_the_start_stays_put_until_the_room_is_used_up():
+    """Turns of 10 tokens in a budget of 100: the prompt start moves once every few turns, not
+    at every turn, and each move frees at least a quarter of the budget."""
+    history, starts = [], []
+    for turn in range(40):
+        fitted = fit_history(None, history, user("q" * 4), budget=100, message_cost=cost, fixed_cost=0)
+        starts.append(fitted.dropped_turns)
+        history += [user("q" * 4), bot("a" * 6)]
+    moves = [k for k in range(1, len(starts)) if starts[k] != starts[k - 1]]
+    assert len(moves) <= 40 // 3, f"the start moved at turns {moves}"
+    assert starts[:10] == [0] * 10, "nothing dropped while it fits"
+
+
+def replay(turn_costs, budget):
+    """Fit each turn of a conversation with the rule, as the page sends it turn after turn."""
+    history, fits = [], []
+    for user_cost, reply_cost in turn_costs:
+        fits.append(
+            fit_history(None, history, user("u" * user_cost), budget=budget, message_cost=cost, fixed_cost=3)
+        )
+        history += [user("u" * user_cost), bot("r" * reply_cost)]
+    return fits
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    turn_costs=st.lists(st.tuples(st.integers(1, 30), st.integers(0, 60)), min_size=1, max_size=40),
+    budget=st.integers(40, 400),
+)
+def test_steps_over_a_long_conversation(turn_costs, budget):
+    fits = replay(turn_costs, budget)
+    for k, fitted in enumerate(fits):
+        assert fitted.prompt_tokens <= budget, "never over the budget"
+        total = 3 + sum(u + r for u, r in turn_costs[:k]) + turn_costs[k][0]
+        if total <= budget:
+            assert fitted.dropped_turns == 0, "nothing dropped while the whole conversation fits"
+        if k:
+            assert fitted.dropped_turns >= fits[k - 1].dropped_turns, "the start only moves forward"
+            if fitted.dropped_turns != fits[k - 1].dropped_turns:
+                kept = 3 + sum(u + r for u, r in turn_costs[fits[k - 1].dropped_turns : k]) + turn_costs[k][0]
+                assert kept > budget, "the start moves only when the prompt no longer fits"

@@ -21,6 +21,7 @@ KEYS = ("k1", "k2")
         ("/v1/chat/completions", True),
         ("/gradio_api/mcp/", True),
         ("/gradio_api/mcp/sse", True),
+        ("/metrics", True),
         ("/v1beta/x", False),
         ("/gradio_api/mcpx", False),
         ("/healthz", False),
@@ -49,6 +50,24 @@ def test_what_the_gate_refuses():
     assert AccessGate(None, (), login_required=False).refusal(None) is None, "no login, no keys: open"
 
 
+def test_metrics_are_guarded_like_the_api():
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    inner = Starlette(routes=[Route("/metrics", lambda request: PlainTextResponse("up 1\n"))])
+
+    async def status(keys, login_required, headers=None):
+        transport = httpx.ASGITransport(app=AccessGate(inner, keys, login_required))
+        async with httpx.AsyncClient(transport=transport, base_url="http://space") as http:
+            return (await http.get("/metrics", headers=headers or {})).status_code
+
+    assert asyncio.run(status((), True)) == 403, "behind a login without access keys: off"
+    assert asyncio.run(status(KEYS, True)) == 401
+    assert asyncio.run(status(KEYS, False, {"authorization": "Bearer k2"})) == 200
+    assert asyncio.run(status((), False)) == 200, "no login, no keys: as open as the page"
+
+
 # -- live: --auth, --access-key k1,k2, --mcp --------------------------------------------------------
 
 
@@ -71,6 +90,7 @@ def test_without_the_right_key_the_api_is_closed(app_url, tiny_dir, headers):
         response = httpx.request(method, f"{app_url}{path}", json=json, headers=headers)
         assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
     assert httpx.get(f"{app_url}/gradio_api/mcp/", headers=headers).status_code == 401, "MCP is closed too"
+    assert httpx.get(f"{app_url}/metrics", headers=headers).status_code == 401, "and the metrics"
 
 
 def test_the_sdk_reports_a_wrong_key(app_url, tiny_dir):
@@ -83,6 +103,8 @@ def test_the_right_key_works(app_url, tiny_dir):
     answer = sdk(app_url, KEYS[1]).chat.completions.create(**request)
     assert answer.choices[0].message.content and answer.usage.completion_tokens >= 1
     assert [m.id for m in sdk(app_url, KEYS[0]).models.list().data] == [str(tiny_dir)]
+    metrics = httpx.get(f"{app_url}/metrics", headers={"authorization": f"Bearer {KEYS[0]}"})
+    assert metrics.status_code == 200 and "orca_space_prompt_tokens_reused_total" in metrics.text
 
 
 def test_the_tools_gradio_endpoint_is_behind_the_login_too(app_url):

@@ -76,6 +76,61 @@ def page_reply(app_url, messages, max_new_tokens):
     return reply
 
 
+def metric(app_url: str, name: str, **labels: str) -> float:
+    """One sample of GET /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"{app_url}/metrics", timeout=5)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    raise AssertionError(f"{name} is not in /metrics")
+
+
+def prompt_tokens(app_url: str) -> tuple[float, float]:
+    """(prefilled, reused) prompt tokens so far, from /metrics."""
+    return (
+        metric(app_url, "orca_space_prompt_tokens_prefilled_total"),
+        metric(app_url, "orca_space_prompt_tokens_reused_total"),
+    )
+
+
+def test_a_conversation_reuses_its_cache_through_the_api_and_the_page(client, model, app_url):
+    """Each door's second turn starts from the first turn's kept cache (at least the whole first
+    prompt: its reply follows it), and /metrics counts it; the page's session cannot reuse what
+    the API's caller left, though the prompt is the same."""
+    system, first, second = "You are an orca expert.", "Tell me about orcas.", "And their calls?"
+    messages = [{"role": "system", "content": system}, user(first)]
+    replies = metric(app_url, "orca_space_time_to_first_token_seconds_count")
+
+    def finished() -> float:
+        return sum(
+            metric(app_url, "orca_space_requests_finished_total", finished_reason=reason)
+            for reason in ("stop", "length")
+        )
+
+    ended = finished()
+    turn1 = ask(client, model, messages, max_tokens=16)
+    prefilled, reused = prompt_tokens(app_url)
+    messages += [{"role": "assistant", "content": turn1.choices[0].message.content}, user(second)]
+    turn2 = ask(client, model, messages, max_tokens=16)
+    now = prompt_tokens(app_url)
+    assert now[1] - reused >= turn1.usage.prompt_tokens, "the API's second turn reused the first"
+    assert now[0] - prefilled + now[1] - reused == turn2.usage.prompt_tokens
+    page = Client(app_url, verbose=False)  # a new session
+    page.predict(first, system, 16, *PAGE_GREEDY, api_name="/chat")
+    after_page1 = prompt_tokens(app_url)
+    assert after_page1[1] == now[1], "another visitor's cache is not reused, though the prompt is the same"
+    page.predict(second, system, 16, *PAGE_GREEDY, api_name="/chat")  # the client keeps the history
+    after_page2 = prompt_tokens(app_url)
+    assert after_page2[1] - after_page1[1] >= after_page1[0] - now[0], "the page's second turn reused"
+    assert metric(app_url, "orca_space_time_to_first_token_seconds_count") == replies + 4
+    assert finished() == ended + 4
+    assert health(app_url)["prefix_cache"]["prompt_tokens_reused"] == after_page2[1]
+
+
 def test_models_lists_the_served_model(client, model):
     assert [m.id for m in client.models.list().data] == [model]
 
@@ -288,7 +343,7 @@ def test_inference_client_streams_a_reply(app_url, model, client, monkeypatch):
 
 
 class CannedBackend:
-    async def stream_reply(self, messages, params, notify=None):
+    async def stream_reply(self, messages, params, notify=None, cache_scope=None):
         yield ReplyDelta("fine", tokens=1)
         yield ReplyDelta(finish_reason="stop")
 

@@ -33,7 +33,7 @@ class RecordingEngine:
     def __init__(self) -> None:
         self.requests: list[tuple[list[int], SamplingParams]] = []
 
-    def submit(self, prompt_ids, params) -> RequestHandle:
+    def submit(self, prompt_ids, params, record_logits=False, cache_scope=None) -> RequestHandle:
         self.requests.append((list(prompt_ids), params))
         handle = RequestHandle(prompt_ids, params)
         handle.finish("stop")
@@ -205,7 +205,7 @@ class PiecesBackend:
         self.pieces = pieces
         self.taken = None
 
-    async def stream_reply(self, messages, params, notify=None):
+    async def stream_reply(self, messages, params, notify=None, cache_scope=None):
         taken = 0
         try:
             for piece in self.pieces:

@@ -150,7 +150,7 @@ class ScriptedEngine:
     def position(self, handle: RequestHandle) -> int:
         return 0
 
-    def submit(self, prompt_ids, params) -> RequestHandle:
+    def submit(self, prompt_ids, params, record_logits=False, cache_scope=None) -> RequestHandle:
         handle = RequestHandle(prompt_ids, params)
         for token in self.ids:
             handle.deliver(TokenEvent(token=token))

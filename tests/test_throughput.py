@@ -74,7 +74,7 @@ async def test_the_chat_service_feeds_the_meter_with_every_streamed_token(encode
     from orca_space.replies import ReplyDelta
 
     class Backend:
-        async def stream_reply(self, messages, params, notify=None):
+        async def stream_reply(self, messages, params, notify=None, cache_scope=None):
             for piece in ("one", " two", " three"):
                 yield ReplyDelta(piece, tokens=2)
             yield ReplyDelta(finish_reason="stop")

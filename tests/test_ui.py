@@ -91,7 +91,7 @@ class Backend:
         self.calls = []
         self.closed = asyncio.Event()
 
-    async def stream_reply(self, messages, params, notify=None):
+    async def stream_reply(self, messages, params, notify=None, cache_scope=None):
         self.calls.append(messages)
         try:
             for piece in self.pieces:
@@ -172,7 +172,7 @@ class FailingBackend(Backend):
         super().__init__(pieces)
         self.error = error
 
-    async def stream_reply(self, messages, params, notify=None):
+    async def stream_reply(self, messages, params, notify=None, cache_scope=None):
         for piece in self.pieces:
             yield ReplyDelta(piece, tokens=1)
         raise self.error

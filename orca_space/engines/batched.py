@@ -5,34 +5,37 @@ the model, the KV cache and, on CUDA, the captured graphs: CUDA-graph state is t
 capture and replay both happen there, and callers only ever touch the queue. Each iteration:
 
 1) drops cancelled requests, freeing their slots at once;
-2) admits waiting requests (FIFO) into free slots of the static KV cache;
-3) prefills up to `chunk_size` prompt tokens (oldest request first, several short prompts in
+2) moves live requests down into rows that requests ended in (`slots.SlotTable.compact_once`);
+3) admits waiting requests (FIFO) while slots are free, each starting from the longest prefix
+   of its prompt that a kept cache of the same visitor holds (`prefix_cache.py`): the next turn
+   of a conversation, a retry, an edit or a continue prefills only what is new;
+4) prefills up to `chunk_size` prompt tokens (oldest request first, several short prompts in
    one forward: `scheduling.prefill_rows`), so a long prompt costs the other streams one chunk
    of delay per step instead of freezing them;
-4) runs one decode step for all slots past their prompt: forward and per-row sampling on the
+5) runs one decode step for all slots past their prompt: forward and per-row sampling on the
    device (`decode_step.decode_and_sample`), replayed as a CUDA graph at a padded batch size
    (`use_graphs`), or run eagerly.
 
-Row b of a decode step is slot b, so a step at batch B covers slots [0, B); new requests take
-the lowest free slot to keep B small. Rows that are not decoding (free, or still prefilling)
-ride along harmlessly: they write at their slot's next position, an entry the slot's own request
-overwrites before reading and whose old key no query of it can see any more. Errors are values:
-a failed prefill or decode step fails the requests in it (and only those), a row whose logits are
-not finite fails its own request, and the engine keeps serving.
+Row b of a decode step is slot b, so a step at batch B covers slots [0, B); live requests are
+kept in the lowest rows, so B follows how many are live, however many kept caches sit above
+them. Rows that are not decoding (free, kept, or still prefilling) ride along harmlessly: they
+write past the ring's end. A request that ends (finished, at its limit, or stopped) keeps its
+cache in its slot until a new request needs the room (the least recently used goes first).
+Errors are values: a failed prefill or decode step fails the requests in it (and only those,
+and keeps nothing of theirs), a row whose logits are not finite fails its own request, and the
+engine keeps serving.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Iterable
 
 import torch
 
-from ..params import SamplingParams
 from . import decode_step, device, hf_weights, kv_cache, mistral
 from .requests import (
     NON_FINITE_MESSAGE,
@@ -41,8 +44,9 @@ from .requests import (
     TokenEvent,
     describe_failure,
 )
-from .sampling import NON_FINITE, sample_next_tokens
+from .sampling import NON_FINITE
 from .scheduling import Slot, eager_shortcuts, prefill_rows
+from .slots import SlotTable
 from .warmup import WarmUpAbandoned, WarmUpFailed, capture_every_shape, stage
 
 log = logging.getLogger(__name__)
@@ -64,6 +68,7 @@ class BatchedEngine(RequestQueue):
         use_graphs: bool | None = None,
         compile_step: bool = False,
         on_progress: ProgressCallback | None = None,
+        prefix_cache: str = "private",
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -90,7 +95,9 @@ class BatchedEngine(RequestQueue):
         self.warmup_message = "Starting the engine…"
         self.ready_s: float | None = None  # seconds from construction to serving
         self._settled = threading.Event()  # set once warm-up has finished or failed
-        self._slots: list[Slot | None] = [None] * self.capacity
+        window = self.weights.shape.sliding_window
+        self.table = SlotTable(self.capacity, self.cache_len, window, prefix_cache, self._wakeup)
+        self._slots = self.table.live  # row -> the live request in it (the table's own list)
         self._started = time.monotonic()
         self._thread = threading.Thread(target=self._serve, name="orca-batched-engine", daemon=True)
         self._thread.start()
@@ -109,6 +116,9 @@ class BatchedEngine(RequestQueue):
 
     def _count_active(self) -> int:
         return sum(slot is not None for slot in self._slots)
+
+    def _cache_stats(self) -> dict[str, object]:
+        return self.table.stats()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """True once warm-up is done (graphs captured); False on timeout or if warm-up failed
@@ -145,6 +155,7 @@ class BatchedEngine(RequestQueue):
             self.cache = kv_cache.allocate_kv_cache(shape, self.capacity, self.cache_len, dtype, self.device)
         with stage("allocating the decode buffers"):
             self.buffers = decode_step.DecodeBuffers.allocate(self.capacity, shape.vocab, self.device, dtype)
+        self.table.cache, self.table.buffers = self.cache, self.buffers
         if self.use_graphs:
             self._capture_graphs()
         log.info("attention kernel: %s", self.attention)
@@ -170,6 +181,7 @@ class BatchedEngine(RequestQueue):
     def _release_device_state(self) -> None:
         """Graphs, buffers and cache go (a closed or failed engine holds no GPU memory)."""
         self.graphs = self.buffers = self.cache = None
+        self.table.cache = self.table.buffers = None
         device.release_cached_memory(self.device)
 
     # -- engine thread: the loop --
@@ -206,11 +218,13 @@ class BatchedEngine(RequestQueue):
     def _iteration(self) -> None:
         # 1) cancels free their slots before anything runs
         self._drop_cancelled()
-        # 2) waiting requests take free slots, oldest first
+        # 2) live requests fill the rows that ended ones left, so a step covers live rows only
+        self._compact()
+        # 3) waiting requests take free slots, oldest first, from a kept prefix where one fits
         self._admit()
-        # 3) a bounded amount of prompt, so running streams keep flowing
+        # 4) a bounded amount of prompt, so running streams keep flowing
         self._prefill()
-        # 4) one token for every decoding slot
+        # 5) one token for every decoding slot
         self._decode()
 
     def _drop_cancelled(self) -> None:
@@ -223,20 +237,25 @@ class BatchedEngine(RequestQueue):
             if slot.handle.cancelled:
                 self._release(slot, "cancelled")
 
+    def _compact(self) -> None:
+        while self.table.holes():
+            try:
+                self.table.compact_once()
+            except Exception as exc:  # the request whose cache was being moved
+                moving = max((s for s in self._slots if s is not None), key=lambda s: s.index)
+                self._fail([moving], exc)
+
     def _admit(self) -> None:
         while True:
             with self._wakeup:
-                free = next((i for i, s in enumerate(self._slots) if s is None), None)
-                if free is None or not self._pending:
+                if self._count_active() == self.capacity or not self._pending:
                     return
                 handle = self._pending.popleft()
-                problem = self._check_fits(handle)
-                if problem is None:
-                    self._slots[free] = Slot(handle, free)
-            if problem is not None:
+            if (problem := self._check_fits(handle)) is not None:
                 handle.finish("error", problem)
-            else:
-                self._set_sampling_row(free, handle.params)
+                continue
+            slot = self.table.admit(handle)
+            self.buffers.set_request(slot.index, handle.params)
 
     def _check_fits(self, handle: RequestHandle) -> str | None:
         prompt_len, new = len(handle.prompt_ids), handle.params.max_new_tokens
@@ -247,22 +266,12 @@ class BatchedEngine(RequestQueue):
             )
         return None
 
-    def _set_sampling_row(self, index: int, params: SamplingParams) -> None:
-        """Write a request's sampling parameters into its slot's row of the decode buffers."""
-        b = self.buffers
-        b.sampling.temperature[index] = params.temperature
-        b.sampling.top_p[index] = params.top_p
-        b.sampling.top_k[index] = params.top_k
-        b.sampling.repetition_penalty[index] = params.repetition_penalty
-        seed = params.seed if params.seed is not None else random.randrange(2**32)
-        b.seeds[index] = (seed ^ (seed >> 32)) & 0xFFFFFFFF
-
     def _active_slots(self) -> list[Slot]:
         return [slot for slot in self._slots if slot is not None]
 
     def _release(self, slot: Slot, reason: str, error: str | None = None) -> None:
-        with self._wakeup:
-            self._slots[slot.index] = None
+        """End the request in `slot`; unless it failed, its cache stays for a later prompt."""
+        self.table.release(slot, keep=reason != "error")
         slot.handle.finish(reason, error)
 
     def _fail(self, slots: list[Slot], exc: Exception) -> None:
@@ -277,7 +286,7 @@ class BatchedEngine(RequestQueue):
         with self._wakeup:
             waiting, self._pending = list(self._pending), collections.deque()
             active = [s.handle for s in self._slots if s is not None]
-            self._slots = [None] * self.capacity
+        self.table.clear()
         for handle in [*waiting, *active]:
             handle.finish("error", reason)
 
@@ -292,7 +301,9 @@ class BatchedEngine(RequestQueue):
         except Exception as exc:  # the requests in this forward only
             self._fail([slot for slot, _ in rows], exc)
             return
+        width = max(take for _, take in rows)  # every row is padded to it
         for slot, take in rows:
+            slot.wrote(slot.prefilled + width)
             slot.prefilled += take
         done = [index for index, (slot, _) in enumerate(rows) if slot.decoding]
         if done:
@@ -312,29 +323,18 @@ class BatchedEngine(RequestQueue):
         return mistral.prefill(self.weights, self.cache, chunks, self.staging.to_device)
 
     def _first_tokens(self, slots: list[Slot], logits: torch.Tensor) -> None:
-        """These prompts are in: set up their slots' `seen` rows and sample every first token
-        from the prompts' last logits [N, V], in one go (one sampler run, not one per prompt).
-        Every index is built on the host and sent in one copy: nothing here waits for the device
-        until the tokens are read back."""
-        count = len(slots)
-        index, prompt_rows, prompt_ids, counters, rows = self.staging.to_device(
-            [
-                [slot.index for slot in slots],
-                [row for row, slot in enumerate(slots) for _ in range(slot.prompt_len)],
-                [token for slot in slots for token in slot.handle.prompt_ids],
-                [slot.prompt_len - 1 for slot in slots],
-                list(range(count)),
-            ]
+        """These prompts are in: sample every first token from their last logits [N, V] in one
+        sampler run (`decode_step.sample_first_tokens`), and stream them."""
+        tokens = decode_step.sample_first_tokens(
+            self.buffers,
+            logits,
+            [slot.index for slot in slots],
+            [slot.handle.prompt_ids for slot in slots],
+            eager_shortcuts([slot.handle.params for slot in slots]),
+            self.staging.to_device,
         )
-        seen = torch.zeros(count, self.weights.shape.vocab, dtype=torch.bool, device=self.device)
-        seen[prompt_rows, prompt_ids] = True
-        params = self.buffers.sampling_rows(index)
-        shortcuts = eager_shortcuts([slot.handle.params for slot in slots])
-        tokens = sample_next_tokens(logits, params, seen, self.buffers.seeds[index], counters, *shortcuts)
-        seen[rows, tokens.clamp(min=0)] = True  # NON_FINITE: that request ends anyway
-        self.buffers.seen[index] = seen
         recorded = self._recorded_logits(slots, lambda i, slot: logits[i])
-        for slot, token in zip(slots, tokens.tolist()):
+        for slot, token in zip(slots, tokens):
             self._accept(slot, token, recorded.get(slot.index))
 
     def _recorded_logits(self, slots: list[Slot], logits_of: Callable) -> dict[int, torch.Tensor]:
@@ -363,13 +363,15 @@ class BatchedEngine(RequestQueue):
             self._accept(slot, tokens[slot.index], recorded.get(slot.index))
 
     def _run_decode_step(self, batch: int) -> list[int]:
-        """Fill rows [0, batch) of the input buffers, run the step, read the sampled tokens back."""
-        tokens, positions = [0] * batch, [0] * batch
+        """Fill rows [0, batch) of the input buffers, run the step, read the sampled tokens back.
+        Rows with nothing to decode ride along at position -1 (see `mistral.step_context`)."""
+        tokens, positions = [0] * batch, [-1] * batch
         for index in range(batch):
             slot = self._slots[index]
-            if slot is not None:
-                positions[index] = slot.next_position
-                tokens[index] = slot.last_token if slot.decoding else 0
+            if slot is not None and slot.decoding:
+                position = positions[index] = slot.prompt_len + slot.generated - 1  # slot.next_position
+                tokens[index] = slot.last_token
+                slot.high_water = max(slot.high_water, position + 1)
         kv_len = kv_cache.kv_bucket(max(positions) + 1, self.cache_len)
         self.staging.copy_into(
             [self.buffers.tokens[:batch], self.buffers.positions[:batch]], [tokens, positions]
@@ -392,8 +394,7 @@ class BatchedEngine(RequestQueue):
 
     def _accept(self, slot: Slot, token: int, logits: torch.Tensor | None = None) -> None:
         """Stream a sampled token, or finish the request on a stop token or its token limit."""
-        slot.generated += 1
-        slot.last_token = token
+        slot.took(token)
         if token == NON_FINITE:
             self.non_finite_replies += 1
             log.error("request %s: the model's logits stopped being finite numbers", slot.handle.id)

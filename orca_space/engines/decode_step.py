@@ -6,10 +6,12 @@ so on CUDA it is captured once per (batch, key-length) bucket as a CUDA graph an
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
 
+from ..params import SamplingParams
 from .hf_weights import MistralWeights
 from .kv_cache import KVCache
 from .mistral import decode
@@ -55,6 +57,23 @@ class DecodeBuffers:
     def rows(self, batch: int) -> tuple[torch.Tensor, ...]:
         return self.tokens[:batch], self.positions[:batch], self.seeds[:batch], self.seen[:batch]
 
+    def set_request(self, index: int, params: SamplingParams) -> None:
+        """Write a request's sampling parameters and seed into its slot's row."""
+        s = self.sampling
+        s.temperature[index] = params.temperature
+        s.top_p[index] = params.top_p
+        s.top_k[index] = params.top_k
+        s.repetition_penalty[index] = params.repetition_penalty
+        seed = params.seed if params.seed is not None else random.randrange(2**32)
+        self.seeds[index] = (seed ^ (seed >> 32)) & 0xFFFFFFFF
+
+    def move_row(self, source: int, target: int) -> None:
+        """A request moves from slot `source` to `target`: its seed, sampling parameters and
+        `seen` row go with it (inputs and outputs are written afresh every step)."""
+        s = self.sampling
+        for tensor in (self.seeds, self.seen, s.temperature, s.top_p, s.top_k, s.repetition_penalty):
+            tensor[target] = tensor[source]
+
     def sampling_rows(self, rows: slice | torch.Tensor) -> SamplingTensors:
         s = self.sampling
         return SamplingTensors(s.temperature[rows], s.top_p[rows], s.top_k[rows], s.repetition_penalty[rows])
@@ -87,6 +106,37 @@ def decode_and_sample(
     chosen = sample_next_tokens(logits, params, seen, seeds, positions, all_greedy, top_k_bound)  # [B]
     seen.scatter_(1, chosen.clamp(min=0)[:, None], True)  # a NON_FINITE row's request ends anyway
     buffers.next[:batch].copy_(chosen)
+
+
+def sample_first_tokens(
+    buffers: DecodeBuffers,
+    logits: torch.Tensor,
+    slots: list[int],
+    prompts: list[list[int]],
+    shortcuts: tuple[bool, int | None],
+    to_device,
+) -> list[int]:
+    """Prompts just prefilled into `slots`: set up their `seen` rows and sample every first
+    token from the prompts' last logits [N, V] in one go (one sampler run, not one per prompt).
+    Every index is built on the host and sent in one copy (`to_device`, the engine's staging):
+    nothing here waits for the device until the tokens are read back."""
+    count = len(slots)
+    index, prompt_rows, prompt_ids, counters, rows = to_device(
+        [
+            slots,
+            [row for row, prompt in enumerate(prompts) for _ in prompt],
+            [token for prompt in prompts for token in prompt],
+            [len(prompt) - 1 for prompt in prompts],
+            list(range(count)),
+        ]
+    )
+    seen = torch.zeros(count, buffers.seen.shape[1], dtype=torch.bool, device=buffers.seen.device)
+    seen[prompt_rows, prompt_ids] = True
+    params = buffers.sampling_rows(index)
+    tokens = sample_next_tokens(logits, params, seen, buffers.seeds[index], counters, *shortcuts)
+    seen[rows, tokens.clamp(min=0)] = True  # NON_FINITE: that request ends anyway
+    buffers.seen[index] = seen
+    return tokens.tolist()
 
 
 class DecodeGraphs:

@@ -20,10 +20,12 @@ if TYPE_CHECKING:
     from .hf_weights import ModelShape
 
 SMALLEST_KV_BUCKET = 256
-# Entries allocated past the ring's end and never used. The decode step attends over the first
+# Entries allocated past the ring's end and never read. The decode step attends over the first
 # kv_len entries; were kv_len ever the whole allocated length, that slice would be contiguous
 # where shorter ones are not, and torch.compile would compile the step a second time for it.
+# A row riding along in a decode step writes its keys there (`mistral.step_context`).
 UNUSED_TAIL = 1
+MOVE_BLOCK = 512  # entries copied at a time between slots: the temporary stays small
 
 
 @dataclass(frozen=True)
@@ -117,3 +119,17 @@ def cached_positions(latest: torch.Tensor, kv_len: int, cache_len: int) -> torch
     entries = torch.arange(kv_len, device=latest.device)  # [L]
     newest = latest[:, None]  # [B, 1]
     return newest - torch.remainder(newest - entries, cache_len)
+
+
+def move_entries(cache: KVCache, source: int, target: int, entries: int, swap: bool = False) -> None:
+    """Copy the first `entries` ring entries of slot `source` into slot `target`, every layer;
+    with `swap`, target's go to source at the same time. A block of entries at a time, so the
+    temporary a swap needs stays small however long the ring (the device's memory is the
+    cache's)."""
+    for start in range(0, entries, MOVE_BLOCK):
+        block = slice(start, min(entries, start + MOVE_BLOCK))
+        for tensor in (cache.k, cache.v):  # [layers, slots, KVH, entries, D]
+            held = tensor[:, target, :, block].clone() if swap else None
+            tensor[:, target, :, block] = tensor[:, source, :, block]
+            if held is not None:
+                tensor[:, source, :, block] = held

@@ -85,11 +85,20 @@ def rungs_to_try(choice: str, cuda: bool) -> list[str]:
     return [choice]
 
 
-def build_rung(rung: str, model, stop_ids: Iterable[int], context_length: int, on_progress) -> Engine:
+def build_rung(
+    rung: str, model, stop_ids: Iterable[int], context_length: int, on_progress, prefix_cache: str = "private"
+) -> Engine:
+    """One rung. `prefix_cache` (engines/prefix_cache.py) is the batched engine's; the reference
+    rung prefills every prompt whole."""
     if rung == "reference":
         return ReferenceEngine(model, stop_ids, context_length)
     return BatchedEngine(
-        model, stop_ids, context_length, use_graphs=rung == "graphs", on_progress=on_progress
+        model,
+        stop_ids,
+        context_length,
+        use_graphs=rung == "graphs",
+        on_progress=on_progress,
+        prefix_cache=prefix_cache,
     )
 
 
@@ -101,6 +110,7 @@ def start_engine(
     choice: str = "auto",
     warmup_timeout: float = DEFAULT_WARMUP_TIMEOUT_S,
     on_progress: ProgressCallback | None = None,
+    prefix_cache: str = "private",
 ) -> tuple[Engine, EngineChoice]:
     """The first rung that warms up and passes its self-check, and the story of the ladder."""
     progress = on_progress or (lambda message, fraction=None: None)
@@ -112,7 +122,7 @@ def start_engine(
         log.info("engine ladder: trying the %s engine", rung)
         try:
             engine, check = start_rung(
-                rung, model, stop_ids, context_length, probes, warmup_timeout, progress
+                rung, model, stop_ids, context_length, probes, warmup_timeout, progress, prefix_cache
             )
         except RungFailed as exc:
             log.warning("engine ladder: the %s engine failed: %s", rung, exc)
@@ -133,10 +143,11 @@ def start_rung(
     probes: list[list[int]],
     warmup_timeout: float,
     progress: ProgressCallback,
+    prefix_cache: str = "private",
 ) -> tuple[Engine, SelfCheckResult]:
     """Build, warm up and self-check one rung; RungFailed (after releasing it) if it cannot serve."""
     try:
-        engine = build_rung(rung, model, stop_ids, context_length, progress)
+        engine = build_rung(rung, model, stop_ids, context_length, progress, prefix_cache)
     except Exception as exc:  # e.g. no memory left for even one KV-cache slot
         log.debug("building the %s engine failed", rung, exc_info=True)
         raise RungFailed(f"starting it failed: {type(exc).__name__}: {exc}") from None

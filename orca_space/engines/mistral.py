@@ -66,14 +66,15 @@ def attention_mask(positions: torch.Tensor, kv_len: int, cache_len: int, window:
 
     A query at position p sees the ring entry holding position q if 0 <= q <= p and
     p - window < q. Every query sees at least its own key (written before attending), so no
-    row is all-masked (SDPA would give NaN).
+    row is all-masked (SDPA would give NaN). A row riding along in a decode step (position -1,
+    see `step_context`) sees every entry: its output is never read, but it must be a number.
     """
     held = cached_positions(positions[:, -1], kv_len, cache_len)[:, None, None, :]  # [B, 1, 1, L]
     query = positions[:, None, :, None]  # [B, 1, T, 1]
     visible = (held >= 0) & (held <= query)
     if window is not None:
         visible &= held > query - window
-    return visible
+    return visible | (query < 0)
 
 
 def grouped_mask(visible: torch.Tensor, groups: int) -> torch.Tensor:
@@ -100,6 +101,9 @@ class StepContext(NamedTuple):
 def step_context(
     weights: MistralWeights, positions: torch.Tensor, kv_len: int, cache_len: int
 ) -> StepContext:
+    """A decode row at position -1 rides along: a slot with nothing to decode (free, holding a
+    kept cache, or still prefilling) inside a step's batch. Its keys go to the entry past the
+    ring's end (`kv_cache.UNUSED_TAIL`), which no query reads, so its cache stays as it was."""
     shape = weights.shape
     cos, signed_sin = rope_cos_sin(positions, weights.inv_freq, weights.rope_scale, weights.dtype)
     visible = attention_mask(positions, kv_len, cache_len, shape.sliding_window)
@@ -108,7 +112,8 @@ def step_context(
         signed_sin=signed_sin,
         mask=grouped_mask(visible, shape.groups),
         rows=torch.arange(positions.shape[0], device=positions.device)[:, None],
-        entries=torch.remainder(positions, cache_len),  # the ring
+        # The ring; a riding-along row writes past its end.
+        entries=torch.where(positions < 0, cache_len, torch.remainder(positions, cache_len)),
     )
 
 
@@ -265,7 +270,8 @@ def decode(
     """One token for each of the first B slots (row b is slot b). tokens, positions: [B].
 
     Returns logits [B, V]. Every row's visible keys must lie in the first kv_len ring entries
-    (kv_len = cache_len once any row's position has reached it).
+    (kv_len = cache_len once any row's position has reached it). A row at position -1 rides
+    along without touching its slot's ring (see `step_context`); its logits mean nothing.
     """
     hidden = forward(weights, cache, tokens[:, None], positions[:, None], slice(0, tokens.shape[0]), kv_len)
     return logits_of(weights, hidden[:, 0])

@@ -52,6 +52,12 @@ class EngineStats:
     capacity: int  # requests that can generate at once
     failure: str | None = None  # why the engine thread died, if it did
     non_finite_replies: int = 0  # requests ended because the model's logits were not finite
+    # Reusing what earlier requests computed (see engines/prefix_cache.py): "private" (each
+    # visitor their own), "shared", "off", or "none" for an engine that keeps nothing.
+    prefix_cache: str = "none"
+    kept_caches: int = 0  # slots holding an ended request's cache
+    prompt_tokens_prefilled: int = 0  # prompt tokens run through the model, since the start
+    prompt_tokens_reused: int = 0  # prompt tokens taken from kept caches instead
 
 
 class EngineError(RuntimeError):
@@ -64,11 +70,19 @@ _request_ids = itertools.count(1)
 class RequestHandle:
     """One request's stream of events, filled by the engine thread, read by one caller."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, record_logits: bool = False) -> None:
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        record_logits: bool = False,
+        cache_scope: str | None = None,
+    ) -> None:
         self.id = next(_request_ids)
         self.prompt_ids = prompt_ids
         self.params = params
         self.record_logits = record_logits
+        # Whose kept caches this request may start from and leave its own to (None: nobody's).
+        self.cache_scope = cache_scope
         self._events: queue.SimpleQueue[TokenEvent] = queue.SimpleQueue()
         self._cancelled = threading.Event()
         self._done = False  # set by the engine after the final event
@@ -154,9 +168,15 @@ class RequestQueue:
         self.non_finite_replies = 0  # requests ended because their logits were not finite
 
     def submit(
-        self, prompt_ids: list[int], params: SamplingParams, record_logits: bool = False
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        record_logits: bool = False,
+        cache_scope: str | None = None,
     ) -> RequestHandle:
-        handle = RequestHandle(list(prompt_ids), params, record_logits)
+        """Queue a request. `cache_scope` names who sent it (a visitor): an engine that keeps
+        caches lets it start from what that scope's earlier requests computed, and no other's."""
+        handle = RequestHandle(list(prompt_ids), params, record_logits, cache_scope)
         with self._wakeup:
             if self.failure or self._closing:
                 handle.finish("error", self.failure or "the engine is shutting down")
@@ -176,11 +196,16 @@ class RequestQueue:
             capacity=self.capacity,
             failure=self.failure,
             non_finite_replies=self.non_finite_replies,
+            **self._cache_stats(),
         )
 
     def _count_active(self) -> int:
         """Requests generating now (called with `_wakeup` held)."""
         raise NotImplementedError
+
+    def _cache_stats(self) -> dict[str, object]:
+        """The `EngineStats` fields about kept caches (an engine that keeps none: the defaults)."""
+        return {}
 
 
 class Engine(Protocol):
@@ -192,7 +217,11 @@ class Engine(Protocol):
     def wait_ready(self, timeout: float | None = None) -> bool: ...
 
     def submit(
-        self, prompt_ids: list[int], params: SamplingParams, record_logits: bool = False
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        record_logits: bool = False,
+        cache_scope: str | None = None,
     ) -> RequestHandle: ...
 
     def position(self, handle: RequestHandle) -> int: ...

@@ -5,7 +5,7 @@ slots, so they are tested without a model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..params import SamplingParams
 from .kv_cache import padded_forward_fits
@@ -18,13 +18,32 @@ class Slot:
 
     handle: RequestHandle
     index: int
-    prefilled: int = 0  # prompt tokens already in the cache
+    prefilled: int = 0  # prompt tokens already in the cache (taken from a kept cache included)
+    high_water: int = 0  # 1 + the highest ring position written (see prefix_cache.KeptCache)
     generated: int = 0  # tokens sampled so far, a final stop token included
     last_token: int = 0  # the latest sampled token: the next decode step's input
+    sampled: list[int] = field(default_factory=list)  # every token sampled, a final stop included
 
     @property
     def prompt_len(self) -> int:
         return len(self.handle.prompt_ids)
+
+    def took(self, token: int) -> None:
+        """A token was sampled for this request."""
+        self.sampled.append(token)
+        self.generated += 1
+        self.last_token = token
+
+    def cached_tokens(self) -> list[int]:
+        """The tokens whose keys and values are in the slot: the prompt so far, then every
+        sampled token but the last (a decode step writes its input's keys, never its output's)."""
+        if not self.decoding:
+            return self.handle.prompt_ids[: self.prefilled]
+        return self.handle.prompt_ids + self.sampled[:-1]
+
+    def wrote(self, end: int) -> None:
+        """The slot's ring was written up to position `end` (exclusive)."""
+        self.high_water = max(self.high_water, end)
 
     @property
     def decoding(self) -> bool:

@@ -1,8 +1,9 @@
-"""Who may use the machine-facing routes: the OpenAI-compatible API and gradio's MCP server.
+"""Who may use the machine-facing routes: the OpenAI-compatible API, gradio's MCP server and the
+Prometheus metrics.
 
 gradio's login (`--auth`) guards the page and gradio's own API with a cookie, but not routes
-added beside them (`/v1/...`) nor gradio's MCP mount (`/gradio_api/mcp/...`), which would
-otherwise be a way around the login. So `AccessGate` guards those paths itself:
+added beside them (`/v1/...`, `/metrics`) nor gradio's MCP mount (`/gradio_api/mcp/...`), which
+would otherwise be a way around the login. So `AccessGate` guards those paths itself:
 
 - access keys given (`--access-key`): only `Authorization: Bearer <one of them>` gets through,
   with or without `--auth`;
@@ -17,11 +18,11 @@ import json
 from collections.abc import Sequence
 
 # Path prefixes of the routes guarded here ("/v1" itself and everything under it, and so on).
-GUARDED_PREFIXES = ("/v1", "/gradio_api/mcp")
+GUARDED_PREFIXES = ("/v1", "/gradio_api/mcp", "/metrics")
 KEY_NEEDED = "This endpoint needs an access key: send `Authorization: Bearer <key>`."
 KEY_WRONG = "The access key is not valid."
 API_OFF = (
-    "This app requires a login, so its API and MCP server are off until the operator sets "
+    "This app requires a login, so its API, MCP server and metrics are off until the operator sets "
     "--access-key (or ORCA_ACCESS_KEY) and gives clients one of those keys."
 )
 

@@ -3,6 +3,7 @@ Pure formatting (no gradio); the page refreshes it on a timer while the panel is
 
 from __future__ import annotations
 
+from ..engines.requests import EngineStats
 from ..runtime import ChatRuntime, GpuMemory
 
 ENGINE_NAMES = {
@@ -30,9 +31,34 @@ def engine_markdown(runtime: ChatRuntime) -> str:
             rows.append(("State", f"stopped: {stats.failure or 'the engine thread ended'}"))
         if stats.non_finite_replies:
             rows.append(("Non-finite logits", f"{stats.non_finite_replies} replies ended"))
+        rows.append(("Prefix cache", prefix_cache_text(stats, runtime)))
     rows.append(("Speed", f"{runtime.service.meter.rate():,.1f} tok/s over the last minute"))
     rows.append(("Memory", memory_text(runtime)))
     return "\n".join(["| | |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)])
+
+
+PREFIX_CACHE_MODES = {
+    "private": "each visitor's conversation kept for their next turn",
+    "shared": "kept conversations shared by every visitor",
+}
+
+
+def prefix_cache_text(stats: EngineStats, runtime: ChatRuntime) -> str:
+    """What the engine reuses of earlier prompts, and how much it has reused."""
+    if stats.prefix_cache == "server":
+        return "left to the remote server (vLLM and TGI reuse prompts themselves)"
+    if stats.prefix_cache == "off":
+        return "off (`--prefix-cache off`): every prompt is prefilled whole"
+    if stats.prefix_cache not in PREFIX_CACHE_MODES:
+        zerogpu = runtime.engine_choice is not None and runtime.engine_choice.engine == "zerogpu"
+        why = "each ZeroGPU worker ends with its reply" if zerogpu else "this engine prefills every prompt"
+        return f"none: {why}"
+    total = stats.prompt_tokens_prefilled + stats.prompt_tokens_reused
+    share = f" ({stats.prompt_tokens_reused / total:.0%})" if total else ""
+    return (
+        f"{PREFIX_CACHE_MODES[stats.prefix_cache]}: {stats.kept_caches} of {stats.capacity} slots hold one; "
+        f"{stats.prompt_tokens_reused:,} of {total:,} prompt tokens reused{share}"
+    )
 
 
 def engine_name(runtime: ChatRuntime) -> str:

@@ -52,11 +52,12 @@ def add_mcp_tool(demo: gr.Blocks, admission: Admission, access_keys: Sequence[st
             temperature: 0 for the most likely answer (greedy), up to 2 for more varied ones
         """
         try:
-            service = admission.admit(tool_client(admission, request, access_keys))
+            client = tool_client(admission, request, access_keys)
+            service = admission.admit(client)
             raw = {"max_new_tokens": max_new_tokens, "temperature": temperature}
             chat = await asyncio.to_thread(service.prepare, message, [], system_message, raw)
             text = ""
-            async with contextlib.aclosing(service.stream(chat)) as replies:
+            async with contextlib.aclosing(service.stream(chat, cache_scope=client)) as replies:
                 async for reply in replies:
                     text = reply.text
             return text

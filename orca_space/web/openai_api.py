@@ -171,16 +171,17 @@ def error_param(message: str, conversation: Conversation, limit_name: str) -> st
 
 
 async def answer_pieces(
-    service: ChatService, chat: PreparedChat, stops: Sequence[str]
+    service: ChatService, chat: PreparedChat, stops: Sequence[str], client: str | None = None
 ) -> AsyncIterator[Piece]:
     """The answer's new text as it comes, at most one piece per `update_interval_s`; the last
-    piece has the finish reason."""
+    piece has the finish reason. `client` (who asks) scopes the engine's kept caches."""
     if stops:  # cut at each update, then coalesce: a stop is seen (and the reply ended) at once
         replies = coalesce(
-            cut_at_stops(service.stream(chat, coalesced=False), stops), service.limits.update_interval_s
+            cut_at_stops(service.stream(chat, coalesced=False, cache_scope=client), stops),
+            service.limits.update_interval_s,
         )
     else:
-        replies = service.stream(chat)
+        replies = service.stream(chat, cache_scope=client)
     seen = 0
     async with contextlib.aclosing(replies):
         async for reply in replies:
@@ -340,12 +341,13 @@ class OpenAIApi:
             )
         if ignored := completion.ignored_fields():
             log.info("chat completion: ignored unknown fields %s", ", ".join(f[:40] for f in ignored[:10]))
-        service = self.admission.admit(self.client(request))
+        client = self.client(request)
+        service = self.admission.admit(client)
         if self.admission.runtime.zerogpu:
             carry_visitor_to_zerogpu(request)
         # Tokenizing a long conversation takes milliseconds: off the event loop that streams.
         chat = await asyncio.to_thread(prepare, service, completion)
-        pieces = answer_pieces(service, chat, completion.stop or [])
+        pieces = answer_pieces(service, chat, completion.stop or [], client)
         if completion.stream:
             events = sse_events(pieces, self.model, completion.include_usage)
             # Starlette cancels the stream when the client leaves; closing it after the response

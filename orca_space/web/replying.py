@@ -79,7 +79,8 @@ async def new_reply(
     warn_if_turns_were_left_out(runtime, chat)
     view = prompt_view(service.encoder, chat, runtime.context_length).as_state()
     # aclosing: a stop closes this generator, and must close the stream inside it at once.
-    async with contextlib.aclosing(stream_figures(service, chat)) as updates:
+    scope = visitor_scope(runtime, request)
+    async with contextlib.aclosing(stream_figures(service, chat, scope)) as updates:
         async for figures, text in updates:
             yield [reply_message(text), stats_note(figures)], view
             view = gr.skip()  # the prompt panel's state is set once per reply
@@ -147,7 +148,8 @@ async def continued_reply(
     reply_so_far = chat.messages[-1]["content"]
     before_reply = history[: last_reply_index(history)]
     view = prompt_view(service.encoder, chat, runtime.context_length).as_state()
-    async with contextlib.aclosing(stream_figures(service, chat)) as updates:
+    scope = visitor_scope(runtime, request)
+    async with contextlib.aclosing(stream_figures(service, chat, scope)) as updates:
         async for figures, text in updates:
             merged = earlier.followed_by(figures) if earlier is not None else figures
             yield [*before_reply, reply_message(reply_so_far + text), stats_note(merged)], view
@@ -159,13 +161,15 @@ def last_reply_index(history: list) -> int:
     return max(index for index, message in enumerate(history) if not is_note(message))
 
 
-async def stream_figures(service: ChatService, chat: PreparedChat) -> AsyncIterator[tuple[ReplyFigures, str]]:
+async def stream_figures(
+    service: ChatService, chat: PreparedChat, scope: str | None = None
+) -> AsyncIterator[tuple[ReplyFigures, str]]:
     """The reply's figures and text as it streams; an engine's error as one sentence. (A reply
-    that fails after it began says so under it: `failures_said`.)"""
+    that fails after it began says so under it: `failures_said`.) `scope`: see `visitor_scope`."""
     try:
         # Closed explicitly, not whenever the garbage collector gets to it: closing the
         # stream is what cancels the request in the engine (or the HTTP stream) on a stop.
-        async with contextlib.aclosing(service.stream(chat, notify=gr.Info)) as updates:
+        async with contextlib.aclosing(service.stream(chat, notify=gr.Info, cache_scope=scope)) as updates:
             async for reply in updates:
                 yield ReplyFigures.from_stats(reply.stats), reply.text
     except EngineError as exc:  # the engine's or server's own log has the details
@@ -221,6 +225,20 @@ def warn_if_turns_were_left_out(runtime: ChatRuntime, chat: PreparedChat) -> Non
             f"Left out the {chat.dropped_turns} oldest turn(s): the conversation no longer fits "
             f"the {runtime.context_length:,}-token context with {chat.params.max_new_tokens} new tokens."
         )
+
+
+def visitor_scope(runtime: ChatRuntime, request: gr.Request | None) -> str | None:
+    """Whose kept KV caches a reply may start from (engines/prefix_cache.py): the logged-in
+    user, else this page's gradio session (one tab; a reload starts a new one), else the
+    address as the rate limit reads it."""
+    if request is None:
+        return None
+    if request.username:
+        return f"user:{request.username}"
+    if request.session_hash:
+        return f"session:{request.session_hash}"
+    peer = request.client.host if request.client else None
+    return client_key(None, peer, request.headers.get("x-forwarded-for"), runtime.trusted_proxy_hops)
 
 
 def enforce_rate_limit(runtime: ChatRuntime, request: gr.Request | None) -> None:

@@ -9,10 +9,11 @@ import time
 from typing import Any
 
 import gradio as gr
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from starlette.middleware import Middleware
 
+from ..metrics import CONTENT_TYPE, AppMetrics
 from ..runtime import ChatRuntime
 from ..settings import Settings
 from .access import AccessGate
@@ -53,9 +54,24 @@ def health(runtime: ChatRuntime) -> dict[str, Any]:
         "queued": stats.queued if stats else 0,
         "capacity": stats.capacity if stats else 0,
         "non_finite_replies": stats.non_finite_replies if stats else 0,
+        "prefix_cache": prefix_cache_fields(stats),
     }
     body.update(engine_fields(runtime))
     return body
+
+
+def prefix_cache_fields(stats) -> dict[str, Any]:
+    """How much of the prompts the engine took from kept KV caches (engines/prefix_cache.py):
+    `mode` private, shared or off; none for an engine that keeps nothing (the reference rung,
+    ZeroGPU); server when a remote server decides."""
+    if stats is None:
+        return {"mode": None}
+    return {
+        "mode": stats.prefix_cache,
+        "kept_slots": stats.kept_caches,
+        "prompt_tokens_prefilled": stats.prompt_tokens_prefilled,
+        "prompt_tokens_reused": stats.prompt_tokens_reused,
+    }
 
 
 def engine_fields(runtime: ChatRuntime) -> dict[str, Any]:
@@ -113,6 +129,18 @@ def health_route(runtime: ChatRuntime) -> APIRoute:
     return APIRoute("/healthz", healthz, methods=["GET"], name="healthz")
 
 
+def metrics_route(runtime: ChatRuntime) -> APIRoute:
+    """`GET /metrics` in Prometheus' text format (see orca_space/metrics.py); guarded like /v1."""
+    if runtime.metrics is None:
+        runtime.metrics = AppMetrics(runtime.engine_stats)
+    metrics = runtime.metrics
+
+    async def serve_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return APIRoute("/metrics", serve_metrics, methods=["GET"], name="metrics")
+
+
 def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **overrides: Any):
     """Queue and launch; `overrides` lets tests pass `prevent_thread_lock=True` and the like."""
     if warning := public_link_warning(settings):
@@ -123,7 +151,7 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
     admission = Admission(runtime, settings.max_queue)
     api = OpenAIApi(admission, settings.model, settings.access_key, started=int(time.time()))
     app_kwargs: dict[str, Any] = {
-        "routes": [health_route(runtime), *api.routes()],
+        "routes": [health_route(runtime), metrics_route(runtime), *api.routes()],
         "middleware": [
             Middleware(RemoteFetchGuard),  # no fetching of URLs for clients: see remote_fetch_guard.py
             Middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES),
