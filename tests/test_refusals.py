@@ -46,7 +46,7 @@ def test_the_sliders_refuse_in_their_own_words():
 
 
 class NoBackend:
-    async def stream_reply(self, messages, params, notify=None):
+    async def stream_reply(self, messages, params, notify=None, cache_scope=None):
         raise AssertionError("a refused message never reaches the backend")
         yield
 
@@ -70,7 +70,7 @@ async def test_a_refused_message_is_a_quiet_gr_error_naming_the_slider(encoder, 
 @pytest.mark.anyio
 async def test_a_bug_is_no_refusal_and_keeps_its_traceback(encoder, caplog):
     class Broken:
-        async def stream_reply(self, messages, params, notify=None):
+        async def stream_reply(self, messages, params, notify=None, cache_scope=None):
             raise KeyError("a bug")
             yield
 
