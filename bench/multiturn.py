@@ -2,8 +2,9 @@
 
     python bench/multiturn.py [--out bench/results/DATE-multiturn-cpu.json]
 
-CPU, a live app (`python app.py` in a child process, the eager engine) serving the small
-random-weight Mistral of `small_model.py` (hidden 256, 6 layers: prefill costs real time), greedy.
+CPU, a live app (`python app.py` in a child process, the eager engine) serving a random-weight
+Mistral of `small_model.py` (`--size small`: hidden 256, 6 layers; `--size wide`: hidden 1024, 2
+layers, whose attention weighs nearer the real model's: see there), greedy.
 
 1) Through `/v1/chat/completions`, streamed: a conversation of `--turns` turns (user messages of
    about 290 tokens, replies of at most 48), growing past 3,000 tokens. For each turn, the time to
@@ -13,9 +14,9 @@ random-weight Mistral of `small_model.py` (hidden 256, 6 layers: prefill costs r
 2) Through the chat service the page uses (history fitting, ChatML, the engine; in process), a
    40-turn conversation in a 2,048-token context, so that history is dropped: per turn, the share
    of the prompt's tokens the engine reused. With history dropped in steps (the app's rule) and,
-   for comparison, one turn at a time (`HEADROOM` 0, the rule before), both with the cache. (Not
-   through the page's `/chat`: on this branch the page fails once turns are left out, gradio
-   hashing the prompt panel's state, which the prompt panel's own issue fixes.)
+   for comparison, one turn at a time (`HEADROOM` 0, the rule before), both with the cache. (In
+   process, not through `/chat`, so that the rule before can be switched back on for the
+   comparison; tests/test_long_sessions.py holds such conversations through the page itself.)
 """
 
 from __future__ import annotations
@@ -237,6 +238,7 @@ def main() -> None:
     parser.add_argument("--long-turns", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3, help="conversations per mode through /v1")
     parser.add_argument("--parts", nargs="+", default=["v1", "chat"], choices=["v1", "chat"])
+    parser.add_argument("--size", default="small", choices=["small", "wide"], help="see small_model.py")
     args = parser.parse_args()
     from small_model import write_small_checkpoint
 
@@ -244,13 +246,13 @@ def main() -> None:
     from orca_space.loading import load_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="multiturn-"))
-    checkpoint = write_small_checkpoint(work / "small")
+    checkpoint = write_small_checkpoint(work / args.size, size=args.size)
     encoder = ChatEncoder(load_tokenizer(checkpoint))
     model = str(checkpoint)
     results: dict = {
         "date": today,
         "device": "cpu",
-        "model": "small random-weight Mistral (bench/small_model.py)",
+        "model": f"{args.size} random-weight Mistral (bench/small_model.py)",
     }
     modes = ("off", "private") if "v1" in args.parts else ()
     apps = {mode: App(checkpoint, "--prefix-cache", mode, log=work / f"v1-{mode}.log") for mode in modes}
