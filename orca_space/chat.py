@@ -131,7 +131,7 @@ class ChatService:
         new_user = {"role": "user", "content": text}
         if (tokens := self._message_cost(new_user)) > self.limits.max_input_tokens:
             raise ValueError(f"message is {tokens:,} tokens; the limit is {self.limits.max_input_tokens:,}")
-        fitted = self._fit(system, past, new_user, params, self._fixed_cost)
+        fitted = self._fit(system, past, new_user, params)
         return prepared(fitted, params, past)
 
     def prepare_continuation(
@@ -149,13 +149,14 @@ class ChatService:
         if len(past) < 2 or past[-2]["role"] != "user":
             raise ValueError("the reply to continue must answer a user message")
         *earlier, question, reply = past
-        # The open turn is part of every prompt that continues this reply, like the reply header.
-        fixed_cost = len(self.encoder.prefix) + len(self.encoder.open_turn(reply["content"]))
-        fitted = self._fit(system, earlier, question, params, fixed_cost)
+        # The open turn stands where a new reply's header would: what it costs beyond that header
+        # counts for this prompt only, so the start stays the one its turn had (history.py).
+        open_cost = len(self.encoder.open_turn(reply["content"])) - len(self.encoder.reply_header)
+        fitted = self._fit(system, earlier, question, params, open_cost)
         return prepared(fitted, params, earlier, continued=reply)
 
     def _fit(
-        self, system: str, past: list[Message], last_user: Message, params: SamplingParams, fixed_cost: int
+        self, system: str, past: list[Message], last_user: Message, params: SamplingParams, open_cost: int = 0
     ) -> FittedChat:
         budget = self.limits.context_length - params.max_new_tokens
         if budget <= 0:
@@ -169,7 +170,8 @@ class ChatService:
             new_user=last_user,
             budget=budget,
             message_cost=self._message_cost,
-            fixed_cost=fixed_cost,
+            fixed_cost=self._fixed_cost,
+            open_cost=open_cost,
         )
 
     def _message_cost(self, message: Message) -> int:
