@@ -20,6 +20,7 @@ from .engines.requests import Engine, EngineError
 from .history import FittedChat, Message, fit_history, group_turns
 from .params import SamplingParams
 from .replies import Reply, ReplyDelta, accumulate, coalesce
+from .stop_strings import cut_at_stops
 from .throughput import ThroughputMeter
 
 if TYPE_CHECKING:
@@ -181,20 +182,23 @@ class ChatService:
         self,
         chat: PreparedChat,
         notify: Notify | None = None,
-        coalesced: bool = True,
         cache_scope: str | None = None,
+        stops: Sequence[str] = (),
     ) -> AsyncIterator[Reply]:
         """The reply so far with its figures, growing with each item (what a chat window shows),
-        at most one update per `update_interval_s` (see `replies.coalesce`); every update with
-        `coalesced=False`, for a caller that must see each one before coalescing (stop strings).
+        at most one update per `update_interval_s` (see `replies.coalesce`). With `stops` it
+        ends before the first stop string (`stop_strings.cut_at_stops`, finish reason "stop").
         `cache_scope`: who is asking (see `ChatBackend`)."""
         started = monotonic()
         deltas = self.backend.stream_reply(chat.messages, chat.params, notify, cache_scope)
         if self.metrics is not None:
             deltas = self.metrics.observe(deltas, started)
         updates = accumulate(deltas, chat.prompt_tokens, started)
-        if coalesced:
-            updates = coalesce(updates, self.limits.update_interval_s)
+        if stops:  # cut at each update, then coalesce: a stop is seen (and the reply ended) at once
+            updates = cut_at_stops(updates, stops)
+        updates = coalesce(updates, self.limits.update_interval_s)
+        if self.metrics is not None:  # after the cut: a stop string ends a reply as a stop
+            updates = self.metrics.count_ending(updates)
         counted = 0
         async with contextlib.aclosing(updates):
             async for reply in updates:
