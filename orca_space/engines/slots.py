@@ -103,6 +103,7 @@ class SlotTable:
             self.kept.forget(row)
             return length, kept.high_water
         # A start shared with another conversation: copy it, keep that conversation's cache.
+        self.kept.touch(source)  # used now: eviction goes by use, not by when it was kept
         if source == row:
             source = self._make_room(row)
             if source is None:  # nowhere to keep it: this request takes it over
