@@ -168,10 +168,10 @@ class SlotTable:
         source = slot.index
         try:
             move_entries(self.cache, source, hole, extent, swap=displaced is not None)
-        except Exception:
+            self.buffers.move_row(source, hole)
+        except Exception:  # the hole's entries may have gone to `source` already: keep neither
             self.kept.forget(hole)
             raise
-        self.buffers.move_row(source, hole)
         self.kept.swap(source, hole)
         with self.lock:
             self.live[source], self.live[hole] = None, slot
