@@ -254,3 +254,20 @@ def test_a_move_that_fails_fails_its_request_and_leaves_no_kept_cache_wrong(
     list(short)
     assert list(running)[-1].finish_reason == "error", "the request being moved fails"
     ask(engine, tiny_model, kept_prompt + make_prompt(20, 3), scope="alice")
+
+
+def test_prompt_tokens_prefilled_counts_what_went_through_the_model(engine_for, monkeypatch):
+    """A prompt stopped while it was going in counts the chunks that went in, not all of it."""
+    engine = engine_for(chunk_size=32)
+    partial = engine.submit(make_prompt(300, 5), GREEDY, cache_scope="alice")
+    real_forward, chunks = engine._prefill_forward, []
+
+    def forward_then_stop(rows):
+        chunks.append(rows[0][1])
+        if len(chunks) == 2:
+            partial.cancel()
+        return real_forward(rows)
+
+    monkeypatch.setattr(engine, "_prefill_forward", forward_then_stop)
+    assert list(partial)[-1].finish_reason == "cancelled"
+    assert engine.stats().prompt_tokens_prefilled == 64, "two chunks of 32 went through the model"

@@ -40,8 +40,8 @@ class SlotTable:
         self.lock = lock
         self.cache: KVCache | None = None  # set once warm-up has allocated it
         self.buffers = None  # decode_step.DecodeBuffers, likewise
-        self.prompt_tokens_prefilled = 0  # over every admitted request
-        self.prompt_tokens_reused = 0  # taken from kept caches instead
+        self.prompt_tokens_prefilled = 0  # run through the model (the engine counts each chunk)
+        self.prompt_tokens_reused = 0  # taken from kept caches instead, over every admitted request
 
     def active(self) -> list[Slot]:
         return [slot for slot in self.live if slot is not None]
@@ -82,7 +82,6 @@ class SlotTable:
         with self.lock:
             self.live[row] = slot
         self.prompt_tokens_reused += reused
-        self.prompt_tokens_prefilled += len(handle.prompt_ids) - reused
         return slot
 
     def _take_prefix(self, handle: RequestHandle, row: int) -> tuple[int, int]:
