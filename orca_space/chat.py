@@ -20,6 +20,7 @@ from .engines.requests import Engine, EngineError
 from .history import FittedChat, Message, fit_history, group_turns
 from .params import SamplingParams
 from .replies import Reply, ReplyDelta, accumulate, coalesce
+from .stop_strings import cut_at_stops
 from .throughput import ThroughputMeter
 
 if TYPE_CHECKING:
@@ -131,7 +132,7 @@ class ChatService:
         new_user = {"role": "user", "content": text}
         if (tokens := self._message_cost(new_user)) > self.limits.max_input_tokens:
             raise ValueError(f"message is {tokens:,} tokens; the limit is {self.limits.max_input_tokens:,}")
-        fitted = self._fit(system, past, new_user, params, self._fixed_cost)
+        fitted = self._fit(system, past, new_user, params)
         return prepared(fitted, params, past)
 
     def prepare_continuation(
@@ -149,13 +150,14 @@ class ChatService:
         if len(past) < 2 or past[-2]["role"] != "user":
             raise ValueError("the reply to continue must answer a user message")
         *earlier, question, reply = past
-        # The open turn is part of every prompt that continues this reply, like the reply header.
-        fixed_cost = len(self.encoder.prefix) + len(self.encoder.open_turn(reply["content"]))
-        fitted = self._fit(system, earlier, question, params, fixed_cost)
+        # The open turn stands where a new reply's header would: what it costs beyond that header
+        # counts for this prompt only, so the start stays the one its turn had (history.py).
+        open_cost = len(self.encoder.open_turn(reply["content"])) - len(self.encoder.reply_header)
+        fitted = self._fit(system, earlier, question, params, open_cost)
         return prepared(fitted, params, earlier, continued=reply)
 
     def _fit(
-        self, system: str, past: list[Message], last_user: Message, params: SamplingParams, fixed_cost: int
+        self, system: str, past: list[Message], last_user: Message, params: SamplingParams, open_cost: int = 0
     ) -> FittedChat:
         budget = self.limits.context_length - params.max_new_tokens
         if budget <= 0:
@@ -169,7 +171,8 @@ class ChatService:
             new_user=last_user,
             budget=budget,
             message_cost=self._message_cost,
-            fixed_cost=fixed_cost,
+            fixed_cost=self._fixed_cost,
+            open_cost=open_cost,
         )
 
     def _message_cost(self, message: Message) -> int:
@@ -179,20 +182,23 @@ class ChatService:
         self,
         chat: PreparedChat,
         notify: Notify | None = None,
-        coalesced: bool = True,
         cache_scope: str | None = None,
+        stops: Sequence[str] = (),
     ) -> AsyncIterator[Reply]:
         """The reply so far with its figures, growing with each item (what a chat window shows),
-        at most one update per `update_interval_s` (see `replies.coalesce`); every update with
-        `coalesced=False`, for a caller that must see each one before coalescing (stop strings).
+        at most one update per `update_interval_s` (see `replies.coalesce`). With `stops` it
+        ends before the first stop string (`stop_strings.cut_at_stops`, finish reason "stop").
         `cache_scope`: who is asking (see `ChatBackend`)."""
         started = monotonic()
         deltas = self.backend.stream_reply(chat.messages, chat.params, notify, cache_scope)
         if self.metrics is not None:
             deltas = self.metrics.observe(deltas, started)
         updates = accumulate(deltas, chat.prompt_tokens, started)
-        if coalesced:
-            updates = coalesce(updates, self.limits.update_interval_s)
+        if stops:  # cut at each update, then coalesce: a stop is seen (and the reply ended) at once
+            updates = cut_at_stops(updates, stops)
+        updates = coalesce(updates, self.limits.update_interval_s)
+        if self.metrics is not None:  # after the cut: a stop string ends a reply as a stop
+            updates = self.metrics.count_ending(updates)
         counted = 0
         async with contextlib.aclosing(updates):
             async for reply in updates:

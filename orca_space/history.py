@@ -55,53 +55,64 @@ def fit_history(
     budget: int,
     message_cost: Callable[[Message], int],
     fixed_cost: int,
+    open_cost: int = 0,
 ) -> FittedChat:
     """Keep the system message, the turns from `stable_start` on, and the new user message.
 
     `message_cost(m)` is the number of prompt tokens message `m` adds, and `fixed_cost` the
     tokens every prompt carries (BOS, the reply header): ChatML costs add up per message.
+    `open_cost` is what this prompt alone carries after the new user message (the text of a
+    reply it continues): the earlier turns' prompts, replayed for the start, did not.
     """
     required = [m for m in (system,) if m is not None]
     base = fixed_cost + sum(message_cost(m) for m in required)
     new_cost = message_cost(new_user)
-    if base + new_cost > budget:
+    needed = base + new_cost + open_cost
+    if needed > budget:
         raise PromptTooLong(
-            f"the message needs {base + new_cost} tokens with the system message, but only {budget} fit "
+            f"the message needs {needed} tokens with the system message, but only {budget} fit "
             "(context length minus max new tokens); shorten it or lower max new tokens"
         )
     turns = group_turns(history)
     turn_costs = [sum(message_cost(m) for m in turn) for turn in turns]
     # Each earlier turn's own new message: its first (it starts with the user's, see group_turns).
     asked = [message_cost(turn[0]) for turn in turns] + [new_cost]
-    start = stable_start(turn_costs, asked, base, budget)
+    start = stable_start(turn_costs, asked, base, budget, open_cost)
     messages = required + [m for turn in turns[start:] for m in turn] + [new_user]
-    used = base + sum(turn_costs[start:]) + new_cost
+    used = base + sum(turn_costs[start:]) + new_cost + open_cost
     return FittedChat(messages, used, dropped_turns=start)
 
 
-def stable_start(turn_costs: Sequence[int], asked: Sequence[int], base: int, budget: int) -> int:
+def stable_start(
+    turn_costs: Sequence[int], asked: Sequence[int], base: int, budget: int, open_cost: int = 0
+) -> int:
     """How many of the oldest turns to leave out, replaying every turn's fit from the first.
 
     At turn k the prompt held `base` tokens, the kept turns before k and the message asked
     then (`asked[k]`; the last entry is today's). The start stays while that fits `budget`;
     when not, it moves to the first turn that leaves `HEADROOM` of the budget free (or, when
-    the message asked is too long for that, the first that fits at all).
+    the message asked is too long for that, the first that fits at all). A continue of today's
+    reply (`open_cost` more tokens) keeps the start its turn had while the reply fits there.
     """
     ends = [0]  # ends[k]: tokens of turns [0, k)
     for cost in turn_costs:
         ends.append(ends[-1] + cost)
 
-    def first_fitting(start: int, k: int, limit: float) -> int | None:
+    def first_fitting(start: int, k: int, extra: int, limit: float) -> int | None:
         for candidate in range(start, k + 1):
-            if base + ends[k] - ends[candidate] + asked[k] <= limit:
+            if base + ends[k] - ends[candidate] + asked[k] + extra <= limit:
                 return candidate
         return None
 
+    def moved(start: int, k: int, extra: int = 0) -> int:
+        """Turn k's start (its prompt `extra` tokens longer), the turn before it having `start`."""
+        if base + ends[k] - ends[start] + asked[k] + extra <= budget:
+            return start
+        roomy = first_fitting(start, k, extra, budget * (1 - HEADROOM))
+        fitting = first_fitting(start, k, extra, budget)
+        return roomy if roomy is not None else fitting if fitting is not None else k
+
     start = 0
     for k in range(len(asked)):
-        if base + ends[k] - ends[start] + asked[k] <= budget:
-            continue
-        roomy = first_fitting(start, k, budget * (1 - HEADROOM))
-        fitting = first_fitting(start, k, budget)
-        start = roomy if roomy is not None else fitting if fitting is not None else k
-    return start
+        start = moved(start, k)
+    return moved(start, len(asked) - 1, open_cost) if open_cost else start

@@ -6,7 +6,8 @@ The names follow what vLLM users already scrape (`vllm:time_to_first_token_secon
 - per reply, observed by the chat service for every backend (local, remote, ZeroGPU):
   `time_to_first_token_seconds` and `inter_token_latency_seconds` (histograms; from the request
   reaching the chat service, queueing and prompt included), `generation_tokens_total`, and
-  `requests_finished_total{finished_reason="stop|length|cancelled|error"}`;
+  `requests_finished_total{finished_reason="stop|length|cancelled|error"}` (as the caller saw
+  the reply end: a stop string's cut is a stop);
 - read from the engine at each scrape: `num_requests_running`, `num_requests_waiting`,
   `num_slots` (gauges), `kv_cache_kept_slots` (slots holding an ended request's cache, for a
   later prompt to start from), `prompt_tokens_prefilled_total` and `prompt_tokens_reused_total`
@@ -27,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .engines.requests import EngineStats
-from .replies import ReplyDelta
+from .replies import Reply, ReplyDelta
 
 PREFIX = "orca_space_"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -72,22 +73,30 @@ class ReplyMetrics:
 
     async def observe(self, deltas: AsyncIterator[ReplyDelta], started: float) -> AsyncIterator[ReplyDelta]:
         """Pass `deltas` through, timing each token from `started` (a monotonic time)."""
-        last, reason = None, "cancelled"  # unless it finishes or fails: a stop closes this
+        last = None
+        async with contextlib.aclosing(deltas):
+            async for delta in deltas:
+                if delta.tokens:
+                    now = monotonic()
+                    if last is None:
+                        self.first_token.observe(now - started)
+                    else:
+                        for _ in range(delta.tokens):  # a remote chunk may stand for several
+                            self.inter_token.observe((now - last) / delta.tokens)
+                    last = now
+                    self.tokens.inc(delta.tokens)
+                yield delta
+
+    async def count_ending(self, replies: AsyncIterator[Reply]) -> AsyncIterator[Reply]:
+        """Pass `replies` through (as the caller sees them, a stop string's cut included) and
+        count how the reply ended, once."""
+        reason = "cancelled"  # unless it finishes or fails: a stop closes this
         try:
-            async with contextlib.aclosing(deltas):
-                async for delta in deltas:
-                    if delta.tokens:
-                        now = monotonic()
-                        if last is None:
-                            self.first_token.observe(now - started)
-                        else:
-                            for _ in range(delta.tokens):  # a remote chunk may stand for several
-                                self.inter_token.observe((now - last) / delta.tokens)
-                        last = now
-                        self.tokens.inc(delta.tokens)
-                    if delta.finish_reason is not None:
-                        reason = delta.finish_reason
-                    yield delta
+            async with contextlib.aclosing(replies):
+                async for reply in replies:
+                    if reply.finished:
+                        reason = reply.stats.finish_reason
+                    yield reply
         except Exception:
             reason = "error"
             raise

@@ -11,7 +11,11 @@ so a cut can never fall inside a character.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
+
+from .replies import Reply
 
 
 class StopStringMatcher:
@@ -71,3 +75,21 @@ def open_prefix_length(text: str, stops: Sequence[str]) -> int:
         if any(stop.startswith(tail) for stop in stops):
             return length
     return 0
+
+
+async def cut_at_stops(replies: AsyncIterator[Reply], stops: Sequence[str]) -> AsyncIterator[Reply]:
+    """Replies with what may be the start of a stop string held back; at the first stop string,
+    a last reply that ends before it (`finish_reason` "stop"), and the source is closed, which
+    cancels the rest of the reply. Token counts stay the backend's: up to the stop, included."""
+    matcher = StopStringMatcher(stops)
+    shown, seen = "", 0
+    async with contextlib.aclosing(replies):
+        async for reply in replies:
+            shown += matcher.feed(reply.text[seen:])
+            seen = len(reply.text)
+            if matcher.stopped:
+                yield Reply(shown, replace(reply.stats, finish_reason="stop"))
+                return
+            if reply.finished:
+                shown += matcher.flush()
+            yield Reply(shown, reply.stats)

@@ -185,3 +185,26 @@ async def test_the_continuation_joins_the_reply_so_far_as_one_text(tokenizer, en
     assert engine.prompts[0] == encoder.encode_chat(continued(partial), continue_last=True), (
         "the engine sees the open turn, not a new reply header"
     )
+
+
+def test_a_continue_keeps_the_start_its_turn_had(encoder):
+    """A long conversation, past the context: each turn's reply is cut and continued. The
+    continue's prompt must start where its turn's did (whose kept KV cache it goes on from)
+    whenever that start still leaves room for the open reply; earlier turns' prompts never
+    carried this open reply, so replaying them with its cost moves the start elsewhere."""
+    chat_service = service(encoder, context_length=700)
+    params = {**DEFAULTS, "max_new_tokens": 100}
+    budget = 700 - params["max_new_tokens"]
+    history, kept_start, moved = [], 0, []
+    for turn in range(30):
+        question = f"question {turn}: " + "tell me more " * (turn % 4 + 2)
+        chat = chat_service.prepare(question, history, "Be brief.", params)
+        reply = {"role": "assistant", "content": f"reply {turn}: " + "orcas hunt in pods " * (turn % 3 + 3)}
+        history += [{"role": "user", "content": question}, reply]
+        open_cost = len(encoder.open_turn(reply["content"])) - len(encoder.reply_header)
+        carried_on = chat_service.prepare_continuation(history, "Be brief.", params)
+        kept_start += chat.dropped_turns > 0
+        if chat.prompt_tokens + open_cost <= budget and carried_on.dropped_turns != chat.dropped_turns:
+            moved.append((turn, chat.dropped_turns, carried_on.dropped_turns))
+    assert kept_start >= 10, "the conversation went well past the context"
+    assert not moved, f"continues that left their turn's start (turn, turn's start, continue's): {moved}"

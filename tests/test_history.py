@@ -145,3 +145,30 @@ def test_steps_over_a_long_conversation(turn_costs, budget):
             if fitted.dropped_turns != fits[k - 1].dropped_turns:
                 kept = 3 + sum(u + r for u, r in turn_costs[fits[k - 1].dropped_turns : k]) + turn_costs[k][0]
                 assert kept > budget, "the start moves only when the prompt no longer fits"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    turn_costs=st.lists(st.tuples(st.integers(1, 30), st.integers(0, 60)), min_size=1, max_size=40),
+    budget=st.integers(40, 400),
+    reply_cost=st.integers(1, 60),
+)
+def test_a_continue_starts_where_its_turn_did(turn_costs, budget, reply_cost):
+    """A continue's prompt is its turn's plus the open reply: it keeps the turn's start (and so
+    the turn's kept KV cache) while the reply fits there, and never exceeds the budget."""
+    fits = replay(turn_costs, budget)
+    history = []
+    for (user_cost, reply_cost_then), turn in zip(turn_costs, fits):
+        try:
+            carried_on = fit_history(
+                None, history, user("u" * user_cost), budget, cost, fixed_cost=3, open_cost=reply_cost
+            )
+        except PromptTooLong:
+            assert 3 + user_cost + reply_cost > budget
+        else:
+            assert carried_on.prompt_tokens <= budget
+            if turn.prompt_tokens + reply_cost <= budget:
+                assert carried_on.dropped_turns == turn.dropped_turns, "the turn's start"
+            else:
+                assert carried_on.dropped_turns > turn.dropped_turns
+        history += [user("u" * user_cost), bot("r" * reply_cost_then)]

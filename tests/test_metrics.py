@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from orca_space.engines.ladder import EngineChoice
 from orca_space.engines.requests import EngineError, EngineStats
 from orca_space.metrics import AppMetrics
-from orca_space.replies import ReplyDelta
+from orca_space.replies import ReplyDelta, accumulate
 from orca_space.runtime import ChatRuntime
 from orca_space.web.engine_panel import prefix_cache_text
 from orca_space.web.server import prefix_cache_fields
@@ -74,11 +74,16 @@ def test_engine_figures_are_read_at_each_scrape():
 def test_each_reply_is_timed_and_counted_by_how_it_ended():
     metrics = AppMetrics(lambda: None)
     replies = metrics.replies
+
+    def observed(*items, fail: bool = False):
+        timed = replies.observe(deltas(*items, fail=fail), monotonic())
+        return replies.count_ending(accumulate(timed, prompt_tokens=3, started=monotonic()))
+
     token, stop = ReplyDelta("a", tokens=1), ReplyDelta(finish_reason="stop")
-    asyncio.run(drain(replies.observe(deltas(token, token, ReplyDelta("bc", tokens=2), stop), monotonic())))
-    asyncio.run(drain(replies.observe(deltas(token, token, token), monotonic()), stop_after=1))
+    asyncio.run(drain(observed(token, token, ReplyDelta("bc", tokens=2), stop)))
+    asyncio.run(drain(observed(token, token, token), stop_after=1))
     with pytest.raises(EngineError):
-        asyncio.run(drain(replies.observe(deltas(token, fail=True), monotonic())))
+        asyncio.run(drain(observed(token, fail=True)))
     seen = samples(metrics)
     assert seen[("orca_space_time_to_first_token_seconds_count", ())] == 3
     assert 0.01 <= seen[("orca_space_time_to_first_token_seconds_sum", ())] < 3

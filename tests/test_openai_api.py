@@ -182,12 +182,13 @@ def test_raw_stream_is_server_sent_events_ending_with_done(app_url, model):
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
 
 
-def test_stop_strings_cut_the_answer_before_them(client, model):
+def test_stop_strings_cut_the_answer_before_them(client, model, app_url):
     messages = [user("Count for me.")]
     full = ask(client, model, messages, max_tokens=40).choices[0].message.content
     assert len(full) > 20, "the greedy reply is long enough to cut"
     stop = full[12:15]
     expected = full[: full.find(stop)]
+    ended = {reason: finished_total(app_url, reason) for reason in ("stop", "cancelled")}
     for stream in (False, True):
         if stream:
             parts = ask(client, model, messages, max_tokens=40, stop=[stop, "\x07never"], stream=True)
@@ -200,6 +201,15 @@ def test_stop_strings_cut_the_answer_before_them(client, model):
             answer = ask(client, model, messages, max_tokens=40, stop=stop)
             text, finish = answer.choices[0].message.content, answer.choices[0].finish_reason
         assert (text, finish) == (expected, "stop"), f"stream={stream}: cut before the first {stop!r}"
+    deadline = time.monotonic() + 5  # a stream's reply is counted as its generator closes
+    while finished_total(app_url, "stop") < ended["stop"] + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert finished_total(app_url, "stop") == ended["stop"] + 2, "/metrics counts a stop string as a stop"
+    assert finished_total(app_url, "cancelled") == ended["cancelled"], "not as a reply the client stopped"
+
+
+def finished_total(app_url: str, reason: str) -> float:
+    return metric(app_url, "orca_space_requests_finished_total", finished_reason=reason)
 
 
 def test_seed_makes_sampling_reproducible(client, model):

@@ -124,3 +124,34 @@ def test_moving_entries_between_slots(swap, monkeypatch):
     assert torch.equal(cache.k[:, 1], k[:, 1])
     expected = k[:, 0, :, :5] if swap else k[:, 2, :, :5]
     assert torch.equal(cache.k[:, 2, :, :5], expected)
+
+
+def test_a_cache_a_shared_start_was_copied_from_counts_as_used():
+    """Alice's first conversation gives her second its start (a copy): it was used then, so
+    under pressure bob's cache, untouched since it was kept, goes before it (least recently
+    used, not least recently kept)."""
+    import threading
+
+    from orca_space.engines.requests import RequestHandle
+    from orca_space.engines.slots import SlotTable
+    from orca_space.params import SamplingParams
+
+    table = SlotTable(capacity=3, cache_len=128, window=None, mode="private", lock=threading.Condition())
+    k = torch.zeros(1, 3, 1, 129, 2)
+    table.cache = kv_cache.KVCache(k, k.clone(), cache_len=128)
+    start = list(range(1, 41))
+    first, second = start + [7] * 60, start + [8] * 60
+
+    def serve(prompt, scope):
+        slot = table.admit(RequestHandle(prompt, SamplingParams(max_new_tokens=1), cache_scope=scope))
+        reused = slot.prefilled
+        slot.prefilled = slot.high_water = len(prompt)  # as if prefilled, then stopped
+        table.release(slot, keep=True)
+        return reused
+
+    serve(first, "alice")
+    serve([50] * 30, "bob")
+    assert serve(second, "alice") == 40, "alice's second conversation copied the start"
+    serve([60] * 30, "carol")  # the three slots are full: one kept cache must go
+    kept = {int(table.kept.get(row).tokens[-1]) for row in range(3) if row in table.kept}
+    assert kept == {7, 8, 60}, "bob's cache (50s), the least recently used, went; alice's first (7s) stayed"

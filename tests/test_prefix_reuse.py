@@ -227,3 +227,47 @@ def test_reuse_with_a_repetition_penalty_counts_the_whole_prompt(engine_for, tin
         repetition_penalty=1.3,
     )  # fmt: skip
     assert reused(engine) == len(prompt) - 1 and again == out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("failing", ["move_entries", "move_row"])
+def test_a_move_that_fails_fails_its_request_and_leaves_no_kept_cache_wrong(
+    engine_for, tiny_model, monkeypatch, failing
+):
+    """Compaction moves a live request down over a kept cache (a swap). When that move fails,
+    the request fails, and the kept cache either stays whole where its record is or goes: a
+    later prompt of its visitor must still get what a full prefill gives."""
+    from orca_space.engines import decode_step, slots
+
+    engine = engine_for(slots=3)
+    kept_prompt, long_prompt = make_prompt(90, 1), make_prompt(60, 2)
+    with engine._wakeup:  # kept_prompt's request in row 0 ends first; the long one in row 1 goes on
+        short = engine.submit(kept_prompt, greedy(1), cache_scope="alice")
+        running = engine.submit(long_prompt, greedy(40), cache_scope="bob")
+        owner = slots if failing == "move_entries" else decode_step.DecodeBuffers  # KV, or sampling row
+        real = getattr(owner, failing)
+
+        def fail_once(*args, **kwargs):
+            monkeypatch.setattr(owner, failing, real)
+            raise RuntimeError("injected move failure")
+
+        monkeypatch.setattr(owner, failing, fail_once)
+    list(short)
+    assert list(running)[-1].finish_reason == "error", "the request being moved fails"
+    ask(engine, tiny_model, kept_prompt + make_prompt(20, 3), scope="alice")
+
+
+def test_prompt_tokens_prefilled_counts_what_went_through_the_model(engine_for, monkeypatch):
+    """A prompt stopped while it was going in counts the chunks that went in, not all of it."""
+    engine = engine_for(chunk_size=32)
+    partial = engine.submit(make_prompt(300, 5), GREEDY, cache_scope="alice")
+    real_forward, chunks = engine._prefill_forward, []
+
+    def forward_then_stop(rows):
+        chunks.append(rows[0][1])
+        if len(chunks) == 2:
+            partial.cancel()
+        return real_forward(rows)
+
+    monkeypatch.setattr(engine, "_prefill_forward", forward_then_stop)
+    assert list(partial)[-1].finish_reason == "cancelled"
+    assert engine.stats().prompt_tokens_prefilled == 64, "two chunks of 32 went through the model"

@@ -305,6 +305,7 @@ class BatchedEngine(RequestQueue):
         for slot, take in rows:
             slot.wrote(slot.prefilled + width)
             slot.prefilled += take
+            self.table.prompt_tokens_prefilled += take
         done = [index for index, (slot, _) in enumerate(rows) if slot.decoding]
         if done:
             finished = [rows[index][0] for index in done]

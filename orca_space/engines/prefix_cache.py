@@ -111,6 +111,10 @@ class PrefixCache:
         kept = KeptCache(np.asarray(tokens, dtype=np.int64), high_water, scope, next(self._ticks))
         self._kept[row] = kept
 
+    def touch(self, row: int) -> None:
+        """The cache in `row` was just used (a new request copied its start)."""
+        self._kept[row].last_used = next(self._ticks)
+
     def forget(self, row: int) -> KeptCache | None:
         return self._kept.pop(row, None)
 

@@ -40,8 +40,8 @@ class SlotTable:
         self.lock = lock
         self.cache: KVCache | None = None  # set once warm-up has allocated it
         self.buffers = None  # decode_step.DecodeBuffers, likewise
-        self.prompt_tokens_prefilled = 0  # over every admitted request
-        self.prompt_tokens_reused = 0  # taken from kept caches instead
+        self.prompt_tokens_prefilled = 0  # run through the model (the engine counts each chunk)
+        self.prompt_tokens_reused = 0  # taken from kept caches instead, over every admitted request
 
     def active(self) -> list[Slot]:
         return [slot for slot in self.live if slot is not None]
@@ -82,7 +82,6 @@ class SlotTable:
         with self.lock:
             self.live[row] = slot
         self.prompt_tokens_reused += reused
-        self.prompt_tokens_prefilled += len(handle.prompt_ids) - reused
         return slot
 
     def _take_prefix(self, handle: RequestHandle, row: int) -> tuple[int, int]:
@@ -103,6 +102,7 @@ class SlotTable:
             self.kept.forget(row)
             return length, kept.high_water
         # A start shared with another conversation: copy it, keep that conversation's cache.
+        self.kept.touch(source)  # used now: eviction goes by use, not by when it was kept
         if source == row:
             source = self._make_room(row)
             if source is None:  # nowhere to keep it: this request takes it over
@@ -167,10 +167,10 @@ class SlotTable:
         source = slot.index
         try:
             move_entries(self.cache, source, hole, extent, swap=displaced is not None)
-        except Exception:
+            self.buffers.move_row(source, hole)
+        except Exception:  # the hole's entries may have gone to `source` already: keep neither
             self.kept.forget(hole)
             raise
-        self.buffers.move_row(source, hole)
         self.kept.swap(source, hole)
         with self.lock:
             self.live[source], self.live[hole] = None, slot

@@ -37,8 +37,7 @@ from ..chat import MAX_HISTORY_MESSAGE_CHARS, MAX_HISTORY_MESSAGES, ChatService,
 from ..engines.requests import EngineError
 from ..history import PromptTooLong
 from ..params import LIMITS
-from ..replies import Reply, ReplyFinish, ReplyStats, coalesce
-from ..stop_strings import StopStringMatcher
+from ..replies import ReplyFinish, ReplyStats
 from . import openai_schema as schema
 from .access import matching_key
 from .admission import Admission, Refused, request_client
@@ -175,13 +174,7 @@ async def answer_pieces(
 ) -> AsyncIterator[Piece]:
     """The answer's new text as it comes, at most one piece per `update_interval_s`; the last
     piece has the finish reason. `client` (who asks) scopes the engine's kept caches."""
-    if stops:  # cut at each update, then coalesce: a stop is seen (and the reply ended) at once
-        replies = coalesce(
-            cut_at_stops(service.stream(chat, coalesced=False, cache_scope=client), stops),
-            service.limits.update_interval_s,
-        )
-    else:
-        replies = service.stream(chat, cache_scope=client)
+    replies = service.stream(chat, cache_scope=client, stops=stops)
     seen = 0
     async with contextlib.aclosing(replies):
         async for reply in replies:
@@ -192,24 +185,6 @@ async def answer_pieces(
             if text:
                 yield Piece(text, reply.stats)
     raise EngineError("the reply ended without a finish reason; try again")
-
-
-async def cut_at_stops(replies: AsyncIterator[Reply], stops: Sequence[str]) -> AsyncIterator[Reply]:
-    """Replies with what may be the start of a stop string held back; at the first stop string,
-    a last reply that ends before it (`finish_reason` "stop"), and the source is closed, which
-    cancels the rest of the reply. Token counts stay the backend's: up to the stop, included."""
-    matcher = StopStringMatcher(stops)
-    shown, seen = "", 0
-    async with contextlib.aclosing(replies):
-        async for reply in replies:
-            shown += matcher.feed(reply.text[seen:])
-            seen = len(reply.text)
-            if matcher.stopped:
-                yield Reply(shown, replace(reply.stats, finish_reason="stop"))
-                return
-            if reply.finished:
-                shown += matcher.flush()
-            yield Reply(shown, reply.stats)
 
 
 async def collect_answer(pieces: AsyncIterator[Piece]) -> tuple[str, Piece]:
