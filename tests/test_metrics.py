@@ -111,7 +111,7 @@ def test_the_engine_panel_says_what_is_reused():
     text = prefix_cache_text(STATS, runtime_with("eager"))
     assert text == (
         "each visitor's conversation kept for their next turn: 5 of 8 slots hold one; "
-        "750 of 1,000 prompt tokens reused (75%)"
+        "reused 75% of the prompt tokens so far"
     )
     off = EngineStats(True, 0, 0, 4, prefix_cache="off")
     assert "off (`--prefix-cache off`)" in prefix_cache_text(off, runtime_with("eager"))
@@ -122,11 +122,8 @@ def test_the_engine_panel_says_what_is_reused():
     assert "remote server" in prefix_cache_text(remote, runtime_with(None))
 
 
-def test_healthz_counts_the_prompt_tokens_reused():
-    assert prefix_cache_fields(STATS) == {
-        "mode": "private",
-        "kept_slots": 5,
-        "prompt_tokens_prefilled": 250,
-        "prompt_tokens_reused": 750,
-    }
+def test_healthz_says_the_share_reused_and_no_counts_anyone_could_read_prompt_lengths_from():
+    assert prefix_cache_fields(STATS) == {"mode": "private", "kept_slots": 5, "reused_share": 0.75}
     assert prefix_cache_fields(None) == {"mode": None}
+    fresh = EngineStats(True, 0, 0, 4, prefix_cache="private")
+    assert prefix_cache_fields(fresh)["reused_share"] is None, "no prompt yet: no share"

@@ -54,10 +54,11 @@ def prefix_cache_text(stats: EngineStats, runtime: ChatRuntime) -> str:
         why = "each ZeroGPU worker ends with its reply" if zerogpu else "this engine prefills every prompt"
         return f"none: {why}"
     total = stats.prompt_tokens_prefilled + stats.prompt_tokens_reused
-    share = f" ({stats.prompt_tokens_reused / total:.0%})" if total else ""
+    # A share, not counts: the panel is on the public page (see server.prefix_cache_fields).
+    share = f"{stats.prompt_tokens_reused / total:.0%} of the prompt tokens so far" if total else "no prompt yet"
     return (
         f"{PREFIX_CACHE_MODES[stats.prefix_cache]}: {stats.kept_caches} of {stats.capacity} slots hold one; "
-        f"{stats.prompt_tokens_reused:,} of {total:,} prompt tokens reused{share}"
+        f"reused {share}"
     )
 
 

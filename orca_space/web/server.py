@@ -63,15 +63,18 @@ def health(runtime: ChatRuntime) -> dict[str, Any]:
 def prefix_cache_fields(stats) -> dict[str, Any]:
     """How much of the prompts the engine took from kept KV caches (engines/prefix_cache.py):
     `mode` private, shared or off; none for an engine that keeps nothing (the reference rung,
-    ZeroGPU); server when a remote server decides."""
+    ZeroGPU); server when a remote server decides. The share is in whole percent since start:
+    /healthz answers anyone, and token counts read every second would tell how long the
+    prompts of whoever else is chatting are (the counts are in /metrics, which is guarded)."""
     if stats is None:
         return {"mode": None}
-    return {
-        "mode": stats.prefix_cache,
-        "kept_slots": stats.kept_caches,
-        "prompt_tokens_prefilled": stats.prompt_tokens_prefilled,
-        "prompt_tokens_reused": stats.prompt_tokens_reused,
-    }
+    return {"mode": stats.prefix_cache, "kept_slots": stats.kept_caches, "reused_share": reused_share(stats)}
+
+
+def reused_share(stats) -> float | None:
+    """The share of all prompt tokens so far taken from kept caches, to the whole percent."""
+    total = stats.prompt_tokens_prefilled + stats.prompt_tokens_reused
+    return round(stats.prompt_tokens_reused / total, 2) if total else None
 
 
 def engine_fields(runtime: ChatRuntime) -> dict[str, Any]:
