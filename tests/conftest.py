@@ -43,6 +43,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium per test module (each test makes its own contexts)."""
+    from tests.browser_flow import chromium
+
+    with chromium() as browser:
+        yield browser
+
+
 @pytest.fixture()
 def anyio_backend():
     return "asyncio"

@@ -93,6 +93,17 @@ def running_app(
             log.close()
 
 
+def demo_home(tiny_dir: Path, home: Path) -> Path:
+    """A HOME for `app.py --demo` whose demo cache is the session's tiny checkpoint: nothing is
+    built twice, the real home is left alone, and the page names the demo model, not a path."""
+    from orca_space.startup import DEMO_DIR
+
+    demo_dir = home / DEMO_DIR.relative_to(Path.home())
+    demo_dir.parent.mkdir(parents=True)
+    demo_dir.symlink_to(tiny_dir, target_is_directory=True)
+    return home
+
+
 def wait_until_idle(engine, timeout: float = 5.0) -> bool:
     """True once the engine reports nothing generating or queued."""
     deadline = time.monotonic() + timeout

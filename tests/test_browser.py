@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from orca_space.startup import DEMO_DIR
 from orca_space.web.presets import PRESETS
 from tests.browser_flow import (
     BOT_MESSAGES,
@@ -27,13 +26,12 @@ from tests.browser_flow import (
     USER_MESSAGES,
     VIEWPORT,
     chat_in_browser,
-    chromium,
     open_settings,
     require_chromium,
     send,
     set_slider,
 )
-from tests.helpers import ROOT, running_app
+from tests.helpers import ROOT, demo_home, running_app
 from tests.page_flow import (
     CHAT_LABEL,
     CHAT_TOOLBAR,
@@ -72,19 +70,10 @@ def demo_url(tiny_dir, tmp_path_factory):
     """The app as users run the offline preview (`--demo`), so the page (and the README screenshot)
     names the demo model instead of a temporary path. HOME points at a folder whose demo cache is
     the session's tiny checkpoint, so nothing is built twice and the real home is left alone."""
-    home = tmp_path_factory.mktemp("home")
-    demo_dir = home / DEMO_DIR.relative_to(Path.home())
-    demo_dir.parent.mkdir(parents=True)
-    demo_dir.symlink_to(tiny_dir, target_is_directory=True)
+    home = demo_home(tiny_dir, tmp_path_factory.mktemp("home"))
     log = home / "app.log"
     with running_app("--demo", env={"HOME": str(home)}, log_path=log) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as browser:
-        yield browser
 
 
 @pytest.fixture()

@@ -19,19 +19,17 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from orca_space.startup import DEMO_DIR
 from orca_space.web.chat_hooks import MESSAGE_PLACEHOLDER
 from tests.browser_flow import (
     BOT_MESSAGES,
     CHAT_TEXTBOX,
     USER_MESSAGES,
-    chromium,
     open_settings,
     require_chromium,
     send,
     set_slider,
 )
-from tests.helpers import ROOT, running_app
+from tests.helpers import ROOT, demo_home, running_app
 from tests.page_flow import (
     ENGINE_PANEL,
     EXPORT_PANEL,
@@ -102,21 +100,12 @@ def tools_installed():
 def app(tiny_dir, tmp_path_factory):
     """(url, log) of `--demo --context-length 300`; HOME's demo cache is the session's tiny
     checkpoint, as in test_browser.py, so nothing is built twice."""
-    home = tmp_path_factory.mktemp("home")
-    demo_dir = home / DEMO_DIR.relative_to(Path.home())
-    demo_dir.parent.mkdir(parents=True)
-    demo_dir.symlink_to(tiny_dir, target_is_directory=True)
+    home = demo_home(tiny_dir, tmp_path_factory.mktemp("home"))
     log = home / "app.log"
     with running_app(
         "--demo", "--context-length", str(CONTEXT), env={"HOME": str(home)}, log_path=log
     ) as url:
         yield url, log
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as browser:
-        yield browser
 
 
 def new_page(browser, url: str, width: str = "desktop", theme: str = "light"):

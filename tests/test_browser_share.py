@@ -22,7 +22,7 @@ from playwright.sync_api import expect
 from orca_space.settings import parse_settings
 from orca_space.sharing.links import ConversationLinks
 from orca_space.sharing.store import DB_FILENAME, StoreLimits
-from orca_space.startup import DEMO_DIR, new_runtime
+from orca_space.startup import new_runtime
 from orca_space.web.link_page import DELETED, WRONG_TOKEN
 from orca_space.web.reply_stats import ReplyFigures, reply_message, stats_note
 from orca_space.web.server import launch
@@ -33,10 +33,9 @@ from tests.browser_flow import (
     CHAT_TEXTBOX,
     USER_MESSAGES,
     VIEWPORT,
-    chromium,
     require_chromium,
 )
-from tests.helpers import free_port, running_app
+from tests.helpers import demo_home, free_port, running_app
 from tests.page_flow import PROMPT_PANEL, chat_and_wait, open_page, open_panel
 
 pytestmark = pytest.mark.browser
@@ -60,19 +59,10 @@ def data_dir(tmp_path_factory) -> Path:
 def app_url(tiny_dir, tmp_path_factory, data_dir):
     """The demo app (its tiny checkpoint is the session's, as in test_browser), keeping links in
     `data_dir`, with no per-hour limit: the concurrency test shares 20 from one address."""
-    home = tmp_path_factory.mktemp("home")
-    demo_dir = home / DEMO_DIR.relative_to(Path.home())
-    demo_dir.parent.mkdir(parents=True)
-    demo_dir.symlink_to(tiny_dir, target_is_directory=True)
+    home = demo_home(tiny_dir, tmp_path_factory.mktemp("home"))
     env = {"HOME": str(home), "ORCA_DATA_DIR": str(data_dir), "ORCA_LINKS_PER_HOUR": "0"}
     with running_app("--demo", env=env, log_path=home / "app.log") as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as browser:
-        yield browser
 
 
 @pytest.fixture()

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from orca_space.startup import DEMO_DIR
 from tests.doc_snippets import broken_links, markdown_pages, snippets
-from tests.helpers import ROOT, running_app
+from tests.helpers import ROOT, demo_home, running_app
 
 DOCUMENTED_URL = "http://127.0.0.1:7860"
 PAGES = markdown_pages(ROOT)
@@ -36,10 +35,7 @@ EXAMPLE_TIMEOUT_S = 120
 @pytest.fixture(scope="module")
 def app_url(tiny_dir, tmp_path_factory):
     """`python app.py --demo --mcp`, its demo checkpoint being the session's tiny one."""
-    home = tmp_path_factory.mktemp("docs-home")
-    demo_dir = home / DEMO_DIR.relative_to(Path.home())
-    demo_dir.parent.mkdir(parents=True)
-    demo_dir.symlink_to(tiny_dir, target_is_directory=True)
+    home = demo_home(tiny_dir, tmp_path_factory.mktemp("docs-home"))
     with running_app("--demo", "--mcp", env={"HOME": str(home)}, log_path=home / "app.log") as url:
         yield url
 

@@ -29,7 +29,6 @@ from tests.browser_flow import (
     CHAT_TEXTBOX,
     USER_MESSAGES,
     VIEWPORT,
-    chromium,
     close_settings,
     open_settings,
     require_chromium,
@@ -73,12 +72,6 @@ def short_app(tiny_dir):
     require_chromium()
     with page_in_process("--model", str(tiny_dir), "--context-length", str(CONTEXT)) as app:
         yield app
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as browser:
-        yield browser
 
 
 @pytest.fixture()
