@@ -104,6 +104,21 @@ def demo_home(tiny_dir: Path, home: Path) -> Path:
     return home
 
 
+def metric(app_url: str, name: str, **labels: str) -> float:
+    """One sample of GET /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    import httpx
+
+    response = httpx.get(f"{app_url}/metrics", timeout=5)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    raise AssertionError(f"{name} is not in /metrics")
+
+
 def wait_until_idle(engine, timeout: float = 5.0) -> bool:
     """True once the engine reports nothing generating or queued."""
     deadline = time.monotonic() + timeout

@@ -36,7 +36,7 @@ from tests.browser_flow import (
     set_max_new_tokens,
     set_slider,
 )
-from tests.helpers import page_in_process
+from tests.helpers import metric, page_in_process
 from tests.page_flow import (
     CONTINUE,
     EXPORT_PANEL,
@@ -106,6 +106,7 @@ def test_a_page_conversation_past_the_context_keeps_answering_with_every_feature
     panel = page.locator("#prompt-summary")
 
     # 1) Six long turns: from the third on, the oldest are left out, and each is answered.
+    reused_before = metric(url, "orca_space_prompt_tokens_reused_total")
     for n in range(1, 7):
         chat_and_wait(page, long_message(str(n)))
         expect(page.locator(BOT_MESSAGES)).to_have_count(n)
@@ -114,6 +115,8 @@ def test_a_page_conversation_past_the_context_keeps_answering_with_every_feature
             expect(panel, f"turn {n}: the panel names the turns left out").to_contain_text(LEFT_OUT)
             expect(panel).to_contain_text("Message 1:")
     assert "hit max new tokens" in last_stats(page)
+    reused = metric(url, "orca_space_prompt_tokens_reused_total") - reused_before
+    assert reused >= NEW_TOKENS, f"the session's turns reused {reused} prompt tokens of their kept cache"
 
     # 2) Continue the cut reply, past the context.
     page.locator(CONTINUE).click()

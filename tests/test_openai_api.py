@@ -19,7 +19,7 @@ from orca_space.chat import ChatLimits, ChatService
 from orca_space.ratelimit import RateLimiter
 from orca_space.replies import ReplyDelta
 from orca_space.runtime import ChatRuntime
-from tests.helpers import running_app
+from tests.helpers import metric, running_app
 
 SYSTEM = "You are a test."
 # The page's greedy settings in tests/test_app.py: the same reply through either door.
@@ -76,17 +76,6 @@ def page_reply(app_url, messages, max_new_tokens):
     return reply
 
 
-def metric(app_url: str, name: str, **labels: str) -> float:
-    """One sample of GET /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    response = httpx.get(f"{app_url}/metrics", timeout=5)
-    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    raise AssertionError(f"{name} is not in /metrics")
 
 
 def prompt_tokens(app_url: str) -> tuple[float, float]:
