@@ -69,6 +69,24 @@ NOTE_STOP_BUTTON_NAMES_JS = """
   }).observe(document.body, {subtree: true, childList: true, attributes: true});
 }
 """
+# gradio dims an output (0.2 opacity) while its event runs unless show_progress is "hidden".
+NOTE_DIMMED_PANELS_JS = """
+() => {
+  window.dimmedPanels = [];
+  const panels = "#prompt-summary, #prompt-text, #engine-panel";
+  new MutationObserver(() => {
+    for (const dimmed of document.querySelectorAll(`:is(${panels}) .pending, :is(${panels}).pending`)) {
+      window.dimmedPanels.push(dimmed.closest("[id]").id);
+    }
+  }).observe(document.body, {subtree: true, attributes: true, attributeFilter: ["class"]});
+}
+"""
+TRANSITIONS_ENDED_JS = """
+async () => {
+  const fades = document.getAnimations().filter((a) => a instanceof CSSTransition);
+  await Promise.all(fades.map((a) => a.finished.catch(() => null)));
+}
+"""
 # Words of the panels' text split over two lines (a range over a word with more than one line box).
 SPLIT_WORDS_JS = """
 (root) => {
@@ -250,15 +268,20 @@ def test_the_controls_are_named_and_axe_finds_nothing_serious(browser, app, widt
         set_slider(page, "Temperature", 0)  # greedy: the tiny model's reply runs all its 150 tokens
         # The stop button lives only while a reply streams (a second or so): its name is noted
         # as it appears rather than looked for in time.
-        page.evaluate(NOTE_STOP_BUTTON_NAMES_JS)
-        send(page.locator(CHAT_TEXTBOX), "Tell me a story about an orca who learns to surf.")
-        wait_until_settled(page)
-        assert "Stop the reply" in page.evaluate("window.stopButtonNames"), "the stop button has no name"
         for panel in (PROMPT_PANEL, ENGINE_PANEL):
             open_panel(page, panel)
         expect(page.locator("#engine-panel")).to_contain_text("Chats")
-        # Nothing in flight (a panel's first fill, a refresh): gradio dims an output while it waits.
+        page.evaluate(NOTE_STOP_BUTTON_NAMES_JS)
+        page.evaluate(NOTE_DIMMED_PANELS_JS)
+        send(page.locator(CHAT_TEXTBOX), "Tell me a story about an orca who learns to surf.")
+        wait_until_settled(page)
+        expect(page.locator("#prompt-text")).to_contain_text("Tell me a story")
+        page.wait_for_timeout(2500)  # an engine panel refresh or more
+        assert "Stop the reply" in page.evaluate("window.stopButtonNames"), "the stop button has no name"
+        assert page.evaluate("window.dimmedPanels") == [], "an open panel flickers as it is filled"
+        # Nothing in flight, and no fade still running: axe reads colours as they are drawn.
         page.wait_for_function("() => document.querySelectorAll('.wrap.default:not(.hide)').length === 0")
+        page.evaluate(TRANSITIONS_ENDED_JS)
         page.add_script_tag(path=str(AXE_JS))
         result = page.evaluate("async () => await axe.run(document, {resultTypes: ['violations']})")
         serious = [

@@ -55,13 +55,12 @@ def add_prompt_panel(last_prompt: gr.State) -> None:
         )
     is_open = gr.State(False)
     outputs = [summary, text]
-    panel.expand(show_prompt, [last_prompt], outputs, queue=False, api_visibility="private").then(
-        lambda: True, None, [is_open], queue=False, api_visibility="private"
-    )
-    panel.collapse(lambda: False, None, [is_open], queue=False, api_visibility="private")
-    last_prompt.change(
-        show_prompt_if_open, [last_prompt, is_open], outputs, queue=False, api_visibility="private"
-    )
+    # Filled quietly: gradio dims an output to 0.2 opacity while its event runs and fades it back,
+    # a flicker after every reply for a fill that takes milliseconds.
+    private = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
+    panel.expand(show_prompt, [last_prompt], outputs, **private).then(lambda: True, None, [is_open], **private)
+    panel.collapse(lambda: False, None, [is_open], **private)
+    last_prompt.change(show_prompt_if_open, [last_prompt, is_open], outputs, **private)
 
 
 def show_prompt(state: dict | None):
@@ -198,8 +197,8 @@ def add_engine_panel(runtime: ChatRuntime) -> None:
     with gr.Accordion("Engine", open=False) as panel:
         figures = gr.Markdown("", elem_id="engine-panel")
     timer = gr.Timer(ENGINE_REFRESH_S, active=False)
-    private = {"queue": False, "api_visibility": "private"}
+    # Quietly: gradio dims an output while its event runs, which every 2 s would be a flicker.
+    private = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
     panel.expand(lambda: (engine_markdown(runtime), gr.Timer(active=True)), None, [figures, timer], **private)
     panel.collapse(lambda: gr.Timer(active=False), None, [timer], **private)
-    # Quietly: gradio dims an output while its event runs, which every 2 s would be a flicker.
-    timer.tick(lambda: engine_markdown(runtime), None, [figures], show_progress="hidden", **private)
+    timer.tick(lambda: engine_markdown(runtime), None, [figures], **private)
