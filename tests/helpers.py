@@ -119,6 +119,22 @@ def metric(app_url: str, name: str, **labels: str) -> float:
     raise AssertionError(f"{name} is not in /metrics")
 
 
+def chat_and_sync_ids(http) -> dict[str, int]:
+    """fn ids of the page's /chat and of the chatbot -> history sync that the page calls after
+    every turn (what a client can post to directly, forging a history)."""
+    config = http.get("/config").json()
+    kinds = {c["id"]: c["type"] for c in config["components"]}
+    deps = config["dependencies"]
+    chat = next(d for d in deps if d.get("api_name") == "chat")
+    sync = next(
+        d
+        for d in deps
+        if [kinds[i] for i in d["inputs"]] == ["chatbot"]
+        and [kinds[i] for i in d["outputs"]] == ["state", "state"]
+    )
+    return {"chat": chat["id"], "sync": sync["id"]}
+
+
 def wait_until_idle(engine, timeout: float = 5.0) -> bool:
     """True once the engine reports nothing generating or queued."""
     deadline = time.monotonic() + timeout

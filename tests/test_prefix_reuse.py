@@ -65,6 +65,22 @@ def ask(engine, model, prompt, scope="alice", params=GREEDY) -> list[int]:
     return got
 
 
+def stopped_after_two_chunks(engine: BatchedEngine, monkeypatch, prompt: list[int], scope: str) -> None:
+    """Send `prompt` and stop it while it is going in, once two of its chunks went through the model."""
+    real_forward, chunks = engine._prefill_forward, []
+
+    def forward_then_stop(rows):
+        chunks.append(rows[0][1])
+        if len(chunks) == 2:
+            rows[0][0].handle.cancel()
+        return real_forward(rows)
+
+    monkeypatch.setattr(engine, "_prefill_forward", forward_then_stop)
+    partial = engine.submit(prompt, GREEDY, cache_scope=scope)
+    assert list(partial)[-1].finish_reason == "cancelled"
+    monkeypatch.setattr(engine, "_prefill_forward", real_forward)
+
+
 def test_next_turn_retry_edit_and_continue_start_from_the_kept_cache(engine_for, tiny_model):
     engine = engine_for()
     first = make_prompt(150)
@@ -104,18 +120,7 @@ def test_a_stopped_reply_leaves_its_cache_for_the_retry(engine_for, tiny_model, 
     assert reused(engine) == len(prompt) - 1
     # Stopped while its prompt was still going in: the two chunks already in are kept.
     long = make_prompt(300, 7)
-    partial = engine.submit(long, GREEDY, cache_scope="bob")
-    real_forward, chunks = engine._prefill_forward, []
-
-    def forward_then_stop(rows):
-        chunks.append(rows[0][1])
-        if len(chunks) == 2:
-            partial.cancel()
-        return real_forward(rows)
-
-    monkeypatch.setattr(engine, "_prefill_forward", forward_then_stop)
-    assert list(partial)[-1].finish_reason == "cancelled"
-    monkeypatch.setattr(engine, "_prefill_forward", real_forward)
+    stopped_after_two_chunks(engine, monkeypatch, long, scope="bob")
     before = reused(engine)
     ask(engine, tiny_model, long, scope="bob")
     assert reused(engine) - before == 64, "the whole chunks prefilled before the stop"
@@ -259,15 +264,5 @@ def test_a_move_that_fails_fails_its_request_and_leaves_no_kept_cache_wrong(
 def test_prompt_tokens_prefilled_counts_what_went_through_the_model(engine_for, monkeypatch):
     """A prompt stopped while it was going in counts the chunks that went in, not all of it."""
     engine = engine_for(chunk_size=32)
-    partial = engine.submit(make_prompt(300, 5), GREEDY, cache_scope="alice")
-    real_forward, chunks = engine._prefill_forward, []
-
-    def forward_then_stop(rows):
-        chunks.append(rows[0][1])
-        if len(chunks) == 2:
-            partial.cancel()
-        return real_forward(rows)
-
-    monkeypatch.setattr(engine, "_prefill_forward", forward_then_stop)
-    assert list(partial)[-1].finish_reason == "cancelled"
+    stopped_after_two_chunks(engine, monkeypatch, make_prompt(300, 5), scope="alice")
     assert engine.stats().prompt_tokens_prefilled == 64, "two chunks of 32 went through the model"

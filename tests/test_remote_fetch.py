@@ -24,7 +24,7 @@ import safehttpx
 from fastapi import HTTPException
 
 from orca_space.web.remote_fetch_guard import NO_REMOTE_DOWNLOADS, NO_REMOTE_FILES, fetches_remote
-from tests.helpers import app_in_process
+from tests.helpers import app_in_process, chat_and_sync_ids
 from tests.test_security import read_events
 
 ANSWER_DEADLINE = 30.0
@@ -297,21 +297,6 @@ REMOTE_FILE = {"path": "https://example.com/big.bin", "meta": {"_type": "gradio.
 CHAT_VALUES = ["hi", "You are a test.", 4, 0.0, 0.95, 40, 1.0]
 
 
-def config_ids(http) -> dict[str, int]:
-    """fn ids of the page's /chat and of its chatbot -> history sync."""
-    config = http.get("/config").json()
-    kinds = {c["id"]: c["type"] for c in config["components"]}
-    deps = config["dependencies"]
-    chat = next(d for d in deps if d.get("api_name") == "chat")
-    sync = next(
-        d
-        for d in deps
-        if [kinds[i] for i in d["inputs"]] == ["chatbot"]
-        and [kinds[i] for i in d["outputs"]] == ["state", "state"]
-    )
-    return {"chat": chat["id"], "sync": sync["id"]}
-
-
 def call_and_read(http, api_name: str, data: list) -> list[tuple[str, object]]:
     posted = http.post(f"/gradio_api/call/{api_name}", json={"data": data})
     assert posted.status_code == 200, posted.text[:200]
@@ -330,7 +315,7 @@ def test_a_remote_file_in_a_forged_history_is_not_downloaded(app, fetches, http)
     part = {"type": "file", "file": REMOTE_FILE}
     body = {
         "data": [[{"role": "user", "content": [part]}]],
-        "fn_index": config_ids(http)["sync"],
+        "fn_index": chat_and_sync_ids(http)["sync"],
         "session_hash": f"remote-{time.monotonic_ns()}",
     }
     response = http.post("/gradio_api/run/predict", json=body)

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from orca_space.chat import MAX_HISTORY_MESSAGE_CHARS, MAX_HISTORY_MESSAGES
-from tests.helpers import ROOT, running_app
+from tests.helpers import ROOT, chat_and_sync_ids, running_app
 
 GOOD = {
     "message": "hi",
@@ -207,18 +207,8 @@ def test_malformed_body_is_refused_before_the_queue(http, body):
 
 @pytest.fixture(scope="module")
 def endpoints(http):
-    """fn ids of /chat and of the chatbot -> history sync that the page calls after every turn."""
-    config = http.get("/config").json()
-    kinds = {c["id"]: c["type"] for c in config["components"]}
-    deps = config["dependencies"]
-    chat = next(d for d in deps if d.get("api_name") == "chat")
-    sync = next(
-        d
-        for d in deps
-        if [kinds[i] for i in d["inputs"]] == ["chatbot"]
-        and [kinds[i] for i in d["outputs"]] == ["state", "state"]
-    )
-    return {"chat": chat["id"], "sync": sync["id"]}
+    """fn ids of /chat and of the history sync that the page calls after every turn."""
+    return chat_and_sync_ids(http)
 
 
 def text_part(text: str) -> list[dict]:
