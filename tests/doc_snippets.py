@@ -92,7 +92,7 @@ def anchors(page: Path) -> set[str]:
 
 def broken_links(page: Path, root: Path) -> list[str]:
     """Relative links and images of `page` that name no file of the repository, or no heading."""
-    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.DOTALL)
     text = re.sub(r"`[^`\n]*`", "", text)
     problems = []
     targets = [m["target"] for m in LINK.finditer(text)] + [m["target"] for m in IMAGE.finditer(text)]

@@ -106,9 +106,8 @@ def demo_home(tiny_dir: Path, home: Path) -> Path:
 
 def metric(app_url: str, name: str, **labels: str) -> float:
     """One sample of GET /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     import httpx
+    from prometheus_client.parser import text_string_to_metric_families
 
     response = httpx.get(f"{app_url}/metrics", timeout=5)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")

@@ -154,9 +154,7 @@ def reply_after(page, action, max_new_tokens: int) -> str:
     set_max_new_tokens(page, max_new_tokens)
     close_settings(page)
     action()
-    expect(page.locator(REPLY_STATS).last).to_contain_text(
-        f"{max_new_tokens} tokens · ", timeout=60_000
-    )
+    expect(page.locator(REPLY_STATS).last).to_contain_text(f"{max_new_tokens} tokens · ", timeout=60_000)
     wait_until_settled(page)
     return page.locator(BOT_MESSAGES).last.inner_text()
 

@@ -52,7 +52,9 @@ def test_the_example_runs_against_the_app(example, app_url, tmp_path):
         pytest.skip(f"{example.name} runs elsewhere: {example.elsewhere}")
     code = example.code.replace(DOCUMENTED_URL, app_url)
     assert app_url in code or DOCUMENTED_URL not in example.code
-    command = [sys.executable, "-c", code] if example.kind == "python" else ["bash", "-euo", "pipefail", "-c", code]
+    command = (
+        [sys.executable, "-c", code] if example.kind == "python" else ["bash", "-euo", "pipefail", "-c", code]
+    )
     done = subprocess.run(
         command,
         cwd=ROOT,
@@ -85,7 +87,7 @@ def test_the_snippet_reader_finds_marks_fences_and_broken_links(tmp_path):
         "# Top\n\n## Use it `now`\n\n"
         "```python\nprint('runs')\n```\n\n"
         "<!-- example: elsewhere (needs a GPU) -->\n```bash\nnvidia-smi\n```\n\n"
-        "```json\n{\"shown\": true}\n```\n\n"
+        '```json\n{"shown": true}\n```\n\n'
         "[ok](docs/a.md#part-two) [same page](#use-it-now) [gone](docs/missing.md) [bad](#nowhere)\n",
         encoding="utf-8",
     )

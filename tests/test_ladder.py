@@ -80,7 +80,9 @@ def test_a_capture_that_hangs_past_the_deadline_is_left_and_released_later(
     real_build = ladder.build_rung
     monkeypatch.setattr(ladder, "build_rung", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
     started = time.monotonic()
-    engine, chosen = start(tiny_model, encoder, probes, warmup_timeout=3.0)  # the eager rung must warm up within it too
+    engine, chosen = start(
+        tiny_model, encoder, probes, warmup_timeout=3.0
+    )  # the eager rung must warm up within it too
     try:
         assert time.monotonic() - started < 15, "the Space does not wait on a wedged capture"
         assert chosen.engine == "eager"

@@ -53,7 +53,7 @@ def test_offline_and_not_cached_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # get past the GPU check
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    import huggingface_hub.constants as constants
+    from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))

@@ -175,20 +175,33 @@ def test_the_openai_api_refuses_a_conversation_over_the_context_and_answers_one_
     url, _, _ = short_app
     messages = [{"role": "system", "content": "You are a test."}]
     for n in range(2):
-        messages += [{"role": "user", "content": long_message(f"v1-{n}")}, {"role": "assistant", "content": "ok"}]
+        messages += [
+            {"role": "user", "content": long_message(f"v1-{n}")},
+            {"role": "assistant", "content": "ok"},
+        ]
     messages.append({"role": "user", "content": "and now?"})
     with httpx.Client(base_url=f"{url}/v1", timeout=60) as http:
         probe = http.post("/chat/completions", json={"messages": messages, "max_tokens": 1, "temperature": 0})
         assert probe.status_code == 200, probe.text
         prompt_tokens = probe.json()["usage"]["prompt_tokens"]
         room = CONTEXT - prompt_tokens
-        fits = http.post("/chat/completions", json={"messages": messages, "max_tokens": room, "temperature": 0})
-        assert fits.status_code == 200, f"prompt {prompt_tokens} + {room} new tokens fills the context: {fits.text}"
+        fits = http.post(
+            "/chat/completions", json={"messages": messages, "max_tokens": room, "temperature": 0}
+        )
+        assert fits.status_code == 200, (
+            f"prompt {prompt_tokens} + {room} new tokens fills the context: {fits.text}"
+        )
         over = http.post(
             "/chat/completions", json={"messages": messages, "max_tokens": room + 1, "temperature": 0}
         )
-        assert over.status_code == 400 and over.json()["error"]["code"] == "context_length_exceeded", over.text
-        longer = [*messages[:-1], {"role": "assistant", "content": "ok"}, {"role": "user", "content": long_message("x")}]
+        assert over.status_code == 400 and over.json()["error"]["code"] == "context_length_exceeded", (
+            over.text
+        )
+        longer = [
+            *messages[:-1],
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": long_message("x")},
+        ]
         refused = http.post("/chat/completions", json={"messages": longer, "max_tokens": 8})
         assert refused.status_code == 400, refused.text
         assert refused.json()["error"]["code"] == "context_length_exceeded"

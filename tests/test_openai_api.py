@@ -76,8 +76,6 @@ def page_reply(app_url, messages, max_new_tokens):
     return reply
 
 
-
-
 def prompt_tokens(app_url: str) -> tuple[float, float]:
     """(prefilled, reused) prompt tokens so far, from /metrics."""
     return (
@@ -302,7 +300,7 @@ def test_full_queue_is_a_429_and_dropped_streams_free_the_engine(app_url, model,
         finally:
             for stream in streams:
                 stream.__exit__(None, None, None)  # the client drops each stream mid-reply
-    idle = lambda: (body := health(app_url))["active"] == 0 and body["queued"] == 0  # noqa: E731
+    idle = lambda: (body := health(app_url))["active"] == 0 and body["queued"] == 0
     wait_for(idle, 6.0, "dropped streams must not keep generating")
     assert ask(client, model, [user("next")], max_tokens=4).choices[0].message.content, "and the next works"
 

@@ -119,7 +119,9 @@ def test_moving_entries_between_slots(swap, monkeypatch):
     k = torch.arange(2 * 3 * 1 * 8 * 2, dtype=torch.float32).view(2, 3, 1, 8, 2)
     cache = kv_cache.KVCache(k.clone(), -k.clone(), cache_len=7)
     kv_cache.move_entries(cache, source=2, target=0, entries=5, swap=swap)
-    assert torch.equal(cache.k[:, 0, :, :5], k[:, 2, :, :5]) and torch.equal(cache.v[:, 0, :, :5], -k[:, 2, :, :5])
+    assert torch.equal(cache.k[:, 0, :, :5], k[:, 2, :, :5]) and torch.equal(
+        cache.v[:, 0, :, :5], -k[:, 2, :, :5]
+    )
     assert torch.equal(cache.k[:, 0, :, 5:], k[:, 0, :, 5:]), "only the entries asked for"
     assert torch.equal(cache.k[:, 1], k[:, 1])
     expected = k[:, 0, :, :5] if swap else k[:, 2, :, :5]

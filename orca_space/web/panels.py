@@ -58,7 +58,9 @@ def add_prompt_panel(last_prompt: gr.State) -> None:
     # Filled quietly: gradio dims an output to 0.2 opacity while its event runs and fades it back,
     # a flicker after every reply for a fill that takes milliseconds.
     private = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
-    panel.expand(show_prompt, [last_prompt], outputs, **private).then(lambda: True, None, [is_open], **private)
+    panel.expand(show_prompt, [last_prompt], outputs, **private).then(
+        lambda: True, None, [is_open], **private
+    )
     panel.collapse(lambda: False, None, [is_open], **private)
     last_prompt.change(show_prompt_if_open, [last_prompt, is_open], outputs, **private)
 
