@@ -21,6 +21,7 @@ from .admission import Admission
 from .assets import CSS, LIVE_PAGE_HEAD, page_theme
 from .link_page import LINK_PAGE_CSS
 from .mcp_tool import add_mcp_tool, expose_only_the_tool, quiet_state_warning
+from .media_policy import SameOriginMedia
 from .openai_api import OpenAIApi
 from .remote_fetch_guard import RemoteFetchGuard, refuse_remote_downloads
 
@@ -157,6 +158,7 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
         "routes": [health_route(runtime), metrics_route(runtime), *api.routes()],
         "middleware": [
             Middleware(RemoteFetchGuard),  # no fetching of URLs for clients: see remote_fetch_guard.py
+            Middleware(SameOriginMedia),  # no picture in a message calls home: see media_policy.py
             Middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES),
             # /v1 and gradio's MCP mount are not behind gradio's login: see access.py.
             Middleware(AccessGate, keys=settings.access_key, login_required=settings.auth is not None),
