@@ -74,9 +74,10 @@ def fit_history(
             "(context length minus max new tokens); shorten it or lower max new tokens"
         )
     turns = group_turns(history)
-    turn_costs = [sum(message_cost(m) for m in turn) for turn in turns]
+    costs = [[message_cost(m) for m in turn] for turn in turns]  # each message tokenized once
+    turn_costs = [sum(turn) for turn in costs]
     # Each earlier turn's own new message: its first (it starts with the user's, see group_turns).
-    asked = [message_cost(turn[0]) for turn in turns] + [new_cost]
+    asked = [turn[0] for turn in costs] + [new_cost]
     start = stable_start(turn_costs, asked, base, budget, open_cost)
     messages = required + [m for turn in turns[start:] for m in turn] + [new_user]
     used = base + sum(turn_costs[start:]) + new_cost + open_cost
@@ -109,8 +110,10 @@ def stable_start(
         if base + ends[k] - ends[start] + asked[k] + extra <= budget:
             return start
         roomy = first_fitting(start, k, extra, budget * (1 - HEADROOM))
+        if roomy is not None:
+            return roomy
         fitting = first_fitting(start, k, extra, budget)
-        return roomy if roomy is not None else fitting if fitting is not None else k
+        return fitting if fitting is not None else k
 
     start = 0
     for k in range(len(asked)):

@@ -8,6 +8,7 @@ prefilled over several chunks.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -416,6 +417,28 @@ def test_failed_warm_up_is_reported_not_hung(tiny_model, monkeypatch):
     )
     assert final_event(engine.submit(make_prompt(5), GREEDY)).finish_reason == "error"
     engine.close()
+
+
+def test_close_cancels_a_request_caught_between_the_queue_and_its_slot(new_engine, monkeypatch):
+    """close() cancels what waits and what runs; a request the engine thread has taken off the
+    queue but not yet placed in a slot is neither, and must not run on to its token limit."""
+    engine = new_engine()
+    real_admit, admitting = engine.table.admit, threading.Event()
+
+    def admit_after_close(handle):
+        admitting.set()
+        deadline = time.monotonic() + 5
+        while not engine._closing and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return real_admit(handle)
+
+    monkeypatch.setattr(engine.table, "admit", admit_after_close)
+    handle = engine.submit(make_prompt(20), SamplingParams(max_new_tokens=900, temperature=0.0))
+    assert admitting.wait(5)
+    closer = threading.Thread(target=engine.close, args=(30,))
+    closer.start()
+    assert final_event(handle).finish_reason == "cancelled", "close() let it run to its limit"
+    closer.join(30)
 
 
 def test_warm_up_reports_progress(tiny_model):

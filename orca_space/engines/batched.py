@@ -46,7 +46,7 @@ from .requests import (
 )
 from .sampling import NON_FINITE
 from .scheduling import Slot, eager_shortcuts, prefill_rows
-from .slots import SlotTable
+from .slots import MoveFailed, SlotTable
 from .warmup import WarmUpAbandoned, WarmUpFailed, capture_every_shape, stage
 
 log = logging.getLogger(__name__)
@@ -241,9 +241,8 @@ class BatchedEngine(RequestQueue):
         while self.table.holes():
             try:
                 self.table.compact_once()
-            except Exception as exc:  # the request whose cache was being moved
-                moving = max((s for s in self._slots if s is not None), key=lambda s: s.index)
-                self._fail([moving], exc)
+            except MoveFailed as failed:
+                self._fail([failed.slot], failed.__cause__)
 
     def _admit(self) -> None:
         while True:
@@ -256,6 +255,8 @@ class BatchedEngine(RequestQueue):
                 continue
             slot = self.table.admit(handle)
             self.buffers.set_request(slot.index, handle.params)
+            if self._closing:  # close() ran while this request was in neither list, so missed it
+                handle.cancel()
 
     def _check_fits(self, handle: RequestHandle) -> str | None:
         prompt_len, new = len(handle.prompt_ids), handle.params.max_new_tokens

@@ -118,6 +118,9 @@ class PrefixCache:
     def forget(self, row: int) -> KeptCache | None:
         return self._kept.pop(row, None)
 
+    def clear(self) -> None:
+        self._kept.clear()
+
     def swap(self, a: int, b: int) -> None:
         """Rows a and b exchanged their contents: their records follow."""
         first, second = self._kept.pop(a, None), self._kept.pop(b, None)

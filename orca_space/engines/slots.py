@@ -20,12 +20,21 @@ from __future__ import annotations
 import logging
 import threading
 
+from . import device
 from .kv_cache import KVCache, move_entries
 from .prefix_cache import PrefixCache, entries_to_copy, is_redundant, used_entries
 from .requests import RequestHandle
 from .scheduling import Slot
 
 log = logging.getLogger(__name__)
+
+
+class MoveFailed(Exception):
+    """Moving a live request's cache failed; `slot` is that request (its cause: why)."""
+
+    def __init__(self, slot: Slot) -> None:
+        super().__init__(f"moving request {slot.handle.id}'s cache failed")
+        self.slot = slot
 
 
 class SlotTable:
@@ -62,8 +71,7 @@ class SlotTable:
     def clear(self) -> None:
         with self.lock:
             self.live[:] = [None] * len(self.live)
-        for row in range(len(self.live)):
-            self.kept.forget(row)
+        self.kept.clear()
 
     # -- a request comes --
     def admit(self, handle: RequestHandle) -> Slot:
@@ -74,9 +82,10 @@ class SlotTable:
         try:
             reused, high_water = self._take_prefix(handle, row)
         except Exception as exc:  # a copy failed half-way: trust no kept cache, prefill it all
+            if device.is_fatal_device_error(exc):
+                raise  # the CUDA context is gone for everyone: the engine fails all
             log.warning("moving a kept cache failed; prefilling request %s whole", handle.id, exc_info=exc)
-            for kept_row in range(len(self.live)):
-                self.kept.forget(kept_row)
+            self.kept.clear()
             reused, high_water = 0, 0
         slot = Slot(handle, row, prefilled=reused, high_water=high_water)
         with self.lock:
@@ -103,33 +112,29 @@ class SlotTable:
             return length, kept.high_water
         # A start shared with another conversation: copy it, keep that conversation's cache.
         self.kept.touch(source)  # used now: eviction goes by use, not by when it was kept
-        if source == row:
-            source = self._make_room(row)
-            if source is None:  # nowhere to keep it: this request takes it over
-                return length, kept.high_water
-        else:
-            self._make_room(row, exclude=source)
+        if source == row:  # the row keeps its entries (a copy goes elsewhere, or none): start on them
+            self._make_room(row)
+            return length, kept.high_water
+        self._make_room(row, exclude=source)
         move_entries(self.cache, source, row, needed)
         return length, kept.high_water
 
-    def _make_room(self, row: int, exclude: int | None = None) -> int | None:
-        """`row` takes a new request: the kept cache it holds (if any) moves to a free row, or
-        over the least recently used kept cache when that one is older, or is dropped.
-        Returns the row it went to."""
+    def _make_room(self, row: int, exclude: int | None = None) -> None:
+        """`row` takes a new request: the kept cache it holds (if any) is copied to a free row,
+        or over the least recently used kept cache when that one is older, or is dropped."""
         kept = self.kept.get(row)
         if kept is None:
-            return None
+            return
         target = self._free_row(exclude={row, exclude})
         if target is None:
             victim = self.kept.eviction_victim(exclude={row, exclude})
             if victim is None or self.kept.get(victim).last_used > kept.last_used:
                 self.kept.forget(row)  # it is the least recently used itself
-                return None
+                return
             self.kept.forget(victim)
             target = victim
         move_entries(self.cache, row, target, used_entries(kept.high_water, self.cache_len))
         self.kept.swap(row, target)
-        return target
 
     def _free_row(self, exclude: set[int | None]) -> int | None:
         """The highest row holding nothing (kept caches gather at the top, away from the rows
@@ -153,10 +158,10 @@ class SlotTable:
         count = self.live_count
         return any(slot is None for slot in self.live[:count])
 
-    def compact_once(self) -> Slot:
+    def compact_once(self) -> None:
         """Move the highest live request into the lowest row below `live_count` that holds
-        none; whatever that row held (a kept cache) goes to the row it leaves. Returns the slot
-        moved. Raises if the copy fails (the engine then fails that request)."""
+        none; whatever that row held (a kept cache) goes to the row it leaves. Raises MoveFailed
+        naming that request if the copy fails (the engine then fails it)."""
         count = self.live_count
         hole = next(row for row in range(count) if self.live[row] is None)
         slot = self.live[max(row for row, s in enumerate(self.live) if s is not None)]
@@ -168,11 +173,10 @@ class SlotTable:
         try:
             move_entries(self.cache, source, hole, extent, swap=displaced is not None)
             self.buffers.move_row(source, hole)
-        except Exception:  # the hole's entries may have gone to `source` already: keep neither
+        except Exception as exc:  # the hole's entries may have gone to `source` already: keep neither
             self.kept.forget(hole)
-            raise
+            raise MoveFailed(slot) from exc
         self.kept.swap(source, hole)
         with self.lock:
             self.live[source], self.live[hole] = None, slot
             slot.index = hole
-        return slot
