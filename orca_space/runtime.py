@@ -26,8 +26,11 @@ class ChatRuntime:
     engine_choice: EngineChoice | None = None  # which local engine serves, and why
     limiter: RateLimiter | None = None  # per user or address; None = no limit
     trusted_proxy_hops: int = 0
-    metrics: AppMetrics | None = None  # what GET /metrics serves (the server adds one if none)
     links: ConversationLinks | None = None  # conversation links (not --share); None = none offered
+    metrics: AppMetrics = field(init=False)  # what GET /metrics serves; the chat service feeds it
+
+    def __post_init__(self) -> None:
+        self.metrics = AppMetrics(self.engine_stats)
 
     def engine_stats(self) -> EngineStats | None:
         return self.engine.stats() if self.engine is not None else None

@@ -20,7 +20,6 @@ from .loading import (
     pick_device,
     resolve_checkpoint,
 )
-from .metrics import AppMetrics
 from .ratelimit import RateLimiter
 from .runtime import ChatRuntime
 from .settings import Settings
@@ -45,7 +44,7 @@ def chat_limits(settings: Settings) -> ChatLimits:
 
 
 def new_runtime(settings: Settings, model_name: str, demo: bool, concurrency: int) -> ChatRuntime:
-    runtime = ChatRuntime(
+    return ChatRuntime(
         model_name=model_name,
         context_length=settings.context_length,
         demo=demo,
@@ -54,8 +53,6 @@ def new_runtime(settings: Settings, model_name: str, demo: bool, concurrency: in
         trusted_proxy_hops=settings.trusted_proxy_hops,
         links=conversation_links(settings),
     )
-    runtime.metrics = AppMetrics(runtime.engine_stats)
-    return runtime
 
 
 def new_service(runtime: ChatRuntime, backend, encoder: ChatEncoder, settings: Settings) -> ChatService:

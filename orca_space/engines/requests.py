@@ -59,6 +59,12 @@ class EngineStats:
     prompt_tokens_prefilled: int = 0  # prompt tokens run through the model, since the start
     prompt_tokens_reused: int = 0  # prompt tokens taken from kept caches instead
 
+    @property
+    def reused_share(self) -> float | None:
+        """The share of all prompt tokens so far taken from kept caches; None before any."""
+        total = self.prompt_tokens_prefilled + self.prompt_tokens_reused
+        return self.prompt_tokens_reused / total if total else None
+
 
 class EngineError(RuntimeError):
     """A request ended with an error; the message is meant for the user."""

@@ -53,11 +53,9 @@ def prefix_cache_text(stats: EngineStats, runtime: ChatRuntime) -> str:
         zerogpu = runtime.engine_choice is not None and runtime.engine_choice.engine == "zerogpu"
         why = "each ZeroGPU worker ends with its reply" if zerogpu else "this engine prefills every prompt"
         return f"none: {why}"
-    total = stats.prompt_tokens_prefilled + stats.prompt_tokens_reused
     # A share, not counts: the panel is on the public page (see server.prefix_cache_fields).
-    share = (
-        f"{stats.prompt_tokens_reused / total:.0%} of the prompt tokens so far" if total else "no prompt yet"
-    )
+    reused = stats.reused_share
+    share = "no prompt yet" if reused is None else f"{reused:.0%} of the prompt tokens so far"
     return (
         f"{PREFIX_CACHE_MODES[stats.prefix_cache]}: {stats.kept_caches} of {stats.capacity} slots hold one; "
         f"reused {share}"

@@ -13,7 +13,7 @@ from fastapi.responses import PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from starlette.middleware import Middleware
 
-from ..metrics import CONTENT_TYPE, AppMetrics
+from ..metrics import CONTENT_TYPE
 from ..runtime import ChatRuntime
 from ..settings import Settings
 from .access import AccessGate
@@ -65,17 +65,16 @@ def prefix_cache_fields(stats) -> dict[str, Any]:
     """How much of the prompts the engine took from kept KV caches (engines/prefix_cache.py):
     `mode` private, shared or off; none for an engine that keeps nothing (the reference rung,
     ZeroGPU); server when a remote server decides. The share is in whole percent since start:
-    /healthz answers anyone, and token counts read every second would tell how long the
-    prompts of whoever else is chatting are (the counts are in /metrics, which is guarded)."""
+    /healthz answers anyone even where access keys guard /metrics, and token counts read every
+    second would tell how long the prompts of whoever else is chatting are."""
     if stats is None:
         return {"mode": None}
-    return {"mode": stats.prefix_cache, "kept_slots": stats.kept_caches, "reused_share": reused_share(stats)}
-
-
-def reused_share(stats) -> float | None:
-    """The share of all prompt tokens so far taken from kept caches, to the whole percent."""
-    total = stats.prompt_tokens_prefilled + stats.prompt_tokens_reused
-    return round(stats.prompt_tokens_reused / total, 2) if total else None
+    share = stats.reused_share
+    return {
+        "mode": stats.prefix_cache,
+        "kept_slots": stats.kept_caches,
+        "reused_share": None if share is None else round(share, 2),
+    }
 
 
 def engine_fields(runtime: ChatRuntime) -> dict[str, Any]:
@@ -135,8 +134,6 @@ def health_route(runtime: ChatRuntime) -> APIRoute:
 
 def metrics_route(runtime: ChatRuntime) -> APIRoute:
     """`GET /metrics` in Prometheus' text format (see orca_space/metrics.py); guarded like /v1."""
-    if runtime.metrics is None:
-        runtime.metrics = AppMetrics(runtime.engine_stats)
     metrics = runtime.metrics
 
     async def serve_metrics() -> Response:
