@@ -55,6 +55,12 @@ class RateLimiter:
                 self._forget_idle(now)
             return 0.0
 
+    def give_back(self, key: str) -> None:
+        """Uncount the latest request of `key` (it was counted, then came to nothing)."""
+        with self._lock:
+            if hits := self._hits.get(key):
+                hits.pop()
+
     def _forget_idle(self, now: float) -> None:
         idle = [k for k, hits in self._hits.items() if not hits or hits[-1] <= now - self.window]
         for key in idle:

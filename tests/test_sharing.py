@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -115,14 +116,19 @@ def test_links_expire_and_expired_ones_make_room(tmp_path):
     clock = Clock()
     limits = StoreLimits(max_total_bytes=150, expiry_s=3600)
     store = LinkStore(tmp_path / DB_FILENAME, limits, clock=clock)
-    link = store.create("a" * 100)
-    assert link.expires_at == clock.now + 3600
-    clock.now += 3599
-    assert store.get(link.id) is not None
-    clock.now += 1
-    assert store.get(link.id) is None, "an expired link is not here"
-    store.create("b" * 100)  # the expired one's room is reused
-    assert store.used_bytes() == 100
+    assert store.used_bytes() == 0  # the file and its schema made
+    with contextlib.closing(sqlite3.connect(store.path)) as other:  # keeps the log open, as in the delete test
+        other.execute("SELECT count(*) FROM links").fetchone()
+        link = store.create("EXPIRING-" * 11)
+        assert link.expires_at == clock.now + 3600
+        clock.now += 3599
+        assert store.get(link.id) is not None
+        clock.now += 1
+        assert store.get(link.id) is None, "an expired link is not here"
+        store.create("b" * 100)  # the expired one's room is reused
+        assert store.used_bytes() == 100
+        raw = b"".join(path.read_bytes() for path in tmp_path.iterdir())
+        assert b"EXPIRING-" not in raw, "an expired snapshot's text stays readable on disk"
 
 
 def test_limits_are_checked_when_made():
@@ -280,6 +286,11 @@ def test_links_per_visitor_per_hour(tmp_path):
         links.share([], "", SETTINGS, "m", visitor="ip:3.3.3.3")
     links.share(HISTORY, "", SETTINGS, "m", visitor="ip:3.3.3.3")
     links.share(HISTORY, "", SETTINGS, "m", visitor="ip:3.3.3.3")  # the refused one did not count
+    full = ConversationLinks.in_directory(tmp_path / "full", StoreLimits(max_total_bytes=1), per_hour=1)
+    with pytest.raises(LinkRefused, match="full"):
+        full.share(HISTORY, "", SETTINGS, "m", visitor="ip:4.4.4.4")
+    full.store.limits = StoreLimits()  # room again, as after its owner deleted old links
+    full.share(HISTORY, "", SETTINGS, "m", visitor="ip:4.4.4.4")  # the link not made did not count
     with pytest.raises(ValueError, match="per_hour"):
         ConversationLinks(links.store, per_hour=-1)
 
@@ -295,9 +306,13 @@ def test_a_stored_snapshot_is_the_export_of_the_same_chat(tmp_path):
 def test_a_deleted_conversation_is_gone_from_the_files_and_they_are_private(tmp_path):
     store = LinkStore(tmp_path / DB_FILENAME)
     keep = store.create("kept " * 50)
-    link = store.create("REGRETTED-" * 400)
-    assert store.delete(link.id, link.delete_token)
-    raw = b"".join(path.read_bytes() for path in tmp_path.iterdir())
+    # Another connection open throughout (another request, another worker): SQLite then keeps
+    # its write-ahead log, and the text written there, unless the delete checkpoints it away.
+    with contextlib.closing(sqlite3.connect(store.path)) as other:
+        other.execute("SELECT count(*) FROM links").fetchone()
+        link = store.create("REGRETTED-" * 400)
+        assert store.delete(link.id, link.delete_token)
+        raw = b"".join(path.read_bytes() for path in tmp_path.iterdir())
     assert b"REGRETTED-" not in raw, "a deleted snapshot's text stays readable on disk"
     assert store.get(keep.id) is not None
     assert (store.path.stat().st_mode & 0o777) == 0o600, "only the app's user may read the links"

@@ -16,7 +16,7 @@ from typing import Any
 from ..ratelimit import RateLimiter
 from ..web.transcript import Transcript
 from .snapshot import read_snapshot, take_snapshot
-from .store import DB_FILENAME, LinkRefused, LinkStore, NewLink, StoreLimits
+from .store import DB_FILENAME, LinkError, LinkRefused, LinkStore, NewLink, StoreLimits
 
 HOUR_S = 3600.0
 
@@ -52,7 +52,7 @@ class ConversationLinks:
         visitor: str,
     ) -> NewLink:
         """Store a snapshot of the chat; raises LinkError (refused, or the store unavailable).
-        Only a snapshot that passes its checks counts against the visitor's limit."""
+        Only a link made counts against the visitor's limit."""
         snapshot = take_snapshot(
             history, system_message, settings, model, self.store.limits.max_snapshot_bytes
         )
@@ -61,7 +61,12 @@ class ConversationLinks:
                 f"too many conversation links: the limit is {self.limiter.limit} an hour; "
                 f"try again in {max(1, round(wait / 60))} min"
             )
-        return self.store.create(snapshot)
+        try:
+            return self.store.create(snapshot)
+        except LinkError:  # full or unavailable: no link, so nothing to count
+            if self.limiter is not None:
+                self.limiter.give_back(visitor)
+            raise
 
     def open(self, link_id: object) -> SharedConversation | None:
         """The link's conversation, or None when it is not here (deleted, expired, a wrong id);
