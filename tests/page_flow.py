@@ -45,9 +45,11 @@ def chat_and_wait(page, message: str, max_new_tokens: int | None = None) -> str:
         open_settings(page)
         set_max_new_tokens(page, max_new_tokens)
         close_settings(page)
-    replies = page.locator(BOT_MESSAGES).count()
+    replies, notes = page.locator(BOT_MESSAGES).count(), page.locator(REPLY_STATS).count()
     send(page.locator(CHAT_TEXTBOX), message)
     expect(page.locator(BOT_MESSAGES)).to_have_count(replies + 1, timeout=30_000)
+    # Its own note (not the last reply's, which already says how that one ended).
+    expect(page.locator(REPLY_STATS)).to_have_count(notes + 1, timeout=30_000)
     wait_until_settled(page)
     return page.locator(BOT_MESSAGES).last.inner_text()
 

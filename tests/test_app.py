@@ -11,10 +11,9 @@ from gradio_client import Client
 
 from orca_space.chat import ChatLimits, ChatService, LocalBackend
 from orca_space.engines.batched import BatchedEngine
-from tests.helpers import running_app
+from tests.helpers import API_ORDER, running_app
 
 GREEDY = dict(max_new_tokens=48, temperature=0.0, top_p=0.95, top_k=40, repetition_penalty=1.0)
-API_ORDER = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
 
 
 @pytest.fixture(scope="module")

@@ -194,7 +194,8 @@ def test_a_shared_conversation_fetches_nothing_its_text_names(app_url, data_dir,
     with another_server() as (probe, hits):
         markup = (
             f'<img src="{probe}/img-html.png"> ![md]({probe}/img-md.png) '
-            f'<video poster="{probe}/poster.png"></video> <div style="background:url({probe}/css.png)">x</div>'
+            f'<video poster="{probe}/poster.png"></video> '
+            f'<div style="background:url({probe}/css.png)">x</div>'
         )
         history = [{"role": "user", "content": f"Look: {markup}"}, reply_message(f"Seen: {markup}")]
         reader = person()

@@ -27,6 +27,7 @@ from orca_space.web.ui import DEFAULT_SYSTEM_MESSAGE
 from tests.browser_flow import (
     BOT_MESSAGES,
     CHAT_TEXTBOX,
+    REPLY_STATS,
     USER_MESSAGES,
     VIEWPORT,
     close_settings,
@@ -36,7 +37,7 @@ from tests.browser_flow import (
     set_max_new_tokens,
     set_slider,
 )
-from tests.helpers import metric, page_in_process
+from tests.helpers import API_ORDER, metric, page_in_process
 from tests.page_flow import (
     CONTINUE,
     EXPORT_PANEL,
@@ -57,7 +58,6 @@ NEW_TOKENS = 24
 # context two turns fit and the third message leaves the oldest out.
 WORDS = "orcas surf the long waves of the northern sea "
 PAGE_SETTINGS = dict(max_new_tokens=NEW_TOKENS, temperature=0.0, top_p=0.95, top_k=40, repetition_penalty=1.1)
-API_ORDER = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
 LEFT_OUT = re.compile(r"Left out to fit, oldest first \(\d+ turns?\)")
 
 pytestmark = pytest.mark.browser
@@ -95,7 +95,7 @@ def greedy_page(page, url: str) -> None:
 def assert_every_message_answered(page) -> None:
     users, bots = page.locator(USER_MESSAGES).count(), page.locator(BOT_MESSAGES).count()
     assert users == bots, f"{users} messages, {bots} replies: a message went unanswered"
-    notes = " | ".join(page.locator("#chatbot .thought-group .title").all_inner_texts())
+    notes = " | ".join(page.locator(REPLY_STATS).all_inner_texts())
     assert "ended by an error" not in notes, notes
 
 
@@ -120,7 +120,7 @@ def test_a_page_conversation_past_the_context_keeps_answering_with_every_feature
 
     # 2) Continue the cut reply, past the context.
     page.locator(CONTINUE).click()
-    expect(page.locator("#chatbot .thought-group .title").last).to_contain_text(
+    expect(page.locator(REPLY_STATS).last).to_contain_text(
         f"{2 * NEW_TOKENS} tokens in 2 parts", timeout=60_000
     )
     wait_until_settled(page)
@@ -333,7 +333,7 @@ def test_a_page_failure_inside_gradio_is_said_under_the_message_and_the_next_one
 
     monkeypatch.setattr(demo, "get_state_ids_to_track", failing_before_the_reply)
     send(page.locator(CHAT_TEXTBOX), "This one fails inside gradio.")
-    expect(page.locator("#chatbot .thought-group .title").last).to_contain_text("ended by an error")
+    expect(page.locator(REPLY_STATS).last).to_contain_text("ended by an error")
     expect(page.locator(CHAT_TEXTBOX)).to_be_enabled()
     assert failed.is_set(), "the failure was injected"
     chat_and_wait(page, "And this one is answered.")

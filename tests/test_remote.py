@@ -29,14 +29,13 @@ from orca_space.loading import ModelLoadError
 from orca_space.params import SamplingParams
 from orca_space.remote import RemoteBackend
 from orca_space.replies import ReplyDelta
-from tests.helpers import free_port, running_app, wait_for_url
+from tests.helpers import API_ORDER, free_port, running_app, wait_for_url
 
 HELLO = [{"role": "system", "content": "You are a test."}, {"role": "user", "content": "Hello there!"}]
 GREEDY = SamplingParams(max_new_tokens=60, temperature=0.0, repetition_penalty=1.0)
 # Long enough that the tiny model is still generating when a test closes the stream (it runs
 # at a few hundred tokens/s here, and greedy decoding of HELLO does not reach <|im_end|>).
 LONG = SamplingParams(max_new_tokens=4096, temperature=0.0)
-API_ORDER = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
 APP_PARAMS = dict(max_new_tokens=48, temperature=0.0, top_p=0.95, top_k=40, repetition_penalty=1.0)
 IDLE_CPU_SECONDS = 0.15  # CPU time an idle server may use in a one-second window
 

@@ -52,3 +52,22 @@ def test_a_port_in_use_is_one_sentence_and_exit_2(tiny_dir):
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"app.py: error: cannot listen on 127.0.0.1:{port}") and "--port" in last, last
+
+
+def test_a_launch_failure_not_about_the_address_keeps_its_own_error(monkeypatch):
+    """Only gradio's failure to bind becomes "cannot listen on ..."; another OSError (a folder
+    gradio cannot write, say) is not reported as a port in use."""
+    import gradio as gr
+    import pytest
+
+    from orca_space.web.server import launch
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/tmp/gradio")
+
+    monkeypatch.setattr(gr.Blocks, "launch", unwritable)
+    with gr.Blocks() as demo:
+        gr.Markdown("page")
+    runtime = ChatRuntime(model_name="m", context_length=8192)
+    with pytest.raises(PermissionError, match="Permission denied"):
+        launch(demo, runtime, parse_settings([], {}))

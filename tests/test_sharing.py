@@ -117,7 +117,8 @@ def test_links_expire_and_expired_ones_make_room(tmp_path):
     limits = StoreLimits(max_total_bytes=150, expiry_s=3600)
     store = LinkStore(tmp_path / DB_FILENAME, limits, clock=clock)
     assert store.used_bytes() == 0  # the file and its schema made
-    with contextlib.closing(sqlite3.connect(store.path)) as other:  # keeps the log open, as in the delete test
+    # Another connection keeps the log open, as in the delete test below.
+    with contextlib.closing(sqlite3.connect(store.path)) as other:
         other.execute("SELECT count(*) FROM links").fetchone()
         link = store.create("EXPIRING-" * 11)
         assert link.expires_at == clock.now + 3600

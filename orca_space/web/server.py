@@ -190,10 +190,16 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
     options.update(overrides)
     try:
         return demo.launch(**options)
-    except OSError as exc:  # gradio's "Cannot find empty port": say it with our flags, no traceback
+    except OSError as exc:
+        if not str(exc).startswith(GRADIO_CANNOT_BIND):
+            raise  # not about the address: the traceback says what it is
         log.debug("launch failed", exc_info=True)
         print(f"app.py: error: {cannot_listen(settings, exc)}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+# gradio 6.31's OSError for any failure to bind (a port in use, an address not this machine's).
+GRADIO_CANNOT_BIND = "Cannot find empty port"
 
 
 def cannot_listen(settings: Settings, exc: OSError) -> str:
