@@ -233,22 +233,24 @@ def visitor_scope(runtime: ChatRuntime, request: gr.Request | None) -> str | Non
     address as the rate limit reads it."""
     if request is None:
         return None
-    if request.username:
-        return f"user:{request.username}"
-    if request.session_hash:
+    if request.session_hash and not request.username:
         return f"session:{request.session_hash}"
+    return page_client(runtime, request)
+
+
+def page_client(runtime: ChatRuntime, request: gr.Request) -> str:
+    """Whom the page's limits count (messages a minute, links an hour): the logged-in user, else
+    the address, trusting only our own proxies' X-Forwarded-For (`ratelimit.client_key`)."""
     peer = request.client.host if request.client else None
-    return client_key(None, peer, request.headers.get("x-forwarded-for"), runtime.trusted_proxy_hops)
+    return client_key(
+        request.username, peer, request.headers.get("x-forwarded-for"), runtime.trusted_proxy_hops
+    )
 
 
 def enforce_rate_limit(runtime: ChatRuntime, request: gr.Request | None) -> None:
     if runtime.limiter is None or request is None:
         return
-    peer = request.client.host if request.client else None
-    key = client_key(
-        request.username, peer, request.headers.get("x-forwarded-for"), runtime.trusted_proxy_hops
-    )
-    wait = runtime.limiter.acquire(key)
+    wait = runtime.limiter.acquire(page_client(runtime, request))
     if wait > 0:
         raise refusal(
             f"Too many messages: the limit is {runtime.limiter.limit} per minute. Try again in {wait:.0f} s."

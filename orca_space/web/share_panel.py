@@ -20,13 +20,13 @@ from urllib.parse import urljoin, urlsplit
 import gradio as gr
 
 from ..params import PARAMETER_ORDER
-from ..ratelimit import client_key
 from ..runtime import ChatRuntime
 from ..sharing.links import ConversationLinks
 from ..sharing.store import LinkError
 from . import link_scripts
 from .panels import ChatControls, loaded_conversation, loaded_conversation_outputs
 from .refusals import refusal
+from .replying import page_client
 
 LINK_PATH = "shared"  # a link is /shared?id=ID (the link page's route)
 PANEL_LABEL = "Share by link"
@@ -129,9 +129,4 @@ def link_url(page_base: object, link_id: str) -> str:
 def visitor(runtime: ChatRuntime, request: gr.Request | None) -> str:
     """Whom the links-per-hour limit counts: the logged-in user, else the address (as the chat's
     rate limit reads it, trusting only our own proxies' X-Forwarded-For)."""
-    if request is None:
-        return "unknown"
-    peer = request.client.host if request.client else None
-    return client_key(
-        request.username, peer, request.headers.get("x-forwarded-for"), runtime.trusted_proxy_hops
-    )
+    return "unknown" if request is None else page_client(runtime, request)
