@@ -71,11 +71,15 @@ def reply_steps(page: gr.Blocks, chat: gr.ChatInterface) -> list:
     ]
 
 
-def after_each_reply(page: gr.Blocks, chat: gr.ChatInterface, fn, outputs: list, extra_steps: list) -> None:
-    """Run `fn(shown chat)` after every reply step, finished or stopped (gradio runs `.then`
-    steps after a stop too); `extra_steps` are the page's own reply steps (continue)."""
+def after_each_reply(
+    page: gr.Blocks, chat: gr.ChatInterface, fn, outputs: list, extra_steps: list, takes_chat: bool = True
+) -> None:
+    """Run `fn(shown chat)` (`fn()` without `takes_chat`: the browser then sends no chat) after
+    every reply step, finished or stopped (gradio runs `.then` steps after a stop too);
+    `extra_steps` are the page's own reply steps (continue)."""
+    inputs = [chat.chatbot] if takes_chat else None
     for step in [*reply_steps(page, chat), *extra_steps]:
-        step.then(fn, [chat.chatbot], outputs, queue=False, api_visibility="private")
+        step.then(fn, inputs, outputs, queue=False, api_visibility="private")
 
 
 def recover_from_errors(page: gr.Blocks, chat: gr.ChatInterface, extra_steps: list | None = None) -> None:
@@ -118,7 +122,7 @@ def unlocked_textbox() -> gr.Textbox:
     return gr.Textbox(interactive=True, submit_btn=True, stop_btn=False, placeholder=MESSAGE_PLACEHOLDER)
 
 
-def placeholder_back(_shown: object = None) -> gr.Textbox:
+def placeholder_back() -> gr.Textbox:
     """After a reply: ChatInterface blanks the placeholder when a message is sent and never puts
     it back, so from the first reply on the empty textbox said nothing."""
     return gr.Textbox(placeholder=MESSAGE_PLACEHOLDER)

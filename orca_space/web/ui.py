@@ -104,7 +104,9 @@ def build_ui(runtime: ChatRuntime) -> gr.Blocks:
         # The status baked into the page is from when it was built; refresh it at once.
         demo.load(lambda: refresh_status(runtime), None, [status, timer], api_visibility="private")
         demo.load(None, js=assets.OPEN_SIDEBAR_ON_WIDE_SCREENS_JS)
-        chat_hooks.after_each_reply(demo, chat, chat_hooks.placeholder_back, [chat.textbox], [continue_step])
+        chat_hooks.after_each_reply(
+            demo, chat, chat_hooks.placeholder_back, [chat.textbox], [continue_step], takes_chat=False
+        )
     add_link_page(demo, runtime)  # a page of its own: after the chat page's `with` block
     return demo
 
