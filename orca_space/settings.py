@@ -130,7 +130,7 @@ BACKENDS = ("local", "remote")
 MAX_PORT = 65535
 # Options that only one backend reads: given to the other, they would be silently ignored.
 REMOTE_ONLY = ("endpoint", "api_key", "request_timeout", "remote_concurrency")
-LOCAL_ONLY = ("engine", "warmup_timeout", "demo", "zerogpu")
+LOCAL_ONLY = ("engine", "warmup_timeout", "demo", "zerogpu", "prefix_cache")
 MAX_LINK_KB = DEFAULT_MAX_SNAPSHOT_BYTES >> 10
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}

@@ -79,6 +79,11 @@ def test_access_keys_and_mcp():
             "--warmup-timeout",
         ),
         (["--backend", "remote", "--endpoint", "http://x/v1", "--zerogpu"], {}, "--zerogpu is only for"),
+        (
+            ["--backend", "remote", "--endpoint", "http://x/v1", "--prefix-cache", "shared"],
+            {},
+            "--prefix-cache is only for --backend local",  # the server keeps its own (docs/deploying.md)
+        ),
         (["--demo", "--model", "/models/x"], {}, "--demo serves its own tiny model: leave out --model"),
     ],
 )
