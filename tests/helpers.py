@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -188,3 +190,26 @@ def chat_through_api(url: str, message: str, **params) -> list[str]:
         time.sleep(0.05)
     assert job.status().success, "the chat succeeded"
     return job.outputs()
+
+
+@contextlib.contextmanager
+def another_origin():
+    """An HTTP server on another port (another origin) that notes every path asked of it."""
+    hits: list[str] = []
+
+    class Note(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            hits.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Note)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    finally:
+        server.shutdown()
+        server.server_close()

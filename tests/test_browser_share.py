@@ -9,7 +9,6 @@ kept tokens); the app's database is the test's own folder, which one test damage
 from __future__ import annotations
 
 import contextlib
-import http.server
 import json
 import re
 import threading
@@ -36,7 +35,7 @@ from tests.browser_flow import (
     VIEWPORT,
     require_chromium,
 )
-from tests.helpers import demo_home, free_port, running_app
+from tests.helpers import another_origin, demo_home, free_port, running_app
 from tests.page_flow import PROMPT_PANEL, chat_and_wait, open_page, open_panel
 
 pytestmark = pytest.mark.browser
@@ -191,7 +190,7 @@ def test_a_shared_conversation_fetches_nothing_its_text_names(app_url, data_dir,
     """An image or style in a message would be fetched by every reader of the link, telling
     whoever shared it each reader's address: none reaches the server it names, neither from a
     user's message nor from a reply."""
-    with another_server() as (probe, hits):
+    with another_origin() as (probe, hits):
         markup = (
             f'<img src="{probe}/img-html.png"> ![md]({probe}/img-md.png) '
             f'<video poster="{probe}/poster.png"></video> '
@@ -205,29 +204,6 @@ def test_a_shared_conversation_fetches_nothing_its_text_names(app_url, data_dir,
         expect(reader.locator(BOT_MESSAGES).first).to_contain_text("Seen:")
         time.sleep(1.0)  # time for any fetch to have arrived
         assert hits == [], f"the page fetched what a message's text names: {hits}"
-
-
-@contextlib.contextmanager
-def another_server():
-    """An HTTP server on another port (another origin) that notes every path asked of it."""
-    hits: list[str] = []
-
-    class Note(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (http.server's name)
-            hits.append(self.path)
-            self.send_response(404)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Note)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", hits
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_markup_and_control_tokens_show_as_text_and_continue_as_plain_text(app_url, data_dir, person):

@@ -37,7 +37,7 @@ from tests.browser_flow import (
     set_max_new_tokens,
     set_slider,
 )
-from tests.helpers import API_ORDER, metric, page_in_process
+from tests.helpers import API_ORDER, another_origin, metric, page_in_process
 from tests.page_flow import (
     CONTINUE,
     EXPORT_PANEL,
@@ -99,8 +99,18 @@ def assert_every_message_answered(page) -> None:
     assert "ended by an error" not in notes, notes
 
 
-def test_a_page_conversation_past_the_context_keeps_answering_with_every_feature(short_app, page, tmp_path):
+@pytest.fixture()
+def picture_host():
+    """Another server that counts what the page fetches from it (a message names its pictures)."""
+    with another_origin() as (base, hits):
+        yield base, hits
+
+
+def test_a_page_conversation_past_the_context_keeps_answering_with_every_feature(
+    short_app, page, tmp_path, picture_host
+):
     url, _, _ = short_app
+    host, fetched = picture_host
     greedy_page(page, url)
     open_panel(page, PROMPT_PANEL)  # open all along: it follows every reply
     panel = page.locator("#prompt-summary")
@@ -108,7 +118,9 @@ def test_a_page_conversation_past_the_context_keeps_answering_with_every_feature
     # 1) Six long turns: from the third on, the oldest are left out, and each is answered.
     reused_before = metric(url, "orca_space_prompt_tokens_reused_total")
     for n in range(1, 7):
-        chat_and_wait(page, long_message(str(n)))
+        # Turn 2 names pictures on another server: kept to the app, never fetched (media_policy.py).
+        pictures = f' <img src="{host}/typed.png"> ![md]({host}/md.png)' if n == 2 else ""
+        chat_and_wait(page, long_message(str(n)) + pictures)
         expect(page.locator(BOT_MESSAGES)).to_have_count(n)
         assert_every_message_answered(page)
         if n >= 3:
@@ -169,6 +181,7 @@ def test_a_page_conversation_past_the_context_keeps_answering_with_every_feature
     expect(page.locator(BOT_MESSAGES)).to_have_count(count + 1)
     assert_every_message_answered(page)
     assert not page.errors, page.errors
+    assert fetched == [], f"the page fetched pictures a message named, through the whole session: {fetched}"
 
 
 def test_the_openai_api_refuses_a_conversation_over_the_context_and_answers_one_just_under(short_app):
