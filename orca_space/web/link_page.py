@@ -15,20 +15,19 @@ from datetime import UTC, datetime
 
 import gradio as gr
 
-from ..params import PARAMETER_ORDER
 from ..runtime import ChatRuntime
 from ..sharing.links import ConversationLinks, SharedConversation
 from ..sharing.store import LinkError
 from . import link_scripts
 from .chat_display import conversation_chatbot
+from .prompt_view import markdown_literal
 from .refusals import refusal
 from .share_panel import LINK_EVENTS, LINK_PATH, NOT_HERE
-from .transcript import setting_name
+from .transcript import settings_sentence
 
 PAGE_NAME = "Shared conversation"
 DELETED = "Deleted: this link no longer opens the conversation, for anyone."
 WRONG_TOKEN = "That delete token is not this link's (or the link is already gone)."
-MARKDOWN_SPECIALS = set("\\`*_{}[]()#+-.!|<>~")
 READ_ONLY = "read-only-chat"
 # gradio's Chatbot always offers to clear it; on a read-only page that would only blank the view.
 LINK_PAGE_CSS = f"""
@@ -127,7 +126,7 @@ def gone(header: str):
 
 
 def header_markdown(shared: SharedConversation) -> str:
-    model = plain(shared.transcript.model) or "an unnamed model"
+    model = markdown_literal(shared.transcript.model) or "an unnamed model"
     when = f"Shared {day_and_time(shared.created_at)}"
     if shared.expires_at is not None:
         when += f", until {day_and_time(shared.expires_at)}"
@@ -139,14 +138,8 @@ def header_markdown(shared: SharedConversation) -> str:
 
 
 def settings_markdown(settings: dict[str, float]) -> str:
-    shown = [f"{setting_name(name)} {settings[name]:g}" for name in PARAMETER_ORDER if name in settings]
-    return "Settings: " + (", ".join(shown) if shown else "the defaults") + "."
+    return f"Settings: {settings_sentence(settings) or 'the defaults'}."
 
 
 def day_and_time(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def plain(text: str) -> str:
-    """Text shown as typed in Markdown: its special characters escaped."""
-    return "".join(f"\\{char}" if char in MARKDOWN_SPECIALS else char for char in text)

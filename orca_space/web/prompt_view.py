@@ -116,7 +116,12 @@ def preview(text: str) -> str:
     """A message's start on one line, with Markdown's special characters shown as typed."""
     flat = " ".join(text.split())
     short = flat if len(flat) <= PREVIEW_CHARS else flat[: PREVIEW_CHARS - 1] + "…"
-    return "".join(f"\\{char}" if char in MARKDOWN_SPECIALS else char for char in short) or "(empty)"
+    return markdown_literal(short) or "(empty)"
+
+
+def markdown_literal(text: str) -> str:
+    """`text` shown as typed in Markdown: its special characters escaped."""
+    return "".join(f"\\{char}" if char in MARKDOWN_SPECIALS else char for char in text)
 
 
 MARKDOWN_SPECIALS = set("\\`*_{}[]()#+-.!|<>~")

@@ -14,7 +14,8 @@ import logging
 
 import gradio as gr
 
-from ..params import LIMITS, PARAMETER_ORDER
+from ..params import PARAMETER_ORDER
+from .transcript import short_label
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +25,6 @@ def refusal(reason: str, level: int = logging.INFO) -> gr.Error:
     doing, such as a failed engine, whose own log has the details)."""
     log.log(level, "refused: %s", reason)
     return gr.Error(reason, print_exception=False)
-
-
-def short_label(name: str) -> str:
-    """The slider's label without its note: "Top-k (0 = off)" -> "Top-k"."""
-    return LIMITS[name].label.split(" (")[0]
 
 
 def in_page_words(reason: str) -> str:

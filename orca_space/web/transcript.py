@@ -88,9 +88,7 @@ def conversation_markdown(
 ) -> str:
     """The chat to read: a heading per message, each reply's figures in italics under it."""
     when = (now or datetime.now(UTC)).strftime("%Y-%m-%d %H:%M UTC")
-    shown = ", ".join(
-        f"{setting_name(name)} {settings[name]:g}" for name in PARAMETER_ORDER if name in settings
-    )
+    shown = settings_sentence(settings)
     lines = [f"# Conversation with {model}", "", f"Exported {when}. Settings: {shown or 'defaults'}.", ""]
     if system_message.strip():
         lines += ["## System", "", system_message, ""]
@@ -103,7 +101,19 @@ def conversation_markdown(
 
 def setting_name(name: str) -> str:
     """The slider's label, short, for a sentence: "Top-k (0 = off)" -> "top-k"."""
-    return LIMITS[name].label.split(" (")[0].lower()
+    return short_label(name).lower()
+
+
+def short_label(name: str) -> str:
+    """The slider's label without its note: "Top-k (0 = off)" -> "Top-k"."""
+    return LIMITS[name].label.split(" (")[0]
+
+
+def settings_sentence(settings: Mapping[str, float]) -> str:
+    """ "max new tokens 500, temperature 0.7", in the sliders' order; "" for none."""
+    return ", ".join(
+        f"{setting_name(name)} {settings[name]:g}" for name in PARAMETER_ORDER if name in settings
+    )
 
 
 def parse_transcript(text: object, size: object = None) -> Transcript:

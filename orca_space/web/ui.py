@@ -22,10 +22,11 @@ from .chat_display import conversation_chatbot
 from .link_page import add_link_page
 from .panels import ChatControls, add_engine_panel, add_prompt_panel, add_transcript_panel
 from .presets import CHOICES, DEFAULT_PRESET, MODEL_CARD, preset_text
-from .refusals import refusal, short_label
+from .refusals import refusal
 from .reply_stats import last_reply_figures, settle
 from .replying import make_continue, make_respond
 from .share_panel import add_share_panel
+from .transcript import short_label
 
 log = logging.getLogger(__name__)
 
