@@ -34,8 +34,7 @@ def conversation_chatbot(**layout: Any) -> gr.Chatbot:
     if drawn := set(layout) & set(DISPLAY_OPTIONS):
         raise ValueError(f"layout must not change how messages are drawn: {', '.join(sorted(drawn))}")
     send_messages_as_written()
-    classes = layout.pop("elem_classes", None) or []
-    classes = [classes] if isinstance(classes, str) else list(classes)
+    classes = class_list(layout.pop("elem_classes", None))
     return gr.Chatbot(**DISPLAY_OPTIONS, **layout, elem_classes=[*classes, AS_WRITTEN])
 
 
@@ -73,8 +72,12 @@ def send_messages_as_written() -> None:
 
 
 def shows_as_written(chatbot: gr.Chatbot) -> bool:
-    classes = chatbot.elem_classes or []
-    return AS_WRITTEN in ([classes] if isinstance(classes, str) else classes)
+    return AS_WRITTEN in class_list(chatbot.elem_classes)
+
+
+def class_list(classes: str | list[str] | None) -> list[str]:
+    """gradio's `elem_classes` (one name, a list, or None) as a list."""
+    return [classes] if isinstance(classes, str) else list(classes or [])
 
 
 def message_as_shown(message: object) -> object:
