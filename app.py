@@ -11,18 +11,20 @@ import logging
 import os
 import sys
 
-if os.environ.get("SPACES_ZERO_GPU", "").strip().lower() in ("1", "t", "true"):
-    import spaces  # noqa: F401  (ZeroGPU: before anything that may start CUDA; see orca_space/zerogpu.py)
+from orca_space.settings import on_zerogpu, parse_settings
 
-from orca_space.settings import parse_settings
-from orca_space.startup import start_runtime
-from orca_space.web.server import launch
-from orca_space.web.ui import build_ui
+if on_zerogpu(os.environ):
+    import spaces  # noqa: F401  (ZeroGPU: before anything that may start CUDA; see orca_space/zerogpu.py)
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = parse_settings(argv, os.environ)
+    # Imported once the flags are read: --help and a refused flag need neither torch nor gradio.
+    from orca_space.startup import start_runtime
+    from orca_space.web.page.ui import build_ui
+    from orca_space.web.server import launch
+
     runtime = start_runtime(settings)
     launch(build_ui(runtime), runtime, settings)
 

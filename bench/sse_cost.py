@@ -35,7 +35,7 @@ def serve(port: int, interval: float, checkpoint: str) -> None:
     from orca_space.replies import ReplyDelta
     from orca_space.runtime import ChatRuntime
     from orca_space.web.admission import Admission
-    from orca_space.web.openai_api import OpenAIApi
+    from orca_space.web.api.openai_api import OpenAIApi
 
     class FastBackend:
         async def stream_reply(self, messages, params, notify=None, cache_scope=None):

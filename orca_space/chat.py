@@ -2,7 +2,7 @@
 
 It checks every input (nothing from the browser is trusted, history included), fits the
 history to the context by whole turns, and streams the reply from a `ChatBackend`: the local
-engine or a remote server. It knows nothing of gradio; `web/replying.py` maps its errors to the page.
+engine or a remote server. It knows nothing of gradio; `web/page/replying.py` maps its errors to the page.
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ from .throughput import ThroughputMeter
 if TYPE_CHECKING:
     from .metrics import ReplyMetrics
 
+# The model card's own system message: what a chat starts with on the page and in the MCP tool.
+DEFAULT_SYSTEM_MESSAGE = (
+    "You are MistralOrca, a large language model trained by Alignment Lab AI. "
+    "Write out your reasoning step-by-step to be sure you get the right answers!"
+)
 MAX_MESSAGE_CHARS = 16_000
 MAX_SYSTEM_CHARS = 8_000
 MAX_HISTORY_MESSAGES = 1_000

@@ -1,6 +1,8 @@
 """Settings from command-line flags and environment variables (flags win).
 
-Only `app.py` calls `parse_settings`; every other module takes explicit arguments.
+Only `app.py` calls `parse_settings`; every other module takes explicit arguments. Settings are
+the first thing a process reads, so this module imports nothing heavy (no torch, no gradio):
+`--help` and every refusal of a flag answer before any model or web code loads.
 """
 
 from __future__ import annotations
@@ -11,12 +13,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .chat import MAX_MESSAGE_CHARS
-from .engines.ladder import DEFAULT_WARMUP_TIMEOUT_S, ENGINE_CHOICES
-from .engines.prefix_cache import MODES as PREFIX_CACHE_MODES
+from .engines.options import DEFAULT_WARMUP_TIMEOUT_S, ENGINE_CHOICES, PREFIX_CACHE_MODES
 from .params import MIN_CONTEXT_LENGTH
 from .sharing.store import DEFAULT_MAX_SNAPSHOT_BYTES, default_data_dir
 from .tiny import MODEL_ID
-from .zerogpu import on_zerogpu
+
+ZERO_GPU_ENV = "SPACES_ZERO_GPU"
+TRUE_VALUES = ("1", "t", "true")  # what `spaces` itself takes for "on" (spaces/config.py)
+
+
+def on_zerogpu(environ: Mapping[str, str]) -> bool:
+    """Whether this process runs on ZeroGPU (Spaces sets the variable there)."""
+    return environ.get(ZERO_GPU_ENV, "").strip().lower() in TRUE_VALUES
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import logging
 import math
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from .chat import Notify, prompt_and_detokenizer
 from .chatml import ChatEncoder
@@ -40,8 +40,6 @@ from .replies import ReplyDelta
 
 log = logging.getLogger(__name__)
 
-ZERO_GPU_ENV = "SPACES_ZERO_GPU"
-TRUE_VALUES = ("1", "t", "true")  # what `spaces` itself takes for "on" (spaces/config.py)
 # The rate the reply's GPU time is planned at. `generate` with a streamer decoded 11-14 tok/s on
 # an H100 (shared/GPU_NOTES.md, the usual Space's path with sampling on), launch-bound, so the
 # faster GPUs behind ZeroGPU are not expected to do much better; 10 tok/s leaves room.
@@ -51,10 +49,6 @@ ASSUMED_PREFILL_TOK_S = 2000.0  # a prompt is one forward: thousands of tokens a
 COLD_START_MARGIN_S = 15.0
 MAX_DURATION_S = 120  # more is refused for visitors without PRO ("illegal duration")
 CONCURRENCY = 8  # replies at once: each gets a GPU of its own from ZeroGPU, which may queue them
-
-
-def on_zerogpu(environ: Mapping[str, str]) -> bool:
-    return environ.get(ZERO_GPU_ENV, "").strip().lower() in TRUE_VALUES
 
 
 def reply_duration(prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int]) -> int:

@@ -159,8 +159,8 @@ def page_in_process(*args: str):
     """As `app_in_process`, also yielding the gr.Blocks page (whose sessions' states a test reads)."""
     from orca_space.settings import parse_settings
     from orca_space.startup import start_runtime
+    from orca_space.web.page.ui import build_ui
     from orca_space.web.server import launch
-    from orca_space.web.ui import build_ui
 
     settings = parse_settings(["--port", str(free_port()), "--rate-limit", "0", *args], {})
     runtime = start_runtime(settings)

@@ -13,7 +13,7 @@ import torch
 from gradio_client import Client
 
 from orca_space.engines import kv_cache
-from orca_space.web.ui import status_markdown
+from orca_space.web.page.ui import status_markdown
 from tests.engine_fakes import hanging, perturbing, raising, use_fake_graphs
 from tests.helpers import API_GREEDY, API_ORDER, app_in_process, chat_through_api
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from orca_space.web.presets import PRESETS
+from orca_space.web.page.presets import PRESETS
 from tests.browser_flow import (
     BOT_MESSAGES,
     CHAT_TEXTBOX,

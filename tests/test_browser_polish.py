@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from orca_space.web.chat_hooks import MESSAGE_PLACEHOLDER
+from orca_space.web.page.chat_hooks import MESSAGE_PLACEHOLDER
 from tests.browser_flow import (
     BOT_MESSAGES,
     CHAT_TEXTBOX,

@@ -19,15 +19,15 @@ import httpx
 import pytest
 from playwright.sync_api import expect
 
+from orca_space.reply_stats import ReplyFigures, reply_message, stats_note
 from orca_space.settings import parse_settings
 from orca_space.sharing.links import ConversationLinks
 from orca_space.sharing.store import DB_FILENAME, StoreLimits
 from orca_space.startup import new_runtime
-from orca_space.web.link_page import DELETED, WRONG_TOKEN
-from orca_space.web.reply_stats import ReplyFigures, reply_message, stats_note
+from orca_space.web.page.link_page import DELETED, WRONG_TOKEN
+from orca_space.web.page.share_panel import NOT_HERE, PANEL_LABEL
+from orca_space.web.page.ui import build_ui
 from orca_space.web.server import launch
-from orca_space.web.share_panel import NOT_HERE, PANEL_LABEL
-from orca_space.web.ui import build_ui
 from tests.browser_flow import (
     BOT_MESSAGES,
     CHAT_TEXTBOX,

@@ -21,9 +21,9 @@ from gradio import utils as gradio_utils
 from gradio_client import Client
 from playwright.sync_api import expect
 
-from orca_space.web import chat_hooks
-from orca_space.web.page_state import is_plain_data, session_states
-from orca_space.web.ui import DEFAULT_SYSTEM_MESSAGE
+from orca_space.chat import DEFAULT_SYSTEM_MESSAGE
+from orca_space.web.page import chat_hooks
+from orca_space.web.page.page_state import is_plain_data, session_states
 from tests.browser_flow import (
     BOT_MESSAGES,
     CHAT_TEXTBOX,

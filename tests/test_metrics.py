@@ -14,7 +14,7 @@ from orca_space.engines.requests import EngineError, EngineStats
 from orca_space.metrics import AppMetrics
 from orca_space.replies import ReplyDelta, accumulate
 from orca_space.runtime import ChatRuntime
-from orca_space.web.engine_panel import prefix_cache_text
+from orca_space.web.page.engine_panel import prefix_cache_text
 from orca_space.web.server import prefix_cache_fields
 
 STATS = EngineStats(

@@ -350,7 +350,7 @@ def in_process_client(runtime: ChatRuntime) -> openai.AsyncOpenAI:
     from fastapi import FastAPI
 
     from orca_space.web.admission import Admission
-    from orca_space.web.openai_api import OpenAIApi
+    from orca_space.web.api.openai_api import OpenAIApi
 
     app = FastAPI(routes=OpenAIApi(Admission(runtime, max_queue=4), "m").routes())
     http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://space")

@@ -18,7 +18,7 @@ from orca_space.replies import ReplyDelta
 from orca_space.runtime import ChatRuntime
 from orca_space.tiny import IM_END_ID, IM_START_ID
 from orca_space.web.admission import Admission
-from orca_space.web.openai_api import OpenAIApi
+from orca_space.web.api.openai_api import OpenAIApi
 
 BOS_ID, EOS_ID = 1, 2
 CONTEXT = 512

@@ -8,9 +8,9 @@ from orca_space.chat import ChatLimits, ChatService
 from orca_space.engines.ladder import EngineChoice, RungFailure
 from orca_space.engines.requests import EngineStats
 from orca_space.runtime import ChatRuntime, GpuMemory
-from orca_space.web import presets
-from orca_space.web.engine_panel import engine_markdown, gpu_memory_text
-from orca_space.web.prompt_view import CONTROL_LABEL, highlighted, preview, prompt_view, summary_markdown
+from orca_space.web.page import presets
+from orca_space.web.page.engine_panel import engine_markdown, gpu_memory_text
+from orca_space.web.page.prompt_view import CONTROL_LABEL, highlighted, preview, prompt_view, summary_markdown
 
 DEFAULTS = {"max_new_tokens": 100, "temperature": 0.4, "top_p": 0.95, "top_k": 40, "repetition_penalty": 1.1}
 

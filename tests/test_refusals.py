@@ -10,9 +10,9 @@ import pytest
 from orca_space.chat import ChatLimits, ChatService
 from orca_space.params import check_value
 from orca_space.runtime import ChatRuntime
+from orca_space.web.page.replying import make_respond
+from orca_space.web.page.ui import page_limits
 from orca_space.web.refusals import in_page_words, refusal
-from orca_space.web.replying import make_respond
-from orca_space.web.ui import page_limits
 
 
 def test_a_refusal_logs_one_line_and_asks_gradio_for_no_traceback(caplog):

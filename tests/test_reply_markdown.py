@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from markdown_it import MarkdownIt
 
-from orca_space.web.reply_markdown import shown_reply, without_math, written_reply
+from orca_space.web.page.reply_markdown import shown_reply, without_math, written_reply
 
 # Replies as a model writes them, each with raw HTML somewhere Markdown would render it.
 REPLIES = [

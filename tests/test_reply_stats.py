@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orca_space.replies import ReplyStats
-from orca_space.web.reply_stats import (
+from orca_space.reply_stats import (
     STOPPED_WAITING,
     ReplyFigures,
     is_note,

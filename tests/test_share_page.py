@@ -11,10 +11,10 @@ from orca_space.settings import parse_settings
 from orca_space.sharing.links import ConversationLinks
 from orca_space.sharing.store import DB_FILENAME, StoreLimits
 from orca_space.startup import new_runtime
-from orca_space.web import chat_display
-from orca_space.web.link_page import DELETED, LINK_PATH, WRONG_TOKEN, make_delete_link, make_open_link
-from orca_space.web.share_panel import NOT_HERE, link_url, make_share, visitor
-from orca_space.web.ui import build_ui
+from orca_space.web.page import chat_display
+from orca_space.web.page.link_page import DELETED, LINK_PATH, WRONG_TOKEN, make_delete_link, make_open_link
+from orca_space.web.page.share_panel import NOT_HERE, link_url, make_share, visitor
+from orca_space.web.page.ui import build_ui
 from tests.test_sharing import HISTORY, SETTINGS
 
 LAYOUT_PROPS = {

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from orca_space.reply_stats import ReplyFigures, reply_message, stats_note
 from orca_space.sharing.links import ConversationLinks
 from orca_space.sharing.snapshot import SnapshotRefused, read_snapshot, take_snapshot
 from orca_space.sharing.store import (
@@ -22,8 +23,7 @@ from orca_space.sharing.store import (
     default_data_dir,
     is_link_id,
 )
-from orca_space.web.reply_stats import ReplyFigures, reply_message, stats_note
-from orca_space.web.transcript import conversation_json
+from orca_space.transcript import conversation_json
 
 SETTINGS = {"max_new_tokens": 100, "temperature": 0.4, "top_p": 0.95, "top_k": 40, "repetition_penalty": 1.1}
 HISTORY = [

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from orca_space.web.reply_stats import ReplyFigures, read_figures, reply_message, stats_note
-from orca_space.web.transcript import (
+from orca_space.reply_stats import ReplyFigures, read_figures, reply_message, stats_note
+from orca_space.transcript import (
     FORMAT,
     MAX_TRANSCRIPT_BYTES,
     TranscriptError,

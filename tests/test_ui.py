@@ -8,18 +8,18 @@ import json
 import gradio as gr
 import pytest
 
-from orca_space.chat import ChatLimits, ChatService
+from orca_space.chat import DEFAULT_SYSTEM_MESSAGE, ChatLimits, ChatService
 from orca_space.engines.requests import EngineError
 from orca_space.replies import ReplyDelta
+from orca_space.reply_stats import ReplyFigures, read_figures, reply_message, stats_note, waiting_note
 from orca_space.runtime import ChatRuntime
-from orca_space.web import chat_hooks
-from orca_space.web.page_state import is_plain_data
-from orca_space.web.panels import import_conversation, read_import
-from orca_space.web.prompt_view import PromptView
-from orca_space.web.reply_stats import ReplyFigures, read_figures, reply_message, stats_note, waiting_note
-from orca_space.web.replying import make_continue, make_respond
-from orca_space.web.transcript import conversation_json
-from orca_space.web.ui import DEFAULT_SYSTEM_MESSAGE, build_ui, choose_preset, status_markdown
+from orca_space.transcript import conversation_json
+from orca_space.web.page import chat_hooks
+from orca_space.web.page.page_state import is_plain_data
+from orca_space.web.page.panels import import_conversation, read_import
+from orca_space.web.page.prompt_view import PromptView
+from orca_space.web.page.replying import make_continue, make_respond
+from orca_space.web.page.ui import build_ui, choose_preset, status_markdown
 
 PARAMS = (100, 0.4, 0.95, 40, 1.1)
 
@@ -253,7 +253,7 @@ def test_a_stop_settles_the_same_whichever_clean_up_step_wins():
 
 @pytest.mark.anyio
 async def test_a_message_sent_while_loading_waits_and_is_answered(encoder, monkeypatch):
-    monkeypatch.setattr("orca_space.web.replying.LOAD_POLL_S", 0.01)
+    monkeypatch.setattr("orca_space.web.page.replying.LOAD_POLL_S", 0.01)
     runtime = ChatRuntime(model_name="m", context_length=8192)
     runtime.status.update("downloading", "Downloading the weights…", 0.4)
     reply = make_respond(runtime)("hi", [], "", *PARAMS, None)
@@ -268,7 +268,7 @@ async def test_a_message_sent_while_loading_waits_and_is_answered(encoder, monke
 
 @pytest.mark.anyio
 async def test_only_a_failed_load_refuses(monkeypatch):
-    monkeypatch.setattr("orca_space.web.replying.LOAD_POLL_S", 0.01)
+    monkeypatch.setattr("orca_space.web.page.replying.LOAD_POLL_S", 0.01)
     runtime = ChatRuntime(model_name="m", context_length=8192)
     reply = make_respond(runtime)("hi", [], "", *PARAMS, None)
     await anext(reply)  # the note shown at once

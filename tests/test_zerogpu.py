@@ -11,7 +11,7 @@ import httpx
 import pytest
 from gradio.exceptions import Error as GradioError
 
-from orca_space import zerogpu
+from orca_space import settings, zerogpu
 from orca_space.chat import ChatLimits, ChatService
 from orca_space.engines.reference import ReferenceEngine
 from orca_space.engines.requests import EngineError
@@ -34,7 +34,7 @@ GREEDY = dict(max_new_tokens=12, temperature=0.0, top_p=1.0, top_k=0, repetition
     ],
 )
 def test_zerogpu_is_detected_as_spaces_detects_it(environ, expected):
-    assert zerogpu.on_zerogpu(environ) is expected
+    assert settings.on_zerogpu(environ) is expected
     assert parse_settings([], environ).zerogpu is expected
 
 

@@ -22,15 +22,13 @@ from dataclasses import dataclass
 from ..loading import ModelLoadError
 from .batched import BatchedEngine
 from .device import release_cached_memory
+from .options import DEFAULT_WARMUP_TIMEOUT_S, ENGINE_CHOICES, RUNGS
 from .reference import ReferenceEngine
 from .requests import Engine
 from .selfcheck import SelfCheckResult, run_self_check
 
 log = logging.getLogger(__name__)
 
-RUNGS = ("graphs", "eager", "reference")
-ENGINE_CHOICES = ("auto", *RUNGS)
-DEFAULT_WARMUP_TIMEOUT_S = 300.0  # the 7B model captures its graphs in seconds; compiling takes a minute
 SELF_CHECK_TIMEOUT_S = 120.0  # seconds, not minutes, even for the slowest rung
 # What the page says each rung costs, in plain words.
 RUNG_SPEED = {

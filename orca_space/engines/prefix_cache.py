@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MODES = ("private", "shared", "off")  # see the module docstring; `off` keeps nothing
+from .options import PREFIX_CACHE_MODES as MODES
+
 SHARED_SCOPE = "*"
 
 

@@ -1,7 +1,7 @@
 """Conversation links as the page uses them: share, open, delete, within the limits. No gradio.
 
 `ConversationLinks` puts the snapshot's checks, the store and the per-visitor limit together;
-the page (`web/share_panel.py`, `web/link_page.py`) only turns its answers and its `LinkError`s
+the page (`web/page/share_panel.py`, `web/page/link_page.py`) only turns its answers and its `LinkError`s
 into components and messages. Sharing stores text, never engine state, so it works the same
 with every backend (local, remote, ZeroGPU) and while the model is still loading.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..ratelimit import RateLimiter
-from ..web.transcript import Transcript
+from ..transcript import Transcript
 from .snapshot import read_snapshot, take_snapshot
 from .store import DB_FILENAME, LinkError, LinkRefused, LinkStore, NewLink, StoreLimits
 

@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from ..web.reply_stats import settle
-from ..web.transcript import Transcript, TranscriptError, conversation_json, parse_transcript
+from ..reply_stats import settle
+from ..transcript import Transcript, TranscriptError, conversation_json, parse_transcript
 from .store import LinkRefused, readable_size
 
 

@@ -1,4 +1,4 @@
-"""Refusals on the page: the reason for the person, in the page's words, and one line in the log.
+"""Refusals through gradio (the page and the MCP tool): the reason in words, and one line in the log.
 
 gradio prints the whole traceback of any exception an event raises, gr.Error included, unless it
 was made with `print_exception=False` (`queueing.py`: `if not isinstance(e, Error) or
@@ -15,7 +15,7 @@ import logging
 import gradio as gr
 
 from ..params import PARAMETER_ORDER
-from .transcript import short_label
+from ..transcript import short_label
 
 log = logging.getLogger(__name__)
 

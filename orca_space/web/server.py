@@ -18,11 +18,11 @@ from ..runtime import ChatRuntime
 from ..settings import Settings
 from .access import AccessGate
 from .admission import Admission
-from .assets import CSS, LIVE_PAGE_HEAD, page_theme
-from .link_page import LINK_PAGE_CSS
-from .mcp_tool import add_mcp_tool, expose_only_the_tool, quiet_state_warning
+from .api.mcp_tool import add_mcp_tool, expose_only_the_tool, quiet_state_warning
+from .api.openai_api import OpenAIApi
 from .media_policy import SameOriginMedia
-from .openai_api import OpenAIApi
+from .page.assets import CSS, LIVE_PAGE_HEAD, page_theme
+from .page.link_page import LINK_PAGE_CSS
 from .remote_fetch_guard import RemoteFetchGuard, refuse_remote_downloads
 
 log = logging.getLogger(__name__)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-# The model card's own system message: the default, as in the card's examples.
-MODEL_CARD = (
-    "You are MistralOrca, a large language model trained by Alignment Lab AI. "
-    "Write out your reasoning step-by-step to be sure you get the right answers!"
-)
+from ...chat import DEFAULT_SYSTEM_MESSAGE
+
+MODEL_CARD = DEFAULT_SYSTEM_MESSAGE  # the model card's own, as in the card's examples
 CUSTOM = "Custom"  # what the dropdown shows once the box holds text of one's own
 
 PRESETS: dict[str, str] = {

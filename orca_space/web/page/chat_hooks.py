@@ -23,8 +23,8 @@ import functools
 
 import gradio as gr
 
+from ...reply_stats import reply_text, settle, settled_after_failure
 from .chat_display import text_part
-from .reply_stats import reply_text, settle, settled_after_failure
 
 REPLY_STEP = "_submit_fn"  # ChatInterface's name for the page's reply steps
 MESSAGE_PLACEHOLDER = "Type a message…"

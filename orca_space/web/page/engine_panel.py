@@ -3,8 +3,8 @@ Pure formatting (no gradio); the page refreshes it on a timer while the panel is
 
 from __future__ import annotations
 
-from ..engines.requests import EngineStats
-from ..runtime import ChatRuntime, GpuMemory
+from ...engines.requests import EngineStats
+from ...runtime import ChatRuntime, GpuMemory
 
 ENGINE_NAMES = {
     "graphs": "batched engine, decode step replayed as CUDA graphs",

@@ -11,20 +11,20 @@ from dataclasses import asdict, dataclass
 
 import gradio as gr
 
-from ..params import PARAMETER_ORDER, max_new_tokens_limit
-from ..runtime import ChatRuntime
-from . import assets, chat_hooks
-from .engine_panel import engine_markdown
-from .presets import preset_for
-from .prompt_view import CONTROL_LABEL, PromptView, highlighted, summary_markdown
-from .refusals import refusal
-from .transcript import (
+from ...params import PARAMETER_ORDER, max_new_tokens_limit
+from ...runtime import ChatRuntime
+from ...transcript import (
     Transcript,
     TranscriptError,
     conversation_json,
     conversation_markdown,
     parse_transcript,
 )
+from ..refusals import refusal
+from . import assets, chat_hooks
+from .engine_panel import engine_markdown
+from .presets import preset_for
+from .prompt_view import CONTROL_LABEL, PromptView, highlighted, summary_markdown
 
 ENGINE_REFRESH_S = 2.0
 

@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..chat import PreparedChat
-from ..chatml import ChatEncoder, PromptPiece
-from ..history import Message
+from ...chat import PreparedChat
+from ...chatml import ChatEncoder, PromptPiece
+from ...history import Message
 
 CONTROL_LABEL = "control token"
 PREVIEW_CHARS = 100  # of each left-out message

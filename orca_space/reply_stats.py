@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-from ..replies import ReplyStats
+from .replies import ReplyStats
 
 # "stop" and "length" come from the backend; "stopped" (the stop button) and "failed" from the page.
 Ending = Literal["stop", "length", "stopped", "failed"]

@@ -19,13 +19,13 @@ from urllib.parse import urljoin, urlsplit
 
 import gradio as gr
 
-from ..params import PARAMETER_ORDER
-from ..runtime import ChatRuntime
-from ..sharing.links import ConversationLinks
-from ..sharing.store import LinkError
+from ...params import PARAMETER_ORDER
+from ...runtime import ChatRuntime
+from ...sharing.links import ConversationLinks
+from ...sharing.store import LinkError
+from ..refusals import refusal
 from . import link_scripts
 from .panels import ChatControls, loaded_conversation, loaded_conversation_outputs
-from .refusals import refusal
 from .replying import page_client
 
 LINK_PATH = "shared"  # a link is /shared?id=ID (the link page's route)

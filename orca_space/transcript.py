@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from ..chat import MAX_HISTORY_MESSAGE_CHARS, MAX_HISTORY_MESSAGES, MAX_SYSTEM_CHARS, message_text
-from ..params import LIMITS, PARAMETER_ORDER, check_value
+from .chat import MAX_HISTORY_MESSAGE_CHARS, MAX_HISTORY_MESSAGES, MAX_SYSTEM_CHARS, message_text
+from .params import LIMITS, PARAMETER_ORDER, check_value
 from .reply_stats import ReplyFigures, is_note, read_figures, reply_message, stats_note
 
 FORMAT = "orca-space/conversation"

@@ -27,8 +27,8 @@ from pydantic import (
     model_validator,
 )
 
-from ..params import LIMITS, check_seed, check_value
-from ..replies import ReplyStats
+from ...params import LIMITS, check_seed, check_value
+from ...replies import ReplyStats
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 200  # each one is matched against the end of the reply after every piece

@@ -17,14 +17,11 @@ from time import monotonic
 
 import gradio as gr
 
-from ..chat import ChatService, PreparedChat
-from ..engines.requests import EngineError
-from ..params import PARAMETER_ORDER
-from ..ratelimit import client_key
-from ..runtime import ChatRuntime
-from .prompt_view import prompt_view
-from .refusals import in_page_words, refusal
-from .reply_stats import (
+from ...chat import ChatService, PreparedChat
+from ...engines.requests import EngineError
+from ...params import PARAMETER_ORDER
+from ...ratelimit import client_key
+from ...reply_stats import (
     ReplyFigures,
     is_note,
     last_reply_figures,
@@ -34,6 +31,9 @@ from .reply_stats import (
     waiting_note,
     without_notes,
 )
+from ...runtime import ChatRuntime
+from ..refusals import in_page_words, refusal
+from .prompt_view import prompt_view
 
 log = logging.getLogger(__name__)
 # Long enough for the first start on a Space (14.5 GB of weights, then the engine's warm-up);

@@ -13,8 +13,8 @@ import json
 
 import gradio as gr
 
+from ...transcript import MAX_TRANSCRIPT_BYTES
 from .presets import CUSTOM, PRESETS
-from .transcript import MAX_TRANSCRIPT_BYTES
 
 
 def page_theme() -> gr.themes.Base:

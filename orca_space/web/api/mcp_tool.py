@@ -22,12 +22,12 @@ from collections.abc import AsyncIterator, Sequence
 
 import gradio as gr
 
-from ..engines.requests import EngineError
-from ..params import LIMITS, max_new_tokens_limit
-from .access import matching_key
-from .admission import Admission, Refused, request_client
-from .refusals import refusal
-from .ui import DEFAULT_SYSTEM_MESSAGE
+from ...chat import DEFAULT_SYSTEM_MESSAGE
+from ...engines.requests import EngineError
+from ...params import LIMITS, max_new_tokens_limit
+from ..access import matching_key
+from ..admission import Admission, Refused, request_client
+from ..refusals import refusal
 
 TOOL_API_NAME = "ask"
 

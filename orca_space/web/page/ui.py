@@ -14,23 +14,23 @@ from dataclasses import replace
 
 import gradio as gr
 
-from ..engines.ladder import RUNG_SPEED
-from ..params import LIMITS, PARAMETER_ORDER, Limit, check_value, max_new_tokens_limit
-from ..runtime import ChatRuntime
+from ...chat import DEFAULT_SYSTEM_MESSAGE
+from ...engines.ladder import RUNG_SPEED
+from ...params import LIMITS, PARAMETER_ORDER, Limit, check_value, max_new_tokens_limit
+from ...reply_stats import last_reply_figures, settle
+from ...runtime import ChatRuntime
+from ...transcript import short_label
+from ..refusals import refusal
 from . import assets, chat_hooks
 from .chat_display import conversation_chatbot
 from .link_page import add_link_page
 from .panels import ChatControls, add_engine_panel, add_prompt_panel, add_transcript_panel
-from .presets import CHOICES, DEFAULT_PRESET, MODEL_CARD, preset_text
-from .refusals import refusal
-from .reply_stats import last_reply_figures, settle
+from .presets import CHOICES, DEFAULT_PRESET, preset_text
 from .replying import make_continue, make_respond
 from .share_panel import add_share_panel
-from .transcript import short_label
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SYSTEM_MESSAGE = MODEL_CARD
 EXAMPLES = [
     "Please tell me about how mistral winds have attracted super-orcas.",
     "Write a Python function that checks whether a string is a palindrome, with tests.",
@@ -210,7 +210,7 @@ def choose_preset(name: str):
 
 def zerogpu_note() -> str:
     """What ZeroGPU means for speed, said before anyone waits for it."""
-    from ..zerogpu import ASSUMED_DECODE_TOK_S, longest_reply_within_quota_call
+    from ...zerogpu import ASSUMED_DECODE_TOK_S, longest_reply_within_quota_call
 
     return (
         "⚡ **Running on ZeroGPU.** Each reply borrows a GPU of its own for just as long as it needs: "

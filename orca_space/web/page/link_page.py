@@ -15,15 +15,15 @@ from datetime import UTC, datetime
 
 import gradio as gr
 
-from ..runtime import ChatRuntime
-from ..sharing.links import ConversationLinks, SharedConversation
-from ..sharing.store import LinkError
+from ...runtime import ChatRuntime
+from ...sharing.links import ConversationLinks, SharedConversation
+from ...sharing.store import LinkError
+from ...transcript import settings_sentence
+from ..refusals import refusal
 from . import link_scripts
 from .chat_display import conversation_chatbot
 from .prompt_view import markdown_literal
-from .refusals import refusal
 from .share_panel import LINK_EVENTS, LINK_PATH, NOT_HERE
-from .transcript import settings_sentence
 
 PAGE_NAME = "Shared conversation"
 DELETED = "Deleted: this link no longer opens the conversation, for anyone."

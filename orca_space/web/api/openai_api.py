@@ -33,14 +33,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.background import BackgroundTask
 
-from ..chat import MAX_HISTORY_MESSAGE_CHARS, MAX_HISTORY_MESSAGES, ChatService, PreparedChat, check_text
-from ..engines.requests import EngineError
-from ..history import PromptTooLong
-from ..params import LIMITS
-from ..replies import ReplyFinish, ReplyStats
+from ...chat import MAX_HISTORY_MESSAGE_CHARS, MAX_HISTORY_MESSAGES, ChatService, PreparedChat, check_text
+from ...engines.requests import EngineError
+from ...history import PromptTooLong
+from ...params import LIMITS
+from ...replies import ReplyFinish, ReplyStats
+from ..access import matching_key
+from ..admission import Admission, Refused, request_client
 from . import openai_schema as schema
-from .access import matching_key
-from .admission import Admission, Refused, request_client
 from .openai_schema import ApiError, ChatCompletionRequest
 
 log = logging.getLogger(__name__)
