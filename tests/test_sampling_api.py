@@ -116,3 +116,23 @@ def test_ignore_eos_goes_on_past_a_stop_token(tiny_model, first_greedy_token, ig
         assert events[-1].finish_reason == "length" and len(tokens) == 6 and tokens[0] == first_greedy_token
     else:
         assert events[-1].finish_reason == "stop" and tokens == [], "the stop token ends the reply, unsent"
+
+
+def test_engine_logprobs_are_the_models_own_for_greedy_requests(tiny_model):
+    """Through prefill and decode steps, each token's log-probability is the log-softmax of the
+    logits it was chosen from (recorded by the engine, as the self-check records them)."""
+    engine = BatchedEngine(tiny_model, stop_ids=set(), context_length=64, slots=2)
+    try:
+        assert engine.wait_ready(60)
+        params = SamplingParams(max_new_tokens=5, temperature=0.0, repetition_penalty=1.0, logprobs=3)
+        events = engine.submit(PROMPT, params, record_logits=True).collect(timeout=60)
+    finally:
+        engine.close()
+    tokens = [e for e in events if e.token is not None]
+    assert len(tokens) == 5
+    for event in tokens:
+        expected = torch.log_softmax(event.logits.float(), -1)
+        assert event.logprobs.logprob == pytest.approx(expected[event.token].item(), abs=1e-4)
+        best = torch.topk(expected, 3)
+        assert [t for t, _ in event.logprobs.top] == best.indices.tolist()
+        assert [v for _, v in event.logprobs.top] == pytest.approx(best.values.tolist(), abs=1e-4)

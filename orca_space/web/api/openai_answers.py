@@ -173,7 +173,12 @@ async def sse_events(answer: Answer, include_usage: bool) -> AsyncIterator[str]:
 
 async def whole_answer(answer: Answer) -> dict[str, Any]:
     """Every choice in full, with the usage of all of them."""
-    results = await asyncio.gather(*(collect_answer(pieces) for pieces in answer.choices))
+    try:
+        async with asyncio.TaskGroup() as group:  # one choice failing cancels the others
+            tasks = [group.create_task(collect_answer(pieces)) for pieces in answer.choices]
+    except ExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    results = [task.result() for task in tasks]
     choices = [
         answer.shape.choice(
             index,
