@@ -321,10 +321,12 @@ def test_refusals_and_ignored_fields_are_logged_once_each_after_admission(encode
     caplog.clear()
     _, api = api_with_limit(encoder, 3)
     with TestClient(FastAPI(routes=api.routes())) as http:
-        odd = [http.post("/v1/chat/completions", json={"messages": QUESTION, "foo": 1}) for _ in range(10)]
+        body = {"messages": QUESTION, "foo": 1, "x\nforged line": 2}
+        odd = [http.post("/v1/chat/completions", json=body) for _ in range(10)]
         assert [r.status_code for r in odd] == [200] * 3 + [429] * 7
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 3 and all("ignored fields foo" in line for line in lines), lines
+    assert len(lines) == 3 and all("ignored fields 'foo'" in line for line in lines), lines
+    assert not any("\n" in line for line in lines), "a field's name cannot start a log line"
 
 
 def test_api_callers_have_their_own_limit_per_key(encoder):

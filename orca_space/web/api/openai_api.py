@@ -357,13 +357,16 @@ class OpenAIApi:
             if problem is not None:
                 raise problem
             if ignored := parsed.ignored_fields():
-                log.info("%s: ignored fields %s", request.url.path, ", ".join(f[:40] for f in ignored[:10]))
+                # repr: a field's name is the caller's text, and must not start a log line of its own
+                log.info(
+                    "%s: ignored fields %s", request.url.path, ", ".join(repr(f[:40]) for f in ignored[:10])
+                )
             self.check_model(parsed)
             if self.admission.runtime.zerogpu:
                 carry_visitor_to_zerogpu(request)
             return await respond(request, service, parsed, client)
         except ApiError as exc:
-            log.info("%s refused (%s, %s): %.200s", request.url.path, exc.status, exc.param, exc.message)
+            log.info("%s refused (%s, %r): %.200r", request.url.path, exc.status, exc.param, exc.message)
             return error_response(exc)
         except Refused as exc:  # not logged: these are what a flood gets
             return error_response(from_refusal(exc))
