@@ -223,7 +223,14 @@ def test_a_strong_frequency_penalty_stops_greedy_repeats(client, model):
 def test_min_p_cuts_alternatives_below_its_share_of_the_likeliest(client, model):
     def alternatives(**extra):
         answer = chat(
-            client, model, max_tokens=6, temperature=1.0, logprobs=True, top_logprobs=20, extra_body=extra
+            client,
+            model,
+            max_tokens=6,
+            temperature=1.0,
+            seed=3,
+            logprobs=True,
+            top_logprobs=20,
+            extra_body=extra,
         )
         return [[a.logprob for a in e.top_logprobs] for e in answer.choices[0].logprobs.content]
 
