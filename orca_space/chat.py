@@ -62,6 +62,8 @@ class PreparedChat:
     prompt_tokens: int
     dropped_turns: int
     left_out: tuple[Message, ...] = ()  # the dropped turns' messages, oldest first
+    # A raw prompt's ids (the API's text completions, see raw_prompt.py): no messages, no ChatML.
+    prompt_ids: tuple[int, ...] | None = None
 
     @property
     def continues_reply(self) -> bool:
@@ -122,14 +124,17 @@ class ChatService:
         system_message: object,
         raw_params: Mapping[str, object],
         drop_unanswered: bool = True,
+        max_system_chars: int | None = None,
     ) -> PreparedChat:
         """Validate everything and fit the history; raises ValueError naming the problem.
 
         The page's history holds user messages that got no reply (refused, stopped), which
         `drop_unanswered` leaves out; an API client's consecutive user messages are all meant.
+        `max_system_chars` overrides the limit's characters (an API caller's system message
+        is bounded by the context in tokens instead).
         """
         text = check_text("message", message, self.limits.max_message_chars, allow_empty=False)
-        system = check_text("system message", system_message, self.limits.max_system_chars)
+        system = self._check_system(system_message, max_system_chars)
         params = SamplingParams.from_raw(**raw_params)
         past = normalize_history(history)
         if drop_unanswered:
@@ -141,15 +146,23 @@ class ChatService:
         return prepared(fitted, params, past)
 
     def prepare_continuation(
-        self, history: object, system_message: object, raw_params: Mapping[str, object]
+        self,
+        history: object,
+        system_message: object,
+        raw_params: Mapping[str, object],
+        drop_unanswered: bool = True,
+        max_system_chars: int | None = None,
     ) -> PreparedChat:
         """The prompt that goes on with the last reply in `history` (cut by max new tokens, or
-        stopped): the same assistant turn, left open. Raises ValueError naming the problem."""
+        stopped): the same assistant turn, left open. Raises ValueError naming the problem.
+        `drop_unanswered` and `max_system_chars` as for `prepare`."""
         if not self.continues_replies:  # a remote server would start a new turn instead
             raise ValueError("this backend cannot continue a reply")
-        system = check_text("system message", system_message, self.limits.max_system_chars)
+        system = self._check_system(system_message, max_system_chars)
         params = SamplingParams.from_raw(**raw_params)
-        past = answered_turns(normalize_history(history))
+        past = normalize_history(history)
+        if drop_unanswered:
+            past = answered_turns(past)
         if not continues_reply(past) or not past[-1]["content"].strip():
             raise ValueError("there is no reply to continue: the conversation must end with a reply")
         if len(past) < 2 or past[-2]["role"] != "user":
@@ -160,6 +173,9 @@ class ChatService:
         open_cost = len(self.encoder.open_turn(reply["content"])) - len(self.encoder.reply_header)
         fitted = self._fit(system, earlier, question, params, open_cost)
         return prepared(fitted, params, earlier, continued=reply)
+
+    def _check_system(self, system_message: object, max_chars: int | None) -> str:
+        return check_text("system message", system_message, max_chars or self.limits.max_system_chars)
 
     def _fit(
         self, system: str, past: list[Message], last_user: Message, params: SamplingParams, open_cost: int = 0
@@ -195,7 +211,10 @@ class ChatService:
         ends before the first stop string (`stop_strings.cut_at_stops`, finish reason "stop").
         `cache_scope`: who is asking (see `ChatBackend`)."""
         started = monotonic()
-        deltas = self.backend.stream_reply(chat.messages, chat.params, notify, cache_scope)
+        if chat.prompt_ids is not None:
+            deltas = self.backend.stream_prompt(list(chat.prompt_ids), chat.params, notify, cache_scope)
+        else:
+            deltas = self.backend.stream_reply(chat.messages, chat.params, notify, cache_scope)
         if self.metrics is not None:
             deltas = self.metrics.observe(deltas, started)
         updates = accumulate(deltas, chat.prompt_tokens, started)
@@ -316,6 +335,12 @@ class LocalBackend:
     """
 
     continues_replies = True
+    completes_prompts = True  # `stream_prompt`: raw prompts, for the API's text completions
+
+    @property
+    def returns_logprobs(self) -> bool:
+        """Whether its engine sends tokens' log-probabilities (the batched one does)."""
+        return getattr(self.engine, "returns_logprobs", False)
 
     def __init__(self, engine: Engine, encoder: ChatEncoder, tokenizer) -> None:
         self.engine = engine
@@ -330,13 +355,39 @@ class LocalBackend:
         cache_scope: str | None = None,
     ) -> AsyncIterator[ReplyDelta]:
         prompt_ids, detokenizer = await prompt_and_detokenizer(self.encoder, self.tokenizer, messages)
+        async for delta in self._stream(prompt_ids, detokenizer, params, notify, cache_scope):
+            yield delta
+
+    async def stream_prompt(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        notify: Notify | None = None,
+        cache_scope: str | None = None,
+    ) -> AsyncIterator[ReplyDelta]:
+        """A raw prompt's continuation (no ChatML): the detokenizer reads the prompt's last
+        tokens first, so that a first word keeps its space."""
+        detokenizer = StreamingDetokenizer(self.tokenizer)
+        detokenizer.prime(prompt_ids[-CONTINUATION_CONTEXT_TOKENS:])
+        async for delta in self._stream(prompt_ids, detokenizer, params, notify, cache_scope):
+            yield delta
+
+    async def _stream(
+        self,
+        prompt_ids: list[int],
+        detokenizer: StreamingDetokenizer,
+        params: SamplingParams,
+        notify: Notify | None,
+        cache_scope: str | None,
+    ) -> AsyncIterator[ReplyDelta]:
         handle = self.engine.submit(prompt_ids, params, cache_scope=cache_scope)
         try:
             if notify is not None and (place := self.engine.position(handle)):
                 notify(queue_notice(place, self.engine.capacity))
             async for event in handle:
                 if event.token is not None:
-                    yield ReplyDelta(detokenizer.add_token(event.token), tokens=1)
+                    logprobs = ((event.token, event.logprobs),) if event.logprobs is not None else ()
+                    yield ReplyDelta(detokenizer.add_token(event.token), tokens=1, logprobs=logprobs)
                 elif event.finish_reason == "error":
                     raise EngineError(event.error or "generation failed")
                 elif event.finish_reason in ("stop", "length"):

@@ -35,6 +35,18 @@ LIMITS = {
     )
 }
 PARAMETER_ORDER = tuple(LIMITS)
+# Settings only API callers send (OpenAI's and vLLM's fields): no slider on the page, and off by
+# default, so the page's replies and transformers' `generate` are unchanged by them.
+API_LIMITS = {
+    limit.name: limit
+    for limit in (
+        Limit("min_p", "Min-p (0 = off)", 0.0, 0.0, 1.0),
+        Limit("presence_penalty", "Presence penalty", 0.0, -2.0, 2.0),
+        Limit("frequency_penalty", "Frequency penalty", 0.0, -2.0, 2.0),
+    )
+}
+# Most alternatives a token's log-probability comes with (OpenAI's `top_logprobs` limit).
+MAX_TOP_LOGPROBS = 20
 # The smallest context the app takes (--context-length), and the room always kept in it for the
 # prompt: the ChatML frame, a short system message and a short question.
 MIN_CONTEXT_LENGTH = 256
@@ -53,23 +65,42 @@ class SamplingParams:
     top_k: int = int(LIMITS["top_k"].default)
     repetition_penalty: float = LIMITS["repetition_penalty"].default
     seed: int | None = None
+    min_p: float = 0.0  # keep tokens at least this share of the likeliest one's probability
+    presence_penalty: float = 0.0  # subtracted from a token's logit once it is in the reply
+    frequency_penalty: float = 0.0  # subtracted once per time it is in the reply
+    ignore_eos: bool = False  # go on past the end-of-turn token, to max_new_tokens
+    logprobs: int | None = None  # return each token's log-probability and this many alternatives
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
     @classmethod
-    def from_raw(cls, seed: int | None = None, **raw: object) -> SamplingParams:
-        unknown = set(raw) - set(LIMITS)
+    def from_raw(
+        cls, seed: int | None = None, ignore_eos: bool = False, logprobs: int | None = None, **raw: object
+    ) -> SamplingParams:
+        limits = {**LIMITS, **API_LIMITS}
+        unknown = set(raw) - set(limits)
         if unknown:
             raise ValueError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
-        values = {name: check_value(LIMITS[name], value) for name, value in raw.items()}
+        values = {name: check_value(limits[name], value) for name, value in raw.items()}
         if 0 < values.get("temperature", 0) < MIN_SAMPLING_TEMPERATURE:
             raise ValueError(
                 f"temperature must be 0 (greedy) or at least {MIN_SAMPLING_TEMPERATURE}, "
                 f"got {values['temperature']}"
             )
-        return cls(seed=None if seed is None else check_seed(seed), **values)
+        if not isinstance(ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be true or false, got {ignore_eos!r:.40}")
+        if logprobs is not None and (
+            isinstance(logprobs, bool)
+            or not isinstance(logprobs, int)
+            or not 0 <= logprobs <= MAX_TOP_LOGPROBS
+        ):
+            raise ValueError(
+                f"top_logprobs must be a whole number from 0 to {MAX_TOP_LOGPROBS}, got {logprobs!r:.40}"
+            )
+        seed = None if seed is None else check_seed(seed)
+        return cls(seed=seed, ignore_eos=ignore_eos, logprobs=logprobs, **values)
 
 
 def max_new_tokens_limit(context_length: int) -> Limit:

@@ -184,6 +184,14 @@ def openai_arguments(params: SamplingParams) -> dict[str, Any]:
         arguments.update(temperature=params.temperature, top_p=params.top_p)
         if params.top_k > 0:  # omitted = off; servers disagree on whether 0 or -1 means off
             extra["top_k"] = params.top_k
+        if params.min_p:
+            extra["min_p"] = params.min_p
+    # The API's settings, sent only when set: a server that lacks them then never sees them.
+    for name in ("presence_penalty", "frequency_penalty"):
+        if value := getattr(params, name):
+            arguments[name] = value
+    if params.ignore_eos:
+        extra["ignore_eos"] = True
     return {**arguments, "extra_body": extra}
 
 

@@ -15,7 +15,10 @@ import math
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field, replace
 from time import monotonic
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
+
+if TYPE_CHECKING:
+    from .engines.requests import TokenLogprobs
 
 # "stop": the model ended its turn; "length": it reached max new tokens.
 ReplyFinish = Literal["stop", "length"]
@@ -28,6 +31,8 @@ class ReplyDelta:
     text: str = ""
     tokens: int = 0  # generated tokens this piece accounts for (a held-back byte piece: 1, "")
     finish_reason: ReplyFinish | None = None  # on the last piece only
+    # (token id, its log-probabilities) for each token, for requests that ask (the API's logprobs)
+    logprobs: tuple[tuple[int, TokenLogprobs], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class Reply:
 
     text: str = ""
     stats: ReplyStats = field(default_factory=ReplyStats)
+    logprobs: tuple[tuple[int, TokenLogprobs], ...] = ()  # every token's so far, when asked
 
     @property
     def finished(self) -> bool:
@@ -79,7 +85,7 @@ async def accumulate(
             if delta.finish_reason is not None:
                 stats = replace(stats, finish_reason=delta.finish_reason)
             text = delta.text.replace("\x00", "")
-            reply = Reply(reply.text + text, stats)
+            reply = Reply(reply.text + text, stats, reply.logprobs + delta.logprobs)
             if text or delta.finish_reason is not None:
                 yield reply
 

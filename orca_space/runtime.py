@@ -25,6 +25,7 @@ class ChatRuntime:
     engine: object | None = None  # anything with `stats() -> EngineStats`
     engine_choice: EngineChoice | None = None  # which local engine serves, and why
     limiter: RateLimiter | None = None  # per user or address; None = no limit
+    api_limiter: RateLimiter | None = None  # /v1's own: per access key or address; None = no limit
     trusted_proxy_hops: int = 0
     links: ConversationLinks | None = None  # conversation links (not --share); None = none offered
     metrics: AppMetrics = field(init=False)  # what GET /metrics serves; the chat service feeds it

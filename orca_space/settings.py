@@ -63,6 +63,13 @@ OPTIONS = (
     ),
     Option("--max-input-tokens", "ORCA_MAX_INPUT_TOKENS", "longest message accepted, in tokens", 4096, int),
     Option("--rate-limit", "ORCA_RATE_LIMIT", "messages per minute per user or address (0 = off)", 30, int),
+    Option(
+        "--api-rate-limit",
+        "ORCA_API_RATE_LIMIT",
+        "/v1 requests per minute per access key, or per address without one (0 = off; default: --rate-limit)",
+        None,
+        int,
+    ),
     Option("--max-queue", "ORCA_MAX_QUEUE", "waiting chats; beyond it new ones are told to retry", 64, int),
     Option(
         "--trusted-proxy-hops",
@@ -160,6 +167,7 @@ class Settings:
     max_message_chars: int = MAX_MESSAGE_CHARS
     max_input_tokens: int = 4096
     rate_limit: int = 30
+    api_rate_limit: int | None = None  # None: as rate_limit (see `api_requests_per_minute`)
     max_queue: int = 64
     trusted_proxy_hops: int = 0
     backend: str = "local"
@@ -204,8 +212,8 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
     for name in ("max_message_chars", "max_input_tokens", "max_queue"):
         if values[name] < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if values["rate_limit"] < 0 or values["trusted_proxy_hops"] < 0:
-        parser.error("--rate-limit and --trusted-proxy-hops cannot be negative")
+    if values["rate_limit"] < 0 or values["trusted_proxy_hops"] < 0 or (values["api_rate_limit"] or 0) < 0:
+        parser.error("--rate-limit, --api-rate-limit and --trusted-proxy-hops cannot be negative")
     if values["backend"] not in BACKENDS:
         parser.error(f"--backend must be one of {', '.join(BACKENDS)}")
     if values["engine"] not in ENGINE_CHOICES:
@@ -296,3 +304,8 @@ def parse_auth(raw: str) -> tuple[str, str]:
     if not sep or not user or not password:
         raise ValueError("expected user:password")
     return user, password
+
+
+def api_requests_per_minute(settings: Settings) -> int:
+    """/v1's own limit per key or address: --api-rate-limit, else the page's --rate-limit."""
+    return settings.rate_limit if settings.api_rate_limit is None else settings.api_rate_limit

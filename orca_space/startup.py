@@ -22,7 +22,7 @@ from .loading import (
 )
 from .ratelimit import RateLimiter
 from .runtime import ChatRuntime
-from .settings import Settings
+from .settings import Settings, api_requests_per_minute
 from .sharing.links import ConversationLinks
 from .sharing.store import StoreLimits
 from .tiny import is_tiny_checkpoint, write_tiny_checkpoint
@@ -50,9 +50,14 @@ def new_runtime(settings: Settings, model_name: str, demo: bool, concurrency: in
         demo=demo,
         concurrency=concurrency,
         limiter=RateLimiter(settings.rate_limit, window=60.0) if settings.rate_limit else None,
+        api_limiter=per_minute(api_requests_per_minute(settings)),
         trusted_proxy_hops=settings.trusted_proxy_hops,
         links=conversation_links(settings),
     )
+
+
+def per_minute(limit: int) -> RateLimiter | None:
+    return RateLimiter(limit, window=60.0) if limit else None
 
 
 def new_service(runtime: ChatRuntime, backend, encoder: ChatEncoder, settings: Settings) -> ChatService:

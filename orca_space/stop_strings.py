@@ -88,8 +88,8 @@ async def cut_at_stops(replies: AsyncIterator[Reply], stops: Sequence[str]) -> A
             shown += matcher.feed(reply.text[seen:])
             seen = len(reply.text)
             if matcher.stopped:
-                yield Reply(shown, replace(reply.stats, finish_reason="stop"))
+                yield replace(reply, text=shown, stats=replace(reply.stats, finish_reason="stop"))
                 return
             if reply.finished:
                 shown += matcher.flush()
-            yield Reply(shown, reply.stats)
+            yield replace(reply, text=shown)  # log-probabilities (if asked) up to the stop, included

@@ -219,9 +219,12 @@ def test_seed_makes_sampling_reproducible(client, model):
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
 REFUSED = [
     # (id, request fields, the field error.param must name)
-    ("n", {"n": 2}, "n"),
+    ("too-many-choices", {"n": 5}, "n"),
     ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ("logprobs", {"logprobs": True}, "logprobs"),
+    ("too-many-alternatives", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("strong-presence-penalty", {"presence_penalty": 2.5}, "presence_penalty"),
+    ("min-p-over-one", {"extra_body": {"min_p": 1.5}}, "min_p"),
+    ("top-k-minus-two", {"extra_body": {"top_k": -2}}, "top_k"),
     ("json-mode", {"response_format": {"type": "json_object"}}, "response_format"),
     ("image", {"messages": [{"role": "user", "content": [IMAGE]}]}, "messages[0].content"),
     ("unknown-model", {"model": "gpt-4o"}, "model"),
@@ -237,9 +240,17 @@ REFUSED = [
         "messages[1].role",
     ),
     (
-        "ends-with-assistant",
-        {"messages": [user("a"), {"role": "assistant", "content": "b"}]},
-        "messages[1].role",
+        "assistant-not-to-continue",
+        {
+            "messages": [user("a"), {"role": "assistant", "content": "b"}],
+            "extra_body": {"continue_final_message": False},
+        },
+        "continue_final_message",
+    ),
+    (
+        "nothing-to-continue",
+        {"messages": [user("a")], "extra_body": {"continue_final_message": True}},
+        "continue_final_message",
     ),
     ("empty-message", {"messages": [user("   ")]}, "messages[0].content"),
     ("hot-temperature", {"temperature": 5.0}, "temperature"),
@@ -346,15 +357,17 @@ class CannedBackend:
         yield ReplyDelta(finish_reason="stop")
 
 
-def in_process_client(runtime: ChatRuntime) -> openai.AsyncOpenAI:
+def in_process_client(
+    runtime: ChatRuntime, key: str = "unused", keys: tuple[str, ...] = ()
+) -> openai.AsyncOpenAI:
     from fastapi import FastAPI
 
     from orca_space.web.admission import Admission
     from orca_space.web.api.openai_api import OpenAIApi
 
-    app = FastAPI(routes=OpenAIApi(Admission(runtime, max_queue=4), "m").routes())
+    app = FastAPI(routes=OpenAIApi(Admission(runtime, max_queue=4, api=True), "m", keys).routes())
     http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://space")
-    return openai.AsyncOpenAI(base_url="http://space/v1", api_key="unused", http_client=http, max_retries=0)
+    return openai.AsyncOpenAI(base_url="http://space/v1", api_key=key, http_client=http, max_retries=0)
 
 
 @pytest.mark.anyio
@@ -375,7 +388,7 @@ async def test_loading_space_is_a_503_with_retry_after_and_a_failed_one_says_why
 
 @pytest.mark.anyio
 async def test_rate_limit_is_a_429_with_retry_after(encoder):
-    runtime = ChatRuntime(model_name="m", context_length=8192, limiter=RateLimiter(2))
+    runtime = ChatRuntime(model_name="m", context_length=8192, api_limiter=RateLimiter(2))
     runtime.service = ChatService(CannedBackend(), encoder, ChatLimits())
     runtime.status.update("ready", "Ready.")
     client = in_process_client(runtime)

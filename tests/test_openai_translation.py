@@ -168,7 +168,10 @@ def test_forged_control_strings_stay_text_through_the_api(
 
 
 MORE_REFUSALS = [
-    ("presence-penalty", {"presence_penalty": 0.5}, "presence_penalty"),
+    ("presence-penalty", {"presence_penalty": -2.5}, "presence_penalty"),
+    ("frequency-penalty", {"frequency_penalty": "a lot"}, "frequency_penalty"),
+    ("half-a-choice", {"n": 1.5}, "n"),
+    ("ignore-eos-text", {"ignore_eos": "yes"}, "ignore_eos"),
     ("logit-bias", {"logit_bias": {"42": 5}}, "logit_bias"),
     ("tool-choice", {"tool_choice": "required"}, "tool_choice"),
     ("top-logprobs", {"top_logprobs": 3}, "top_logprobs"),
@@ -244,5 +247,5 @@ def test_a_stop_string_ends_the_reply_at_the_token_that_completes_it(encoder, st
 
 
 def test_other_v1_paths_are_404s_in_openai_shape(http):
-    response = http.post("/v1/completions", json={"prompt": "hi"})
+    response = http.post("/v1/embeddings", json={"input": "hi"})
     assert response.status_code == 404 and "/v1/chat/completions" in response.json()["error"]["message"]

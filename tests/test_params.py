@@ -145,8 +145,8 @@ def test_the_seed_is_kept():
 
 def test_every_unknown_parameter_is_listed():
     with pytest.raises(ValueError) as info:
-        SamplingParams.from_raw(typical_p=0.5, min_p=0.1, temperature=0.5)
-    assert str(info.value) == "unknown sampling parameter(s): min_p, typical_p"
+        SamplingParams.from_raw(typical_p=0.5, eta_cutoff=0.1, temperature=0.5)
+    assert str(info.value) == "unknown sampling parameter(s): eta_cutoff, typical_p"
 
 
 @pytest.mark.parametrize("value, shown", [("500", "str '500'"), (None, "NoneType None"), ([1], "list [1]")])

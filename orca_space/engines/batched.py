@@ -42,9 +42,10 @@ from .requests import (
     RequestHandle,
     RequestQueue,
     TokenEvent,
+    TokenLogprobs,
     describe_failure,
 )
-from .sampling import NON_FINITE
+from .sampling import NON_FINITE, LogprobRows
 from .scheduling import Slot, eager_shortcuts, prefill_rows
 from .slots import MoveFailed, SlotTable
 from .warmup import WarmUpAbandoned, WarmUpFailed, capture_every_shape, stage
@@ -57,6 +58,8 @@ ProgressCallback = Callable[[str, "float | None"], None]
 
 class BatchedEngine(RequestQueue):
     """Serves many requests at once from a slot-indexed static KV cache; see the module docstring."""
+
+    returns_logprobs = True  # for requests whose params ask (`SamplingParams.logprobs`)
 
     def __init__(
         self,
@@ -327,17 +330,19 @@ class BatchedEngine(RequestQueue):
     def _first_tokens(self, slots: list[Slot], logits: torch.Tensor) -> None:
         """These prompts are in: sample every first token from their last logits [N, V] in one
         sampler run (`decode_step.sample_first_tokens`), and stream them."""
-        tokens = decode_step.sample_first_tokens(
+        tokens, logprobs = decode_step.sample_first_tokens(
             self.buffers,
             logits,
             [slot.index for slot in slots],
             [slot.handle.prompt_ids for slot in slots],
             eager_shortcuts([slot.handle.params for slot in slots]),
             self.staging.to_device,
+            keep_logprobs=wants_logprobs(slots),
         )
         recorded = self._recorded_logits(slots, lambda i, slot: logits[i])
+        asked = token_logprobs(slots, logprobs, range(len(slots)))
         for slot, token in zip(slots, tokens):
-            self._accept(slot, token, recorded.get(slot.index))
+            self._accept(slot, token, recorded.get(slot.index), asked.get(slot.index))
 
     def _recorded_logits(self, slots: list[Slot], logits_of: Callable) -> dict[int, torch.Tensor]:
         """slot index -> this step's logits on the CPU, for the requests that record them."""
@@ -358,11 +363,12 @@ class BatchedEngine(RequestQueue):
         try:
             tokens = self._run_decode_step(batch)
             recorded = self._recorded_logits(rows, lambda i, slot: self.buffers.logits[slot.index])
+            asked = token_logprobs(rows, self.buffers.logprobs, [slot.index for slot in rows])
         except Exception as exc:  # every request in the step
             self._fail(rows, exc)
             return
         for slot in rows:
-            self._accept(slot, tokens[slot.index], recorded.get(slot.index))
+            self._accept(slot, tokens[slot.index], recorded.get(slot.index), asked.get(slot.index))
 
     def _run_decode_step(self, batch: int) -> list[int]:
         """Fill rows [0, batch) of the input buffers, run the step, read the sampled tokens back.
@@ -383,18 +389,39 @@ class BatchedEngine(RequestQueue):
         else:
             decoding = [s for s in self._slots[:batch] if s is not None and s.decoding]
             keep_logits = any(s.handle.record_logits for s in decoding)
-            self.eager_step(batch, kv_len, *eager_shortcuts([s.handle.params for s in decoding]), keep_logits)
+            shortcuts = eager_shortcuts([s.handle.params for s in decoding])
+            self.eager_step(batch, kv_len, *shortcuts, keep_logits, wants_logprobs(decoding))
         return self.buffers.next[:batch].tolist()  # the one host sync per step
 
     def eager_step(
-        self, batch: int, kv_len: int, all_greedy: bool, top_k_bound: int | None, keep_logits: bool = False
+        self,
+        batch: int,
+        kv_len: int,
+        all_greedy: bool,
+        top_k_bound: int | None,
+        keep_logits: bool = False,
+        keep_logprobs: bool = False,
     ) -> None:
         """The eager decode step (CPU, or CUDA without graphs); tests patch this to inject faults."""
         decode_step.decode_and_sample(
-            self.weights, self.cache, self.buffers, batch, kv_len, all_greedy, top_k_bound, keep_logits
+            self.weights,
+            self.cache,
+            self.buffers,
+            batch,
+            kv_len,
+            all_greedy,
+            top_k_bound,
+            keep_logits,
+            keep_logprobs,
         )
 
-    def _accept(self, slot: Slot, token: int, logits: torch.Tensor | None = None) -> None:
+    def _accept(
+        self,
+        slot: Slot,
+        token: int,
+        logits: torch.Tensor | None = None,
+        logprobs: TokenLogprobs | None = None,
+    ) -> None:
         """Stream a sampled token, or finish the request on a stop token or its token limit."""
         slot.took(token)
         if token == NON_FINITE:
@@ -402,9 +429,27 @@ class BatchedEngine(RequestQueue):
             log.error("request %s: the model's logits stopped being finite numbers", slot.handle.id)
             self._release(slot, "error", NON_FINITE_MESSAGE)
             return
-        if token in self.stop_ids:
+        if token in self.stop_ids and not slot.handle.params.ignore_eos:
             self._release(slot, "stop")
             return
-        slot.handle.deliver(TokenEvent(token=token, logits=logits))
+        slot.handle.deliver(TokenEvent(token=token, logits=logits, logprobs=logprobs))
         if slot.generated == slot.handle.params.max_new_tokens:
             self._release(slot, "length")
+
+
+def wants_logprobs(slots: list[Slot]) -> bool:
+    return any(slot.handle.params.logprobs is not None for slot in slots)
+
+
+def token_logprobs(slots: list[Slot], rows: LogprobRows | None, indices) -> dict[int, TokenLogprobs]:
+    """slot index -> its token's log-probabilities, for the requests that ask: read from `rows`
+    (row `indices[i]` is `slots[i]`'s) in one copy to the host, and only when someone asks."""
+    if rows is None or not wants_logprobs(slots):
+        return {}
+    index = list(indices)
+    chosen, values, ids = (t[index].tolist() for t in (rows.chosen, rows.top_values, rows.top_ids))
+    asked = {}
+    for i, slot in enumerate(slots):
+        if (count := slot.handle.params.logprobs) is not None:
+            asked[slot.index] = TokenLogprobs(chosen[i], tuple(zip(ids[i][:count], values[i][:count])))
+    return asked

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..params import SamplingParams
+from ..params import MAX_TOP_LOGPROBS, SamplingParams
 from .hf_weights import MistralWeights
 from .kv_cache import KVCache
 from .mistral import decode
-from .sampling import SamplingTensors, sample_next_tokens
+from .sampling import LogprobRows, SamplingTensors, sample_next_tokens
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,10 @@ class DecodeBuffers:
     seeds: torch.Tensor  # long [S]: each request's sampling seed (see sample_next_tokens)
     sampling: SamplingTensors  # [S, 1] each
     seen: torch.Tensor  # bool [S, V]: tokens in each request's prompt or reply so far
+    counts: torch.Tensor  # float [S, V]: how often each token is in each request's reply so far
     next: torch.Tensor  # long [S]: the step's sampled tokens
     logits: torch.Tensor  # [S, V] in the model dtype: the step's logits, when kept (see below)
+    logprobs: LogprobRows  # the step's log-probabilities, when kept (for requests that ask)
 
     @classmethod
     def allocate(cls, slots: int, vocab: int, device, logits_dtype=torch.float32) -> DecodeBuffers:
@@ -48,10 +50,15 @@ class DecodeBuffers:
                 top_p=column(torch.float32, 1.0),
                 top_k=column(torch.long),
                 repetition_penalty=column(torch.float32, 1.0),
+                min_p=column(torch.float32),
+                presence_penalty=column(torch.float32),
+                frequency_penalty=column(torch.float32),
             ),
             seen=torch.zeros(slots, vocab, dtype=torch.bool, device=device),
+            counts=torch.zeros(slots, vocab, dtype=torch.float32, device=device),
             next=longs(),
             logits=torch.zeros(slots, vocab, dtype=logits_dtype, device=device),
+            logprobs=LogprobRows.allocate(slots, min(MAX_TOP_LOGPROBS, vocab), device),
         )
 
     def rows(self, batch: int) -> tuple[torch.Tensor, ...]:
@@ -64,19 +71,31 @@ class DecodeBuffers:
         s.top_p[index] = params.top_p
         s.top_k[index] = params.top_k
         s.repetition_penalty[index] = params.repetition_penalty
+        s.min_p[index] = params.min_p
+        s.presence_penalty[index] = params.presence_penalty
+        s.frequency_penalty[index] = params.frequency_penalty
         seed = params.seed if params.seed is not None else random.randrange(2**32)
         self.seeds[index] = (seed ^ (seed >> 32)) & 0xFFFFFFFF
 
     def move_row(self, source: int, target: int) -> None:
         """A request moves from slot `source` to `target`: its seed, sampling parameters and
-        `seen` row go with it (inputs and outputs are written afresh every step)."""
+        `seen` and `counts` rows go with it (inputs and outputs are written afresh every step)."""
         s = self.sampling
-        for tensor in (self.seeds, self.seen, s.temperature, s.top_p, s.top_k, s.repetition_penalty):
+        columns = (s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.min_p)
+        for tensor in (self.seeds, self.seen, self.counts, *columns, s.presence_penalty, s.frequency_penalty):
             tensor[target] = tensor[source]
 
     def sampling_rows(self, rows: slice | torch.Tensor) -> SamplingTensors:
-        s = self.sampling
-        return SamplingTensors(s.temperature[rows], s.top_p[rows], s.top_k[rows], s.repetition_penalty[rows])
+        s = self.sampling  # spelled out: torch.compile traces this inside the step
+        return SamplingTensors(
+            s.temperature[rows],
+            s.top_p[rows],
+            s.top_k[rows],
+            s.repetition_penalty[rows],
+            s.min_p[rows],
+            s.presence_penalty[rows],
+            s.frequency_penalty[rows],
+        )
 
 
 def decode_and_sample(
@@ -88,6 +107,7 @@ def decode_and_sample(
     all_greedy: bool = False,
     top_k_bound: int | None = None,
     keep_logits: bool = False,
+    keep_logprobs: bool = False,
 ) -> None:
     """The whole decode step for slots [0, batch): forward, per-row sampling, `seen` update.
 
@@ -96,15 +116,22 @@ def decode_and_sample(
     The sampler's counter is the input position: unique per token of a request. `keep_logits`
     copies the logits into `buffers.logits` for requests that record them (the self-check):
     captured graphs always keep them (one [B, V] copy, microseconds against a step of
-    milliseconds); an eager step only when asked.
+    milliseconds); an eager step only when asked. `keep_logprobs` likewise writes each row's
+    log-probabilities into `buffers.logprobs` (see `sample_next_tokens`).
     """
     tokens, positions, seeds, seen = buffers.rows(batch)
     logits = decode(weights, cache, tokens, positions, kv_len)  # [B, V]
     if keep_logits:
         buffers.logits[:batch].copy_(logits)
     params = buffers.sampling_rows(slice(0, batch))
-    chosen = sample_next_tokens(logits, params, seen, seeds, positions, all_greedy, top_k_bound)  # [B]
-    seen.scatter_(1, chosen.clamp(min=0)[:, None], True)  # a NON_FINITE row's request ends anyway
+    counts = buffers.counts[:batch]
+    logprobs = buffers.logprobs.head(batch) if keep_logprobs else None
+    chosen = sample_next_tokens(
+        logits, params, seen, seeds, positions, all_greedy, top_k_bound, counts, logprobs
+    )  # [B]
+    column = chosen.clamp(min=0)[:, None]  # a NON_FINITE row's request ends anyway
+    seen.scatter_(1, column, True)
+    counts.scatter_add_(1, column, torch.ones_like(column, dtype=counts.dtype))
     buffers.next[:batch].copy_(chosen)
 
 
@@ -115,11 +142,13 @@ def sample_first_tokens(
     prompts: list[list[int]],
     shortcuts: tuple[bool, int | None],
     to_device,
-) -> list[int]:
+    keep_logprobs: bool = False,
+) -> tuple[list[int], LogprobRows | None]:
     """Prompts just prefilled into `slots`: set up their `seen` rows and sample every first
     token from the prompts' last logits [N, V] in one go (one sampler run, not one per prompt).
     Every index is built on the host and sent in one copy (`to_device`, the engine's staging):
-    nothing here waits for the device until the tokens are read back."""
+    nothing here waits for the device until the tokens are read back. With `keep_logprobs`, the
+    first tokens' log-probabilities come back too (on the device)."""
     count = len(slots)
     index, prompt_rows, prompt_ids, counters, rows = to_device(
         [
@@ -132,11 +161,18 @@ def sample_first_tokens(
     )
     seen = torch.zeros(count, buffers.seen.shape[1], dtype=torch.bool, device=buffers.seen.device)
     seen[prompt_rows, prompt_ids] = True
+    counts = torch.zeros(seen.shape, dtype=buffers.counts.dtype, device=seen.device)  # no reply yet
     params = buffers.sampling_rows(index)
-    tokens = sample_next_tokens(logits, params, seen, buffers.seeds[index], counters, *shortcuts)
+    logprobs = None
+    if keep_logprobs:
+        logprobs = LogprobRows.allocate(count, buffers.logprobs.top_ids.shape[1], seen.device)
+    seeds = buffers.seeds[index]
+    tokens = sample_next_tokens(logits, params, seen, seeds, counters, *shortcuts, counts, logprobs)
     seen[rows, tokens.clamp(min=0)] = True  # NON_FINITE: that request ends anyway
+    counts[rows, tokens.clamp(min=0)] = 1.0
     buffers.seen[index] = seen
-    return tokens.tolist()
+    buffers.counts[index] = counts
+    return tokens.tolist(), logprobs
 
 
 class DecodeGraphs:
@@ -168,7 +204,9 @@ class DecodeGraphs:
 
     def capture(self, batch: int, kv_len: int) -> None:
         def step() -> None:
-            self.step_fn(self.weights, self.cache, self.buffers, batch, kv_len, keep_logits=True)
+            self.step_fn(
+                self.weights, self.cache, self.buffers, batch, kv_len, keep_logits=True, keep_logprobs=True
+            )
 
         side = self.warmup_stream
         side.wait_stream(torch.cuda.current_stream())

@@ -47,7 +47,7 @@ def generation_config_for(base, params: SamplingParams, stop_ids: Iterable[int])
     config.max_new_tokens = params.max_new_tokens
     config.max_length = None
     config.repetition_penalty = params.repetition_penalty
-    config.eos_token_id = sorted(stop_ids)
+    config.eos_token_id = [] if params.ignore_eos else sorted(stop_ids)
     if config.pad_token_id is None:
         config.pad_token_id = config.eos_token_id[0] if config.eos_token_id else 0
     config.do_sample = not params.greedy
@@ -55,6 +55,9 @@ def generation_config_for(base, params: SamplingParams, stop_ids: Iterable[int])
         config.temperature, config.top_p, config.top_k = 1.0, 1.0, 50  # transformers' defaults: unused
     else:
         config.temperature, config.top_p, config.top_k = params.temperature, params.top_p, params.top_k
+        config.min_p = params.min_p or None
+    if params.presence_penalty or params.frequency_penalty:  # `generate` has no such processor
+        raise ValueError("the reference engine has no presence or frequency penalty; leave them at 0")
     return config
 
 

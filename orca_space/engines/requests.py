@@ -32,12 +32,21 @@ NON_FINITE_MESSAGE = (
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """A token's log-probability, with the likeliest alternatives (as many as the request asked)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), likeliest first
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     token: int | None = None  # a generated token; stop tokens are never sent
     finish_reason: FinishReason | None = None  # set on the last event only
     error: str | None = None  # why, when finish_reason == "error"
     logits: torch.Tensor | None = None  # [V] on the CPU: the scores this token was chosen from,
     # for requests submitted with record_logits (the self-check); None otherwise
+    logprobs: TokenLogprobs | None = None  # for requests whose params ask for them
 
     @property
     def finished(self) -> bool:

@@ -86,7 +86,10 @@ def prefill_rows(
 def eager_shortcuts(params: list[SamplingParams]) -> tuple[bool, int | None]:
     """What the host knows about a step's rows that lets an eager step skip work: whether all
     are greedy, and a top-k bound when every sampling row has one (rank K, not the vocabulary).
-    Rows not listed (idle ones) may come out wrong; their tokens are never read."""
+    Rows not listed (idle ones) may come out wrong; their tokens are never read. A row that
+    asks for log-probabilities needs the whole ranking: no shortcut then."""
+    if any(p.logprobs is not None for p in params):
+        return False, None
     sampling = [p for p in params if not p.greedy]
     bound = max((p.top_k for p in sampling), default=1) if all(p.top_k > 0 for p in sampling) else None
     return not sampling, bound

@@ -4,7 +4,9 @@ gradio's queue (`--max-queue`) bounds only gradio's own events, and the OpenAI-c
 route and the MCP tool hand their requests straight to the chat service, so they check the
 same load themselves: the engine's waiting line (requests beyond its `capacity`, the page's
 included) may hold `max_queue` requests, and one more is refused at once. The rate limit is
-the page's `RateLimiter`, keyed the same way (`client_key`), or by access key when one is used.
+the page's `RateLimiter`, keyed the same way (`client_key`), or by access key when one is used;
+`/v1` has a limiter of its own (`api=True`, `--api-rate-limit`): a front end behind one key
+(Open WebUI sends three or four calls per message) is not held to one person's pace.
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ class Refused(Exception):
 class Admission:
     runtime: ChatRuntime
     max_queue: int
+    api: bool = False  # count by the runtime's `api_limiter`, not the page's `limiter`
 
     def admit(self, client: str) -> ChatService:
         """The chat service, or `Refused`. A refused request does not count against the limit."""
         service = self.ready_service()
         self.check_load()
-        limiter = self.runtime.limiter
+        limiter = self.runtime.api_limiter if self.api else self.runtime.limiter
         if limiter is not None and (wait := limiter.acquire(client)) > 0:
             raise Refused(
                 429,

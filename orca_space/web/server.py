@@ -150,7 +150,8 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
     # Waiting chats beyond max_queue get an immediate "queue is full" from gradio, not a hang.
     demo.queue(default_concurrency_limit=runtime.concurrency, max_size=settings.max_queue)
     admission = Admission(runtime, settings.max_queue)
-    api = OpenAIApi(admission, settings.model, settings.access_key, started=int(time.time()))
+    api_admission = Admission(runtime, settings.max_queue, api=True)  # /v1's own rate limit
+    api = OpenAIApi(api_admission, settings.model, settings.access_key, started=int(time.time()))
     app_kwargs: dict[str, Any] = {
         "routes": [health_route(runtime), metrics_route(runtime), *api.routes()],
         "middleware": [

@@ -1,7 +1,10 @@
 """What other software calls: the OpenAI-compatible routes and the MCP tool.
 
-`openai_api.py` serves `/v1` (routes, streaming, errors), `openai_schema.py` checks its requests
-and shapes its responses (pydantic models, no I/O), `mcp_tool.py` registers the one MCP tool.
+`openai_api.py` serves `/v1` and `/health` (routes, admission, translation into the chat
+service, errors), `openai_answers.py` writes the answers (whole or streamed, `n` choices),
+`openai_schema.py` checks requests and shapes responses (pydantic models, no I/O), with
+`openai_completions.py` for text completions and `openai_logprobs.py` for log-probabilities;
+`mcp_tool.py` registers the one MCP tool.
 
 May import: the guards in `web/` and the layers below `web/`; never `web/page/` or
 `web/server.py`.

@@ -1,11 +1,13 @@
-"""The OpenAI chat-completions API on the page's own server: `POST /v1/chat/completions` and
-`GET /v1/models`, so that the `openai` SDK, LangChain, Open WebUI or `InferenceClient` use the
-Space as they are.
+"""The OpenAI-compatible API on the page's own server: `POST /v1/chat/completions`,
+`POST /v1/completions` (a raw prompt), `GET /v1/models` and `/v1/models/{id}`, and `GET /health`
+as vLLM and TGI serve it, so that the `openai` SDK, LangChain, Open WebUI or `InferenceClient`
+use the Space as they are. Another method on these paths is a 405, another `/v1` path a 404.
 
 A request takes the chat's own path: `openai_schema.parse_request` checks it at the edge,
 `to_conversation` translates it once into what `ChatService.prepare` takes (so the same text
 checks, ChatML ids that no text can forge, history fitting and sampling limits apply), and
-`Admission` applies the page's load limit and rate limit. Nothing of HTTP goes below this
+`Admission` applies the page's load limit and /v1's own rate limit (before anything about the
+request is logged: a refusal is one log line, after admission). Nothing of HTTP goes below this
 module. Replies stream as server-sent events from the service's coalesced snapshots, at most 20
 a second per reply as on the page: an event costs the server about 40 us of CPU on the event
 loop (`bench/sse_cost.py`, 2-core machine), 0.12 s a second at 3,000 tokens/s if every token
@@ -20,11 +22,8 @@ non-streamed answer is collected in a task that is cancelled when the client goe
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import time
-from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -36,15 +35,30 @@ from starlette.background import BackgroundTask
 from ...chat import MAX_HISTORY_MESSAGE_CHARS, MAX_HISTORY_MESSAGES, ChatService, PreparedChat, check_text
 from ...engines.requests import EngineError
 from ...history import PromptTooLong
-from ...params import LIMITS
-from ...replies import ReplyFinish, ReplyStats
+from ...raw_prompt import prepare_raw_prompt
 from ..access import matching_key
 from ..admission import Admission, Refused, request_client
+from . import openai_completions as completions
 from . import openai_schema as schema
-from .openai_schema import ApiError, ChatCompletionRequest
+from .openai_answers import (
+    Answer,
+    answer_pieces,
+    answer_whole,
+    choice_chat,
+    logprob_writer,
+    sse_events,
+    whole_answer,
+)
+from .openai_completions import CompletionRequest
+from .openai_schema import ApiError, ChatCompletionRequest, SamplingRequest
 
 log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # proxies: pass each event on
+# A chat request that sets no token limit may use this many (or what the context leaves): a
+# long chat answer fits, and a front end's title or tag call that sends none (Open WebUI's)
+# cannot run on for thousands of tokens. A cut reply ends with finish_reason "length" and
+# can be continued (a conversation ending with its text is continued).
+DEFAULT_MAX_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -53,17 +67,9 @@ class Conversation:
 
     system: str
     history: list[dict[str, str]]
-    message: str
-    message_index: int  # where the new user message is in `messages`, for errors
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Part of an answer: new text, and on the last piece why it ended."""
-
-    text: str
-    stats: ReplyStats
-    finish_reason: ReplyFinish | None = None
+    message: str  # the new user message, or the reply to continue
+    message_index: int  # where that message is in `messages`, for errors
+    continues: bool = False  # the last message is the assistant's, to continue
 
 
 # -- translation ----------------------------------------------------------------------------------
@@ -71,7 +77,8 @@ class Piece:
 
 def to_conversation(request: ChatCompletionRequest, service: ChatService) -> Conversation:
     """System messages first (several are joined), then the conversation, ending with a user
-    message: this endpoint answers a user, it does not continue an assistant's message."""
+    message to answer, or with an assistant message to continue (Open WebUI's Continue, vLLM's
+    `continue_final_message`): the reply goes on from its last word, as the page's Continue."""
     messages = request.messages
     leading = 0
     while leading < len(messages) and messages[leading].role == "system":
@@ -83,21 +90,48 @@ def to_conversation(request: ChatCompletionRequest, service: ChatService) -> Con
                 param=f"messages[{index}].role",
             )
     last = len(messages) - 1
-    if messages[last].role != "user":
-        raise ApiError("the last message must be a user message", param=f"messages[{last}].role")
+    continues = check_ending(request, last)
     if last - leading > MAX_HISTORY_MESSAGES:
         raise ApiError(f"at most {MAX_HISTORY_MESSAGES + 1} messages besides system ones", param="messages")
     limits = service.limits
+    # A system message is bounded by the context, in tokens (the fit refuses one too long);
+    # characters only bound the work of tokenizing it.
     for index in range(last):
-        limit = limits.max_system_chars if index < leading else MAX_HISTORY_MESSAGE_CHARS
-        _check(f"messages[{index}].content", messages[index].content, limit)
-    _check(f"messages[{last}].content", messages[last].content, limits.max_message_chars, allow_empty=False)
+        _check(f"messages[{index}].content", messages[index].content, MAX_HISTORY_MESSAGE_CHARS)
+    limit = MAX_HISTORY_MESSAGE_CHARS if continues else limits.max_message_chars
+    _check(f"messages[{last}].content", messages[last].content, limit, allow_empty=False)
     return Conversation(
         system="\n\n".join(m.content for m in messages[:leading] if m.content.strip()),
         history=[{"role": m.role, "content": m.content} for m in messages[leading:last]],
         message=messages[last].content,
         message_index=last,
+        continues=continues,
     )
+
+
+def check_ending(request: ChatCompletionRequest, last: int) -> bool:
+    """Whether the conversation ends with a reply to continue; vLLM's flags may say so, never
+    the opposite (this Space starts no assistant turn after an assistant message)."""
+    role = request.messages[last].role
+    if role not in ("user", "assistant"):
+        raise ApiError(
+            "the last message must be a user message, or an assistant message to continue",
+            param=f"messages[{last}].role",
+        )
+    continues = role == "assistant"
+    if request.continue_final_message and not continues:
+        raise ApiError(
+            "continue_final_message needs the last message to be the assistant's",
+            param="continue_final_message",
+        )
+    if continues and (request.continue_final_message is False or request.add_generation_prompt):
+        name = "add_generation_prompt" if request.add_generation_prompt else "continue_final_message"
+        raise ApiError(
+            "a conversation that ends with an assistant message is continued here, not answered by "
+            f"a new assistant message; leave out {name}",
+            param=name,
+        )
+    return continues
 
 
 def _check(name: str, text: str, limit: int, allow_empty: bool = True) -> None:
@@ -107,29 +141,42 @@ def _check(name: str, text: str, limit: int, allow_empty: bool = True) -> None:
         raise ApiError(str(exc), param=name) from None
 
 
-def sampling(request: ChatCompletionRequest) -> dict[str, object]:
+# API fields that go to the engine as they are (the rest: the page's defaults)
+SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+)
+
+
+def sampling(request: SamplingRequest) -> dict[str, object]:
     """The sampling parameters the client set; the page's defaults fill in the rest."""
-    raw = {
-        name: value
-        for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
-        if (value := getattr(request, name)) is not None
+    raw: dict[str, object] = {
+        name: value for name in SAMPLING_FIELDS if (value := getattr(request, name)) is not None
     }
     if request.new_tokens is not None:
         raw["max_new_tokens"] = request.new_tokens[1]
+    if request.ignore_eos:
+        raw["ignore_eos"] = True
+    if (alternatives := request.logprob_alternatives) is not None:
+        raw["logprobs"] = alternatives
     return raw
 
 
 def prepare(service: ChatService, request: ChatCompletionRequest) -> PreparedChat:
-    """Check and encode the request. With no token limit set, the reply may take all the room
-    the prompt leaves (up to the page's maximum), as OpenAI's API does."""
+    """Check and encode the request. With no token limit set, the reply may take
+    `DEFAULT_MAX_TOKENS`, or the room the prompt leaves when that is less."""
     conversation = to_conversation(request, service)
     raw = sampling(request)
     raw.setdefault("max_new_tokens", 1)  # the prompt must leave room for one token at least
     limit_name = request.new_tokens[0] if request.new_tokens else "max_tokens"
     try:
-        chat = service.prepare(
-            conversation.message, conversation.history, conversation.system, raw, drop_unanswered=False
-        )
+        chat = encode_conversation(service, conversation, raw)
     except PromptTooLong as exc:
         raise ApiError(str(exc), param="messages", code="context_length_exceeded") from None
     except ValueError as exc:
@@ -144,10 +191,53 @@ def prepare(service: ChatService, request: ChatCompletionRequest) -> PreparedCha
             param="messages",
             code="context_length_exceeded",
         )
-    if request.new_tokens is None:
-        room = min(int(LIMITS["max_new_tokens"].high), context - chat.prompt_tokens)
-        chat = replace(chat, params=replace(chat.params, max_new_tokens=room))
-    return chat
+    return with_default_limit(chat, request, context, DEFAULT_MAX_TOKENS)
+
+
+def encode_conversation(service: ChatService, conversation: Conversation, raw: dict) -> PreparedChat:
+    system = conversation.system
+    if conversation.continues:
+        return service.prepare_continuation(
+            [*conversation.history, {"role": "assistant", "content": conversation.message}],
+            system,
+            raw,
+            drop_unanswered=False,
+            max_system_chars=MAX_HISTORY_MESSAGE_CHARS,
+        )
+    return service.prepare(
+        conversation.message,
+        conversation.history,
+        system,
+        raw,
+        drop_unanswered=False,
+        max_system_chars=MAX_HISTORY_MESSAGE_CHARS,
+    )
+
+
+def with_default_limit(
+    chat: PreparedChat, request: SamplingRequest, context: int, default: int
+) -> PreparedChat:
+    """A request that set no token limit gets `default`, or the room the prompt leaves."""
+    if request.new_tokens is not None:
+        return chat
+    room = min(default, context - chat.prompt_tokens)
+    return replace(chat, params=replace(chat.params, max_new_tokens=room))
+
+
+def prepare_text(service: ChatService, request: CompletionRequest) -> PreparedChat:
+    """A text completion's raw prompt, checked and encoded (see raw_prompt.py)."""
+    raw = sampling(request)
+    raw.setdefault("max_new_tokens", min(completions.DEFAULT_MAX_TOKENS, service.limits.context_length - 1))
+    try:
+        return prepare_raw_prompt(service, request.prompt, raw, request.parse_control_tokens)
+    except PromptTooLong as exc:
+        raise ApiError(str(exc), param="prompt", code="context_length_exceeded") from None
+    except ValueError as exc:
+        message = str(exc)
+        param = (
+            request.new_tokens[0] if message.startswith("max_new_tokens") and request.new_tokens else "prompt"
+        )
+        raise ApiError(in_api_words(message, param), param=param) from None
 
 
 def in_api_words(message: str, param: str) -> str:
@@ -166,84 +256,6 @@ def error_param(message: str, conversation: Conversation, limit_name: str) -> st
     return "messages"
 
 
-# -- answering ------------------------------------------------------------------------------------
-
-
-async def answer_pieces(
-    service: ChatService, chat: PreparedChat, stops: Sequence[str], client: str | None = None
-) -> AsyncIterator[Piece]:
-    """The answer's new text as it comes, at most one piece per `update_interval_s`; the last
-    piece has the finish reason. `client` (who asks) scopes the engine's kept caches."""
-    replies = service.stream(chat, cache_scope=client, stops=stops)
-    seen = 0
-    async with contextlib.aclosing(replies):
-        async for reply in replies:
-            text, seen = reply.text[seen:], len(reply.text)
-            if reply.finished:
-                yield Piece(text, reply.stats, reply.stats.finish_reason)
-                return
-            if text:
-                yield Piece(text, reply.stats)
-    raise EngineError("the reply ended without a finish reason; try again")
-
-
-async def collect_answer(pieces: AsyncIterator[Piece]) -> tuple[str, Piece]:
-    """The whole text and the last piece (`answer_pieces` always ends with one, or raises)."""
-    texts, last = [], None
-    async with contextlib.aclosing(pieces):
-        async for last in pieces:
-            texts.append(last.text)
-    assert last is not None and last.finish_reason is not None
-    return "".join(texts), last
-
-
-async def until_disconnected(request: Request) -> None:
-    """Returns when the client has gone (the body has been read, so only that can come)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def answer_whole(request: Request, pieces: AsyncIterator[Piece]) -> tuple[str, Piece] | None:
-    """The whole answer, or None if the client left first (and then the reply is cancelled)."""
-    answer = asyncio.ensure_future(collect_answer(pieces))
-    gone = asyncio.ensure_future(until_disconnected(request))
-    try:
-        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (answer, gone):
-            if not task.done():
-                task.cancel()
-        await asyncio.wait({answer, gone})
-    return None if answer.cancelled() else answer.result()
-
-
-def sse(data: object) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-async def sse_events(pieces: AsyncIterator[Piece], model: str, include_usage: bool) -> AsyncIterator[str]:
-    id_, created = schema.completion_id(), int(time.time())
-    yield sse(
-        schema.chunk(id_, model, created, {"role": "assistant", "content": ""}, with_usage=include_usage)
-    )
-    try:
-        async with contextlib.aclosing(pieces):
-            async for piece in pieces:
-                if piece.text:
-                    delta = {"content": piece.text}
-                    yield sse(schema.chunk(id_, model, created, delta, with_usage=include_usage))
-                if piece.finish_reason is not None:
-                    yield sse(schema.chunk(id_, model, created, {}, piece.finish_reason, include_usage))
-                    if include_usage:
-                        yield sse(schema.usage_chunk(id_, model, created, piece.stats))
-    except EngineError as exc:  # the status line is sent: report it the way OpenAI's SDK reads
-        yield sse(ApiError(str(exc), status=500, kind="server_error").body())
-    except Exception:
-        log.exception("chat completion stream failed")
-        yield sse(ApiError("internal error; see the server log", status=500, kind="server_error").body())
-    yield "data: [DONE]\n\n"
-
-
 # -- routes ---------------------------------------------------------------------------------------
 
 
@@ -251,6 +263,8 @@ def error_response(error: ApiError) -> JSONResponse:
     headers = {}
     if error.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
+    if error.allow:
+        headers["Allow"] = error.allow
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
@@ -274,59 +288,123 @@ class OpenAIApi:
 
     def routes(self) -> list[APIRoute]:
         return [
+            APIRoute("/health", self.health, methods=["GET"], name="health"),
             APIRoute("/v1/models", self.models, methods=["GET"], name="openai_models"),
+            APIRoute("/v1/models/{model_id:path}", self.model_entry, methods=["GET"], name="openai_model"),
             APIRoute("/v1/chat/completions", self.chat_completions, methods=["POST"], name="openai_chat"),
+            APIRoute("/v1/completions", self.text_completions, methods=["POST"], name="openai_completions"),
+            *(wrong_method_route(path, "POST") for path in ("/v1/chat/completions", "/v1/completions")),
+            *(
+                wrong_method_route(path, "GET")
+                for path in ("/v1/models", "/v1/models/{model_id:path}", "/health")
+            ),
             APIRoute("/v1/{rest:path}", self.not_found, methods=["GET", "POST"], name="openai_other"),
         ]
+
+    async def health(self) -> Response:
+        """vLLM's and TGI's `GET /health`: 200 when replies can be served, 503 before (loading)
+        or after (failed); `/healthz` says more."""
+        try:
+            self.admission.ready_service()
+        except Refused as exc:
+            return JSONResponse({"status": exc.kind, "message": exc.message}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     async def models(self) -> JSONResponse:
         return JSONResponse(
             schema.model_list(self.model, self.started, self.admission.runtime.context_length)
         )
 
+    async def model_entry(self, model_id: str) -> JSONResponse:
+        """`GET /v1/models/{id}` (the SDK's `models.retrieve`); the id may hold slashes."""
+        if model_id != self.model:
+            error = ApiError(
+                f"model {model_id!r:.100} is not served here; this Space serves {self.model!r}",
+                status=404,
+                kind="not_found_error",
+                code="model_not_found",
+            )
+            return error_response(error)
+        entries = schema.model_list(self.model, self.started, self.admission.runtime.context_length)
+        return JSONResponse(entries["data"][0])
+
     async def not_found(self, rest: str) -> JSONResponse:
         error = ApiError(
-            f"/v1/{rest:.100} is not served here: only POST /v1/chat/completions and GET /v1/models",
+            f"/v1/{rest:.100} is not served here: only POST /v1/chat/completions, POST /v1/completions "
+            "and GET /v1/models",
             status=404,
             kind="not_found_error",
         )
         return error_response(error)
 
     async def chat_completions(self, request: Request) -> Response:
+        return await self.answer(request, schema.ChatCompletionRequest, self._chat)
+
+    async def text_completions(self, request: Request) -> Response:
+        return await self.answer(request, CompletionRequest, self._text)
+
+    async def answer(self, request: Request, kind: type, respond) -> Response:
+        """Parse, admit, then answer. A request is admitted (counted by the rate limit) before
+        anything about it is logged: a refusal (400) or ignored fields are one log line each,
+        after admission, so a flood of bad requests is bounded by the rate limit, not by the log."""
+        client = self.client(request)
         try:
-            return await self._chat_completions(request)
+            try:
+                parsed, problem = schema.parse_request(parse_json(await request.body()), kind), None
+            except ApiError as exc:
+                parsed, problem = None, exc
+            service = self.admission.admit(client)
+            if problem is not None:
+                raise problem
+            if ignored := parsed.ignored_fields():
+                # repr: a field's name is the caller's text, and must not start a log line of its own
+                log.info(
+                    "%s: ignored fields %s", request.url.path, ", ".join(repr(f[:40]) for f in ignored[:10])
+                )
+            self.check_model(parsed)
+            if self.admission.runtime.zerogpu:
+                carry_visitor_to_zerogpu(request)
+            return await respond(request, service, parsed, client)
         except ApiError as exc:
+            log.info("%s refused (%s, %r): %.200r", request.url.path, exc.status, exc.param, exc.message)
             return error_response(exc)
-        except Refused as exc:
+        except Refused as exc:  # not logged: these are what a flood gets
             return error_response(from_refusal(exc))
         except Exception:  # never a stack trace for the client
-            log.exception("chat completion failed")
+            log.exception("%s failed", request.url.path)
             return error_response(
                 ApiError("internal error; see the server log", status=500, kind="server_error")
             )
 
-    async def _chat_completions(self, request: Request) -> Response:
-        body = parse_json(await request.body())
-        completion = schema.parse_request(body)
-        if completion.model is not None and completion.model != self.model:
+    def check_model(self, parsed: SamplingRequest) -> None:
+        if parsed.model is not None and parsed.model != self.model:
             raise ApiError(
-                f"model {completion.model!r:.100} is not served here; this Space serves {self.model!r}",
+                f"model {parsed.model!r:.100} is not served here; this Space serves {self.model!r}",
                 param="model",
                 code="model_not_found",
             )
-        if ignored := completion.ignored_fields():
-            log.info("chat completion: ignored unknown fields %s", ", ".join(f[:40] for f in ignored[:10]))
-        client = self.client(request)
-        service = self.admission.admit(client)
-        if self.admission.runtime.zerogpu:
-            carry_visitor_to_zerogpu(request)
+
+    async def _chat(self, request: Request, service: ChatService, parsed, client: str) -> Response:
         # Tokenizing a long conversation takes milliseconds: off the event loop that streams.
-        chat = await asyncio.to_thread(prepare, service, completion)
-        pieces = answer_pieces(service, chat, completion.stop or [], client)
-        if completion.stream:
-            events = sse_events(pieces, self.model, completion.include_usage)
+        chat = await asyncio.to_thread(prepare, service, parsed)
+        return await self.respond(request, service, parsed, chat, client, schema.CHAT)
+
+    async def _text(self, request: Request, service: ChatService, parsed, client: str) -> Response:
+        chat = await asyncio.to_thread(prepare_text, service, parsed)
+        return await self.respond(request, service, parsed, chat, client, schema.TEXT)
+
+    async def respond(
+        self, request, service, parsed: SamplingRequest, chat: PreparedChat, client: str, shape
+    ) -> Response:
+        choices = [
+            answer_pieces(service, choice_chat(chat, index), parsed.stop or [], client)
+            for index in range(parsed.choices)
+        ]
+        answer = Answer(shape, self.model, choices, logprob_writer(shape, service, parsed))
+        if parsed.stream:
+            events = sse_events(answer, parsed.include_usage)
             # Starlette cancels the stream when the client leaves; closing it after the response
-            # as well makes sure the engine request ends even if it was parked at a `yield`.
+            # as well makes sure the engine requests end even if one was parked at a `yield`.
             return StreamingResponse(
                 events,
                 media_type="text/event-stream",
@@ -334,20 +412,36 @@ class OpenAIApi:
                 background=BackgroundTask(events.aclose),
             )
         try:
-            whole = await answer_whole(request, pieces)
+            body = await answer_whole(request, whole_answer(answer))
         except EngineError as exc:
             raise ApiError(str(exc), status=500, kind="server_error") from None
-        if whole is None:
+        if body is None:
             return Response(status_code=499)  # nobody is there to read it
-        text, last = whole
-        return JSONResponse(
-            schema.completion(schema.completion_id(), self.model, text, last.finish_reason, last.stats)
-        )
+        return JSONResponse(body)
 
     def client(self, request: Request) -> str:
         key_index = matching_key(request.headers.get("authorization"), self.access_keys)
         peer = request.client.host if request.client else None
         return request_client(self.admission.runtime, peer, request.headers.get("x-forwarded-for"), key_index)
+
+
+METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
+def wrong_method_route(path: str, allowed: str) -> APIRoute:
+    """A 405 in OpenAI's shape, with `Allow`, for every other method on a served path."""
+
+    async def refuse(request: Request) -> JSONResponse:
+        error = ApiError(
+            f"{request.method} is not allowed on {request.url.path}; use {allowed}",
+            status=405,
+            code="method_not_allowed",
+        )
+        error.allow = allowed
+        return error_response(error)
+
+    others = [method for method in METHODS if method != allowed]
+    return APIRoute(path, refuse, methods=others, name=f"wrong_method {path}")
 
 
 def carry_visitor_to_zerogpu(request: Request) -> None:

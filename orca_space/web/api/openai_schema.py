@@ -3,18 +3,19 @@
 The request is a pydantic model whose every check names the field that is wrong, in OpenAI's
 spelling (`messages[2].content`, `max_tokens`), so a client gets a 400 it can act on. Sampling
 values are checked by `params.check_value` under their OpenAI names: the same limits as the
-page's sliders. Fields for features this Space does not have (`n` > 1, tools, log-probs,
-images, ...) are refused by name rather than ignored; fields it has no use for but that change
-nothing (`user`, `metadata`, ...) and unknown ones are ignored, as vLLM does.
+page's sliders (and `params.API_LIMITS` for the API's own: min-p, presence and frequency
+penalties). Fields for features this Space does not have (tools, images, `logit_bias`, ...) are
+refused by name rather than ignored; fields it has no use for but that change nothing (`user`,
+`metadata`, ...) and unknown ones are ignored, as vLLM does.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import replace
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -27,11 +28,13 @@ from pydantic import (
     model_validator,
 )
 
-from ...params import LIMITS, check_seed, check_value
+from ...params import API_LIMITS, LIMITS, MAX_TOP_LOGPROBS, check_seed, check_value
 from ...replies import ReplyStats
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 200  # each one is matched against the end of the reply after every piece
+# Choices per request (`n`): each is a request in the engine, so a few, not a batch's worth.
+MAX_CHOICES = 4
 # "developer" is OpenAI's newer name for the system role; it is read as one.
 SYSTEM_ROLES = ("system", "developer")
 ROLES = (*SYSTEM_ROLES, "user", "assistant")
@@ -53,6 +56,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.message, self.param, self.status, self.kind, self.code = message, param, status, kind, code
         self.retry_after_s = retry_after_s
+        self.allow: str | None = None  # a 405's `Allow` header
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -64,16 +68,11 @@ def _off(value: object) -> bool:
 
 # Field -> (when a value is still fine, why any other is refused).
 REFUSED_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
-    "n": (lambda v: v in (None, 1), "only one choice per request (n = 1) is generated"),
     "tools": (_off, "tools and function calling are not supported"),
     "functions": (_off, "function calling is not supported"),
     "tool_choice": (lambda v: v in (None, "none", "auto"), "tools and function calling are not supported"),
     "function_call": (lambda v: v in (None, "none", "auto"), "function calling is not supported"),
-    "logprobs": (_off, "log-probabilities are not returned"),
-    "top_logprobs": (_off, "log-probabilities are not returned"),
     "logit_bias": (_off, "logit_bias is not supported"),
-    "presence_penalty": (_off, "presence_penalty is not supported; use repetition_penalty"),
-    "frequency_penalty": (_off, "frequency_penalty is not supported; use repetition_penalty"),
     "response_format": (
         lambda v: v is None or (isinstance(v, Mapping) and v.get("type") == "text"),
         "only plain text responses are supported (no JSON mode or schema)",
@@ -94,7 +93,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")  # `name`, `refusal`, ...: nothing to do with them
 
     role: StrictStr
-    content: str
+    content: str  # null (an assistant's after a tool call) reads as ""
 
     @field_validator("role")
     @classmethod
@@ -111,6 +110,8 @@ class ChatMessage(BaseModel):
         """A string, or a list of text parts (joined by newlines, as vLLM joins them)."""
         if isinstance(content, str):
             return content
+        if content is None:
+            return ""  # an empty message where one is needed is refused by the chat's checks
         if not isinstance(content, list):
             raise ValueError(f"content must be text or a list of text parts, got {type(content).__name__}")
         texts = []
@@ -141,8 +142,31 @@ class StreamOptions(BaseModel):
 
 
 def _limit_check(limit_name: str, openai_name: str) -> Callable[[object], object]:
-    limit = replace(LIMITS[limit_name], name=openai_name)  # so the message names the OpenAI field
+    limit = replace({**LIMITS, **API_LIMITS}[limit_name], name=openai_name)  # named as the client named it
     return lambda value: None if value is None else check_value(limit, value)
+
+
+def _top_k(value: object) -> object:
+    """vLLM's -1 means "off", as 0 does here."""
+    return 0 if value == -1 and not isinstance(value, bool) else _limit_check("top_k", "top_k")(value)
+
+
+def _choices(value: object) -> object:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CHOICES:
+        raise ValueError(f"n must be a whole number from 1 to {MAX_CHOICES}, got {value!r:.40}")
+    return value
+
+
+def _top_logprobs(value: object) -> object:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise ValueError(
+            f"top_logprobs must be a whole number from 0 to {MAX_TOP_LOGPROBS}, got {value!r:.40}"
+        )
+    return value
 
 
 # The page's limits under OpenAI's names; null means "not set" for each.
@@ -151,16 +175,21 @@ SAMPLING_CHECKS: dict[str, Callable[[object], object]] = {
     "max_completion_tokens": _limit_check("max_new_tokens", "max_completion_tokens"),
     "temperature": _limit_check("temperature", "temperature"),
     "top_p": _limit_check("top_p", "top_p"),
-    "top_k": _limit_check("top_k", "top_k"),
+    "top_k": _top_k,
     "repetition_penalty": _limit_check("repetition_penalty", "repetition_penalty"),
     "seed": lambda value: None if value is None else check_seed(value),
+    "min_p": _limit_check("min_p", "min_p"),
+    "presence_penalty": _limit_check("presence_penalty", "presence_penalty"),
+    "frequency_penalty": _limit_check("frequency_penalty", "frequency_penalty"),
+    "n": _choices,
 }
 
 
-class ChatCompletionRequest(BaseModel):
+class SamplingRequest(BaseModel):
+    """What chat and text completions share: the model, the reply's limits and its sampling."""
+
     model_config = ConfigDict(extra="allow")  # unknown fields are ignored (and logged)
 
-    messages: list[ChatMessage] = Field(min_length=1)
     model: StrictStr | None = None
     max_tokens: Any = None
     max_completion_tokens: Any = None
@@ -169,6 +198,11 @@ class ChatCompletionRequest(BaseModel):
     top_k: Any = None  # not in OpenAI's schema; vLLM takes it, and so does this
     repetition_penalty: Any = None  # likewise
     seed: Any = None
+    min_p: Any = None  # vLLM's
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    n: Any = None
+    ignore_eos: StrictBool = False  # vLLM's: go on past the end of the turn, to the token limit
     stop: StrictStr | list[StrictStr] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -203,20 +237,54 @@ class ChatCompletionRequest(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+    @property
+    def logprob_alternatives(self) -> int | None:
+        """How many alternatives each token's log-probability comes with; None: none asked."""
+        return None
+
     def ignored_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
 
 
-def parse_request(body: object) -> ChatCompletionRequest:
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: StrictBool | None = None
+    top_logprobs: Any = None
+    # vLLM's: a conversation that ends with an assistant message is continued either way; these
+    # say so explicitly, and a contradiction is refused (see `openai_api.to_conversation`).
+    continue_final_message: StrictBool | None = None
+    add_generation_prompt: StrictBool | None = None
+
+    @field_validator("top_logprobs", mode="before")
+    @classmethod
+    def few_alternatives(cls, value: object) -> object:
+        return _top_logprobs(value)
+
+    @property
+    def logprob_alternatives(self) -> int | None:
+        """How many alternatives each token's log-probability comes with; None: none asked."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+Request = TypeVar("Request", bound=SamplingRequest)
+
+
+def parse_request(body: object, kind: type[Request] = ChatCompletionRequest) -> Request:
     """The request, or ApiError naming the first field that is wrong."""
     if not isinstance(body, Mapping):
         raise ApiError(f"the request body must be a JSON object, got {type(body).__name__}")
     refuse_unsupported(body)
     try:
-        request = ChatCompletionRequest.model_validate(body)
+        request = kind.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise ApiError(_plain(first["msg"]), param=field_path(first["loc"])) from None
+    if isinstance(request, ChatCompletionRequest) and request.top_logprobs and not request.logprobs:
+        raise ApiError("top_logprobs needs logprobs set to true", param="top_logprobs")
     both = (request.max_tokens, request.max_completion_tokens)
     if None not in both and both[0] != both[1]:
         raise ApiError(
@@ -245,67 +313,75 @@ def _plain(message: str) -> str:
 # -- responses ------------------------------------------------------------------------------------
 
 
+def usage(stats: Sequence[ReplyStats]) -> dict[str, int]:
+    """One prompt, however many choices: its tokens once, every choice's new tokens."""
+    prompt, new = stats[0].prompt_tokens, sum(s.tokens for s in stats)
+    return {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How an answer's choices are written: chat completions, or text completions."""
+
+    whole: str  # the answer's `object`
+    piece: str  # a streamed chunk's `object`
+    id_prefix: str
+    text_key: str | None  # where a choice's text goes: "text", or None for chat's message/delta
+
+    def new_id(self) -> str:
+        return f"{self.id_prefix}-{uuid.uuid4().hex}"
+
+    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: Any, streamed: bool) -> dict:
+        body: dict[str, Any] = {"index": index}
+        if self.text_key is not None:
+            body[self.text_key] = text
+        elif streamed:
+            body["delta"] = {"content": text} if text else {}
+        else:
+            body["message"] = {"role": "assistant", "content": text}
+        return {**body, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def opening(self, index: int) -> dict | None:
+        """A stream's first chunk for a choice: chat's says who speaks; text has none."""
+        if self.text_key is not None:
+            return None
+        return {
+            "index": index,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
+
+
+CHAT = Shape("chat.completion", "chat.completion.chunk", "chatcmpl", None)
+TEXT = Shape("text_completion", "text_completion", "cmpl", "text")
+
+
 def completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
+    return CHAT.new_id()
 
 
-def usage(stats: ReplyStats) -> dict[str, int]:
-    return {
-        "prompt_tokens": stats.prompt_tokens,
-        "completion_tokens": stats.tokens,
-        "total_tokens": stats.prompt_tokens + stats.tokens,
+def envelope(
+    shape: Shape, id_: str, model: str, created: int, choices: list[dict], streamed: bool, **usage_field: Any
+) -> dict[str, Any]:
+    """The answer (or a chunk of it) around its choices; `usage=...` when it has one (a chunk's
+    `usage` is null on every chunk but the last, usage-only one, as OpenAI sends it)."""
+    body = {
+        "id": id_,
+        "object": shape.piece if streamed else shape.whole,
+        "created": created,
+        "model": model,
+        "choices": choices,
     }
+    return {**body, **usage_field}
 
 
 def completion(
     id_: str, model: str, text: str, finish_reason: str, stats: ReplyStats, created: int | None = None
 ) -> dict[str, Any]:
-    return {
-        "id": id_,
-        "object": "chat.completion",
-        "created": created or int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish_reason,
-                "logprobs": None,
-            }
-        ],
-        "usage": usage(stats),
-    }
-
-
-def chunk(
-    id_: str,
-    model: str,
-    created: int,
-    delta: dict[str, str],
-    finish_reason: str | None = None,
-    with_usage: bool = False,
-) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "id": id_,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
-    }
-    if with_usage:
-        body["usage"] = None  # OpenAI's way: null on every chunk but the last, usage-only one
-    return body
-
-
-def usage_chunk(id_: str, model: str, created: int, stats: ReplyStats) -> dict[str, Any]:
-    return {
-        "id": id_,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": usage(stats),
-    }
+    """A chat answer of one choice."""
+    choice = CHAT.choice(0, text, finish_reason, None, streamed=False)
+    return envelope(CHAT, id_, model, created or int(time.time()), [choice], False, usage=usage([stats]))
 
 
 def model_list(model: str, created: int, context_length: int) -> dict[str, Any]:
