@@ -8,7 +8,7 @@ the right kind within range and raises `ValueError` naming the parameter otherwi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from numbers import Integral, Real
 
 
@@ -53,6 +53,9 @@ class SamplingParams:
     top_k: int = int(LIMITS["top_k"].default)
     repetition_penalty: float = LIMITS["repetition_penalty"].default
     seed: int | None = None
+    # A compiled grammar every token must follow (`grammar.Constraint`: tools, response_format),
+    # or None for free text. Set by the API after checking, never from raw values.
+    constraint: object | None = field(default=None, compare=False, repr=False)
 
     @property
     def greedy(self) -> bool:

@@ -32,6 +32,7 @@ class DecodeBuffers:
     seen: torch.Tensor  # bool [S, V]: tokens in each request's prompt or reply so far
     next: torch.Tensor  # long [S]: the step's sampled tokens
     logits: torch.Tensor  # [S, V] in the model dtype: the step's logits, when kept (see below)
+    allowed: torch.Tensor  # int32 [S, ceil(V/32)]: each row's allowed tokens, a bit each (token_masks.py)
 
     @classmethod
     def allocate(cls, slots: int, vocab: int, device, logits_dtype=torch.float32) -> DecodeBuffers:
@@ -52,6 +53,7 @@ class DecodeBuffers:
             seen=torch.zeros(slots, vocab, dtype=torch.bool, device=device),
             next=longs(),
             logits=torch.zeros(slots, vocab, dtype=logits_dtype, device=device),
+            allowed=torch.full((slots, (vocab + 31) // 32), -1, dtype=torch.int32, device=device),
         )
 
     def rows(self, batch: int) -> tuple[torch.Tensor, ...]:
@@ -88,6 +90,7 @@ def decode_and_sample(
     all_greedy: bool = False,
     top_k_bound: int | None = None,
     keep_logits: bool = False,
+    apply_mask: bool = True,
 ) -> None:
     """The whole decode step for slots [0, batch): forward, per-row sampling, `seen` update.
 
@@ -96,14 +99,18 @@ def decode_and_sample(
     The sampler's counter is the input position: unique per token of a request. `keep_logits`
     copies the logits into `buffers.logits` for requests that record them (the self-check):
     captured graphs always keep them (one [B, V] copy, microseconds against a step of
-    milliseconds); an eager step only when asked.
+    milliseconds); an eager step only when asked. `apply_mask` applies `buffers.allowed` (the
+    grammars of constrained rows): graphs always do; an eager step only when a row is constrained.
     """
     tokens, positions, seeds, seen = buffers.rows(batch)
     logits = decode(weights, cache, tokens, positions, kv_len)  # [B, V]
     if keep_logits:
         buffers.logits[:batch].copy_(logits)
     params = buffers.sampling_rows(slice(0, batch))
-    chosen = sample_next_tokens(logits, params, seen, seeds, positions, all_greedy, top_k_bound)  # [B]
+    allowed = buffers.allowed[:batch] if apply_mask else None
+    chosen = sample_next_tokens(
+        logits, params, seen, seeds, positions, all_greedy, top_k_bound, allowed
+    )  # [B]
     seen.scatter_(1, chosen.clamp(min=0)[:, None], True)  # a NON_FINITE row's request ends anyway
     buffers.next[:batch].copy_(chosen)
 
@@ -115,11 +122,13 @@ def sample_first_tokens(
     prompts: list[list[int]],
     shortcuts: tuple[bool, int | None],
     to_device,
+    allowed: torch.Tensor | None = None,
 ) -> list[int]:
     """Prompts just prefilled into `slots`: set up their `seen` rows and sample every first
     token from the prompts' last logits [N, V] in one go (one sampler run, not one per prompt).
     Every index is built on the host and sent in one copy (`to_device`, the engine's staging):
-    nothing here waits for the device until the tokens are read back."""
+    nothing here waits for the device until the tokens are read back. `allowed` [N, W]: the
+    constrained prompts' first-token masks (`token_masks.TokenMasks.first_masks`), or None."""
     count = len(slots)
     index, prompt_rows, prompt_ids, counters, rows = to_device(
         [
@@ -133,7 +142,7 @@ def sample_first_tokens(
     seen = torch.zeros(count, buffers.seen.shape[1], dtype=torch.bool, device=buffers.seen.device)
     seen[prompt_rows, prompt_ids] = True
     params = buffers.sampling_rows(index)
-    tokens = sample_next_tokens(logits, params, seen, buffers.seeds[index], counters, *shortcuts)
+    tokens = sample_next_tokens(logits, params, seen, buffers.seeds[index], counters, *shortcuts, allowed)
     seen[rows, tokens.clamp(min=0)] = True  # NON_FINITE: that request ends anyway
     buffers.seen[index] = seen
     return tokens.tolist()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..params import SamplingParams
+from .token_masks import mask_disallowed
 
 
 @dataclass
@@ -58,6 +59,7 @@ def sample_next_tokens(
     counters: torch.Tensor,
     all_greedy: bool = False,
     top_k_bound: int | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The next token per row, or `NON_FINITE` for a row whose logits are not all finite. Long [B].
 
@@ -70,8 +72,12 @@ def sample_next_tokens(
     Host-known shortcuts for eager use: `all_greedy` skips the sampling; `top_k_bound` (when
     every row has 0 < top_k <= top_k_bound) ranks only that many candidates instead of sorting V
     (the same draw, except that exactly tied logits may be ranked in another order).
+    `allowed` (int32 [B, ceil(V/32)], one bit per token) masks each row's tokens to its grammar
+    (`token_masks.py`), after the finiteness check: a masked logit is -inf on purpose.
     """
     finite = torch.isfinite(logits).all(dim=-1)  # [B]
+    if allowed is not None:
+        logits = mask_disallowed(logits, allowed)
     logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
     chosen = logits.argmax(dim=-1)
     if not all_greedy:
