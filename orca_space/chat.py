@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 from .chatml import ChatEncoder
 from .detokenizer import StreamingDetokenizer
 from .engines.requests import Engine, EngineError
+from .grammar import GrammarCompiler
 from .history import FittedChat, Message, fit_history, group_turns
 from .params import SamplingParams
 from .replies import Reply, ReplyDelta, accumulate, coalesce
@@ -321,6 +322,11 @@ class LocalBackend:
         self.engine = engine
         self.encoder = encoder
         self.tokenizer = tokenizer
+        masks = getattr(engine, "masks", None)  # an engine that applies grammars (engines/token_masks.py)
+        # Compiles tools and response_format into grammars; None: this engine cannot apply them.
+        self.grammars = (
+            None if masks is None else GrammarCompiler(tokenizer, masks.vocab, [encoder.controls.im_end])
+        )
 
     async def stream_reply(
         self,

@@ -41,7 +41,9 @@ from ...replies import ReplyFinish, ReplyStats
 from ..access import matching_key
 from ..admission import Admission, Refused, request_client
 from . import openai_schema as schema
+from . import tool_calls
 from .openai_schema import ApiError, ChatCompletionRequest
+from .output_rules import OutputRules, read_rules
 
 log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # proxies: pass each event on
@@ -119,10 +121,18 @@ def sampling(request: ChatCompletionRequest) -> dict[str, object]:
     return raw
 
 
-def prepare(service: ChatService, request: ChatCompletionRequest) -> PreparedChat:
+def prepare(
+    service: ChatService, request: ChatCompletionRequest, rules: OutputRules | None = None
+) -> PreparedChat:
     """Check and encode the request. With no token limit set, the reply may take all the room
-    the prompt leaves (up to the page's maximum), as OpenAI's API does."""
-    conversation = to_conversation(request, service)
+    the prompt leaves (up to the page's maximum), as OpenAI's API does. `rules` (tools,
+    response_format) add the tools to the system message and compile the reply's grammar."""
+    rules = rules or OutputRules()
+    plain = request.model_copy(update={"messages": tool_calls.plain_messages(request.messages)})
+    conversation = to_conversation(plain, service)
+    if suffix := rules.system_suffix():
+        conversation = replace(conversation, system="\n\n".join(filter(None, (conversation.system, suffix))))
+    constraint = rules.constraint(getattr(service.backend, "grammars", None))
     raw = sampling(request)
     raw.setdefault("max_new_tokens", 1)  # the prompt must leave room for one token at least
     limit_name = request.new_tokens[0] if request.new_tokens else "max_tokens"
@@ -147,7 +157,7 @@ def prepare(service: ChatService, request: ChatCompletionRequest) -> PreparedCha
     if request.new_tokens is None:
         room = min(int(LIMITS["max_new_tokens"].high), context - chat.prompt_tokens)
         chat = replace(chat, params=replace(chat.params, max_new_tokens=room))
-    return chat
+    return replace(chat, params=replace(chat.params, constraint=constraint))
 
 
 def in_api_words(message: str, param: str) -> str:
@@ -221,19 +231,24 @@ def sse(data: object) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def sse_events(pieces: AsyncIterator[Piece], model: str, include_usage: bool) -> AsyncIterator[str]:
+async def sse_events(
+    pieces: AsyncIterator[Piece], model: str, include_usage: bool, calls: bool = False
+) -> AsyncIterator[str]:
+    """The answer as OpenAI's chunks; with `calls` (tools offered), tool calls as `tool_calls`
+    deltas and finish reason "tool_calls" (`tool_calls.ReplySplitter`)."""
     id_, created = schema.completion_id(), int(time.time())
+    splitter = tool_calls.ReplySplitter() if calls else None
     yield sse(
         schema.chunk(id_, model, created, {"role": "assistant", "content": ""}, with_usage=include_usage)
     )
     try:
         async with contextlib.aclosing(pieces):
             async for piece in pieces:
-                if piece.text:
-                    delta = {"content": piece.text}
+                for delta in text_deltas(splitter, piece.text, piece.finish_reason is not None):
                     yield sse(schema.chunk(id_, model, created, delta, with_usage=include_usage))
                 if piece.finish_reason is not None:
-                    yield sse(schema.chunk(id_, model, created, {}, piece.finish_reason, include_usage))
+                    reason = finish_reason(piece.finish_reason, splitter is not None and bool(splitter.calls))
+                    yield sse(schema.chunk(id_, model, created, {}, reason, include_usage))
                     if include_usage:
                         yield sse(schema.usage_chunk(id_, model, created, piece.stats))
     except EngineError as exc:  # the status line is sent: report it the way OpenAI's SDK reads
@@ -242,6 +257,35 @@ async def sse_events(pieces: AsyncIterator[Piece], model: str, include_usage: bo
         log.exception("chat completion stream failed")
         yield sse(ApiError("internal error; see the server log", status=500, kind="server_error").body())
     yield "data: [DONE]\n\n"
+
+
+def text_deltas(splitter: tool_calls.ReplySplitter | None, text: str, last: bool) -> list[dict]:
+    """A piece's chunk deltas: its text, or (tools offered) its content and finished calls."""
+    if splitter is None:
+        return [{"content": text}] if text else []
+    pieces = splitter.feed(text) + (splitter.finish() if last else [])
+    return tool_calls.stream_deltas(pieces)
+
+
+def finish_reason(reason: str, made_calls: bool) -> str:
+    """OpenAI's "tool_calls" for a reply that ended by itself after making calls."""
+    return "tool_calls" if made_calls and reason == "stop" else reason
+
+
+def whole_answer(model: str, text: str, last: Piece, calls: bool) -> dict:
+    """The non-streamed answer; with `calls` (tools offered), its calls as `tool_calls`."""
+    body = schema.completion(schema.completion_id(), model, text, last.finish_reason, last.stats)
+    if calls:
+        content, made = tool_calls.split_reply(text)
+        if made:
+            choice = body["choices"][0]
+            choice["message"] = {
+                "role": "assistant",
+                "content": content,
+                "tool_calls": [call.as_message_part() for call in made],
+            }
+            choice["finish_reason"] = finish_reason(last.finish_reason, True)
+    return body
 
 
 # -- routes ---------------------------------------------------------------------------------------
@@ -316,15 +360,21 @@ class OpenAIApi:
             )
         if ignored := completion.ignored_fields():
             log.info("chat completion: ignored unknown fields %s", ", ".join(f[:40] for f in ignored[:10]))
+        rules = read_rules(
+            completion.tools,
+            completion.tool_choice,
+            completion.parallel_tool_calls,
+            completion.response_format,
+        )
         client = self.client(request)
         service = self.admission.admit(client)
         if self.admission.runtime.zerogpu:
             carry_visitor_to_zerogpu(request)
         # Tokenizing a long conversation takes milliseconds: off the event loop that streams.
-        chat = await asyncio.to_thread(prepare, service, completion)
+        chat = await asyncio.to_thread(prepare, service, completion, rules)
         pieces = answer_pieces(service, chat, completion.stop or [], client)
         if completion.stream:
-            events = sse_events(pieces, self.model, completion.include_usage)
+            events = sse_events(pieces, self.model, completion.include_usage, rules.calls_possible)
             # Starlette cancels the stream when the client leaves; closing it after the response
             # as well makes sure the engine request ends even if it was parked at a `yield`.
             return StreamingResponse(
@@ -340,9 +390,7 @@ class OpenAIApi:
         if whole is None:
             return Response(status_code=499)  # nobody is there to read it
         text, last = whole
-        return JSONResponse(
-            schema.completion(schema.completion_id(), self.model, text, last.finish_reason, last.stats)
-        )
+        return JSONResponse(whole_answer(self.model, text, last, rules.calls_possible))
 
     def client(self, request: Request) -> str:
         key_index = matching_key(request.headers.get("authorization"), self.access_keys)
