@@ -322,10 +322,11 @@ class LocalBackend:
         self.engine = engine
         self.encoder = encoder
         self.tokenizer = tokenizer
-        masks = getattr(engine, "masks", None)  # an engine that applies grammars (engines/token_masks.py)
-        # Compiles tools and response_format into grammars; None: this engine cannot apply them.
+        # Compiles tools and response_format into grammars, for an engine that applies them
+        # (engines/token_masks.py); None for one that cannot.
+        vocab = getattr(engine, "grammar_vocab", None)
         self.grammars = (
-            None if masks is None else GrammarCompiler(tokenizer, masks.vocab, [encoder.controls.im_end])
+            None if vocab is None else GrammarCompiler(tokenizer, vocab, [encoder.controls.im_end])
         )
 
     async def stream_reply(

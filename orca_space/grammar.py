@@ -108,7 +108,7 @@ class GrammarCompiler:
 
     def json(self, schema: Mapping[str, Any] | None) -> Constraint:
         """Any JSON object (`schema` None: OpenAI's `json_object`), or JSON matching `schema`."""
-        target = {"type": "object"} if schema is None else schema
+        target = {"type": "object"} if schema is None else bounded_strings_as_patterns(schema)
         text = _schema_text(target)
         compiled = self._compile(
             lambda compiler: compiler.compile_json_schema(
@@ -162,13 +162,42 @@ def call_schema(tools: Sequence[ToolSpec]) -> dict[str, Any]:
     choices = [
         {
             "type": "object",
-            "properties": {"name": {"const": tool.name}, "arguments": dict(tool.parameters)},
+            "properties": {
+                "name": {"const": tool.name},
+                "arguments": bounded_strings_as_patterns(tool.parameters),
+            },
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }
         for tool in tools
     ]
     return choices[0] if len(choices) == 1 else {"anyOf": choices}
+
+
+# A JSON string's characters with no escapes: anything but control characters, `"` and `\`.
+PLAIN_STRING_CHARACTER = '[^\\x00-\\x1f"\\\\]'
+STRING_LENGTH_ONLY = {"type", "minLength", "maxLength", "description", "title", "default", "examples"}
+
+
+def bounded_strings_as_patterns(schema: object) -> object:
+    """The schema with each string bounded by `minLength`/`maxLength` alone rewritten as a
+    pattern of that many plain characters. xgrammar 0.2.9 compiles such a string to any
+    characters but `"`, `\`, CR and LF, raw control characters included, which is not JSON
+    (`json.loads` refuses a tab or U+000F inside a string); its pattern path escapes properly.
+    The cost: such strings hold no `"` or `\`."""
+    if isinstance(schema, list):
+        return [bounded_strings_as_patterns(item) for item in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    rewritten = {key: bounded_strings_as_patterns(value) for key, value in schema.items()}
+    bounded = "minLength" in schema or "maxLength" in schema
+    if schema.get("type") == "string" and bounded and set(schema) <= STRING_LENGTH_ONLY:
+        low, high = schema.get("minLength", 0), schema.get("maxLength", "")
+        if isinstance(low, int) and isinstance(high, (int, str)):
+            for key in ("minLength", "maxLength"):
+                rewritten.pop(key, None)
+            rewritten["pattern"] = f"^{PLAIN_STRING_CHARACTER}{{{low},{high}}}$"
+    return rewritten
 
 
 def library_reason(exc: Exception) -> str:

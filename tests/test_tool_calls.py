@@ -103,7 +103,7 @@ def test_rules_that_need_a_grammar_are_a_named_400_where_no_grammar_can_apply():
         read_rules(None, None, None, {"type": "json_object"}),
     ):
         with pytest.raises(ApiError) as caught:
-            rules.constraint(None)  # a remote server, ZeroGPU, the reference rung
+            rules.constraint(None)  # a remote server, ZeroGPU
         assert caught.value.code == "unsupported_backend"
     assert OutputRules().constraint(None) is None, "plain text needs no grammar anywhere"
     only_none = read_rules([{"type": "function", "function": {"name": "f"}}], "none", None, None)

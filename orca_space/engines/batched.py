@@ -116,6 +116,11 @@ class BatchedEngine(RequestQueue):
                     return max(0, place - free)
         return 0
 
+    @property
+    def grammar_vocab(self) -> int:
+        """The vocabulary a request's grammar must be compiled for (see token_masks.py)."""
+        return self.masks.vocab
+
     def _count_active(self) -> int:
         return sum(slot is not None for slot in self._slots)
 

@@ -93,3 +93,23 @@ class TokenMasks:
             if (matcher := self._matchers.get(handle.id)) is not None:
                 matcher.fill(masks, row)
         return masks.to(device)
+
+
+class GrammarLogitsProcessor:
+    """The same mask for transformers' `generate` (the reference rung): a logits processor that
+    advances the request's matcher with each token `generate` appended, then masks the scores.
+    transformers runs custom processors after its penalties and before temperature, top-k and
+    top-p, as the batched engine's sampler orders them."""
+
+    def __init__(self, constraint, prompt_len: int) -> None:
+        self.matcher = constraint.matcher()
+        self.consumed = prompt_len  # input_ids up to here are the prompt or already accepted
+        self.bitmask = torch.full((1, bitmask_width(constraint.vocab_size)), ALL_ALLOWED, dtype=torch.int32)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for token in input_ids[0, self.consumed :].tolist():
+            if not self.matcher.accept(token):
+                raise RuntimeError(GRAMMAR_REFUSED)
+        self.consumed = input_ids.shape[1]
+        self.matcher.fill(self.bitmask, 0)
+        return mask_disallowed(scores, self.bitmask.to(scores.device))

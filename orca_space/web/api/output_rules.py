@@ -9,9 +9,9 @@
 - `response_format` `json_object`: any JSON object; `json_schema`: JSON matching the schema
   (`strict` or not: the schema is always enforced). Not together with tool calls.
 
-Only an engine that applies grammars can honour these (the local batched engine); on any other
-backend (the remote server, ZeroGPU, the reference rung) they are a named 400, `tool_choice`
-`none` excepted.
+Only an engine that applies grammars can honour these (the local batched engine, and the
+reference rung through a logits processor); on the remote backend and ZeroGPU they are a named
+400, `tool_choice` `none` excepted.
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ class OutputRules:
         if grammars is None:
             field = "tool_choice" if self.calls_possible else "response_format"
             raise ApiError(
-                f"{field}: constrained decoding (tools, JSON output) needs the local engine; this "
-                "Space's backend (a remote server, ZeroGPU or the reference engine) cannot apply a "
-                "grammar. Send tool_choice 'none' and no response_format, or run with the batched engine",
+                f"{field}: constrained decoding (tools, JSON output) needs the model served here; this "
+                "Space's backend (a remote server or ZeroGPU) cannot apply a grammar. Send "
+                "tool_choice 'none' and no response_format, or serve the model locally",
                 param=field,
                 code="unsupported_backend",
             )
