@@ -213,3 +213,27 @@ def test_the_reference_rung_applies_the_same_grammar(
         jsonschema.validate(json.loads(sampled[0]), WEATHER)
     finally:
         reference.close()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_steps_apply_the_mask_like_eager_ones(tiny_dir, encoder, tokenizer, grammars, prompt):
+    """The mask is an input buffer of the captured step: replayed graphs give constrained rows
+    the same replies as eager steps, beside a free row, and every constrained reply validates."""
+    from orca_space.loading import load_model
+
+    model = load_model(tiny_dir, "cuda", dtype=torch.float32)
+    constraint = grammars.json(WEATHER)
+    params = [replace(SAMPLED, seed=s, constraint=constraint) for s in range(3)] + [replace(SAMPLED, seed=9)]
+    replies = []
+    for use_graphs in (True, False):
+        engine = BatchedEngine(model, encoder.controls.stop_ids, 1024, slots=4, use_graphs=use_graphs)
+        try:
+            assert engine.wait_ready(300)
+            with engine._wakeup:
+                handles = [engine.submit(prompt, p) for p in params]
+            replies.append([reply(engine, tokenizer, h) for h in handles])
+        finally:
+            engine.close()
+    assert replies[0] == replies[1]
+    for text, _ in replies[0][:3]:
+        jsonschema.validate(json.loads(text), WEATHER)

@@ -41,7 +41,7 @@ from ...replies import ReplyFinish, ReplyStats
 from ..access import matching_key
 from ..admission import Admission, Refused, request_client
 from . import openai_schema as schema
-from . import tool_calls
+from . import tool_calls, tool_stream
 from .openai_schema import ApiError, ChatCompletionRequest
 from .output_rules import OutputRules, read_rules
 
@@ -235,9 +235,9 @@ async def sse_events(
     pieces: AsyncIterator[Piece], model: str, include_usage: bool, calls: bool = False
 ) -> AsyncIterator[str]:
     """The answer as OpenAI's chunks; with `calls` (tools offered), tool calls as `tool_calls`
-    deltas and finish reason "tool_calls" (`tool_calls.ReplySplitter`)."""
+    deltas and finish reason "tool_calls" (`tool_stream.StreamingSplitter`)."""
     id_, created = schema.completion_id(), int(time.time())
-    splitter = tool_calls.ReplySplitter() if calls else None
+    splitter = tool_stream.StreamingSplitter() if calls else None
     yield sse(
         schema.chunk(id_, model, created, {"role": "assistant", "content": ""}, with_usage=include_usage)
     )
@@ -247,7 +247,7 @@ async def sse_events(
                 for delta in text_deltas(splitter, piece.text, piece.finish_reason is not None):
                     yield sse(schema.chunk(id_, model, created, delta, with_usage=include_usage))
                 if piece.finish_reason is not None:
-                    reason = finish_reason(piece.finish_reason, splitter is not None and bool(splitter.calls))
+                    reason = finish_reason(piece.finish_reason, splitter is not None and splitter.made_calls)
                     yield sse(schema.chunk(id_, model, created, {}, reason, include_usage))
                     if include_usage:
                         yield sse(schema.usage_chunk(id_, model, created, piece.stats))
@@ -259,12 +259,12 @@ async def sse_events(
     yield "data: [DONE]\n\n"
 
 
-def text_deltas(splitter: tool_calls.ReplySplitter | None, text: str, last: bool) -> list[dict]:
+def text_deltas(splitter: tool_stream.StreamingSplitter | None, text: str, last: bool) -> list[dict]:
     """A piece's chunk deltas: its text, or (tools offered) its content and finished calls."""
     if splitter is None:
         return [{"content": text}] if text else []
     pieces = splitter.feed(text) + (splitter.finish() if last else [])
-    return tool_calls.stream_deltas(pieces)
+    return tool_stream.stream_deltas(pieces)
 
 
 def finish_reason(reason: str, made_calls: bool) -> str:

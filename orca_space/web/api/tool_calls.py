@@ -13,7 +13,7 @@ The format is Hermes's (NousResearch Hermes 2 Pro; what vLLM's `hermes` tool par
   template writes them. All of it is plain text to `chatml.py`: a `<|im_start|>` inside a
   result or an argument stays text, as everywhere else.
 
-`ReplySplitter` turns the reply's text, as it streams, into content and calls.
+`split_reply` turns a whole reply into content and calls; `tool_stream.py` does it as it streams.
 """
 
 from __future__ import annotations
@@ -91,14 +91,6 @@ class ToolCall:
             "type": "function",
             "function": {"name": self.name, "arguments": self.arguments},
         }
-
-    def stream_deltas(self) -> list[dict[str, Any]]:
-        """OpenAI's order: index, id, type and name first (empty arguments), then the arguments."""
-        head = {"index": self.index, "id": self.id, "type": "function"}
-        return [
-            {"tool_calls": [{**head, "function": {"name": self.name, "arguments": ""}}]},
-            {"tool_calls": [{"index": self.index, "function": {"arguments": self.arguments}}]},
-        ]
 
 
 def new_call_id() -> str:
@@ -204,11 +196,3 @@ def plain_messages(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
     if results:
         plain.append(ChatMessage(role="user", content=tool_results_text(results)))
     return plain
-
-
-def stream_deltas(pieces: Iterable[str | ToolCall]) -> list[dict[str, Any]]:
-    """The chunk deltas for the splitter's pieces: content, or a call's two deltas."""
-    deltas: list[dict[str, Any]] = []
-    for piece in pieces:
-        deltas += [{"content": piece}] if isinstance(piece, str) else piece.stream_deltas()
-    return deltas
