@@ -237,3 +237,20 @@ def test_cuda_graph_steps_apply_the_mask_like_eager_ones(tiny_dir, encoder, toke
     assert replies[0] == replies[1]
     for text, _ in replies[0][:3]:
         jsonschema.validate(json.loads(text), WEATHER)
+
+
+def test_end_of_turn_is_allowed_only_where_the_grammar_is_complete(grammars, encoder):
+    matcher = grammars.json(WEATHER).matcher()
+    bitmask = torch.zeros(1, (grammars.vocab_size + 31) // 32, dtype=torch.int32)
+    im_end = encoder.controls.im_end
+
+    def allowed(token: int) -> bool:
+        matcher.fill(bitmask, 0)
+        return bool((int(bitmask[0, token // 32]) >> (token % 32)) & 1)
+
+    document = json.dumps({"city": "Rome", "days": 3, "metric": True, "note": "ok"})
+    for token in encoder._encode_text(document):
+        assert not allowed(im_end), "no end of turn inside the JSON"
+        assert matcher.accept(token)
+    assert allowed(im_end), "the end of turn once the JSON is complete"
+    assert not allowed(encoder.controls.im_start), "never a new turn"
