@@ -12,6 +12,10 @@ loop (`bench/sse_cost.py`, 2-core machine), 0.12 s a second at 3,000 tokens/s if
 were one. Stop strings are cut (`StopStringMatcher`) on every update before coalescing, so
 the engine request ends at the token that completed one.
 
+Tools and `response_format` (`output_rules.py`) add a tool section to the system message and
+a grammar to the sampling parameters; the answer's calls come out as `tool_calls`
+(`tool_calls.py`, streamed by `tool_stream.py`).
+
 Closing the connection cancels the request in the engine, like the page's stop button: a
 stream's generator is closed by starlette (and, as a backstop, after the response), and a
 non-streamed answer is collected in a task that is cancelled when the client goes away.
@@ -244,10 +248,12 @@ async def sse_events(
     try:
         async with contextlib.aclosing(pieces):
             async for piece in pieces:
-                for delta in text_deltas(splitter, piece.text, piece.finish_reason is not None):
+                for delta in tool_stream.text_deltas(splitter, piece.text, piece.finish_reason is not None):
                     yield sse(schema.chunk(id_, model, created, delta, with_usage=include_usage))
                 if piece.finish_reason is not None:
-                    reason = finish_reason(piece.finish_reason, splitter is not None and splitter.made_calls)
+                    reason = tool_calls.finish_reason(
+                        piece.finish_reason, splitter is not None and splitter.made_calls
+                    )
                     yield sse(schema.chunk(id_, model, created, {}, reason, include_usage))
                     if include_usage:
                         yield sse(schema.usage_chunk(id_, model, created, piece.stats))
@@ -257,35 +263,6 @@ async def sse_events(
         log.exception("chat completion stream failed")
         yield sse(ApiError("internal error; see the server log", status=500, kind="server_error").body())
     yield "data: [DONE]\n\n"
-
-
-def text_deltas(splitter: tool_stream.StreamingSplitter | None, text: str, last: bool) -> list[dict]:
-    """A piece's chunk deltas: its text, or (tools offered) its content and finished calls."""
-    if splitter is None:
-        return [{"content": text}] if text else []
-    pieces = splitter.feed(text) + (splitter.finish() if last else [])
-    return tool_stream.stream_deltas(pieces)
-
-
-def finish_reason(reason: str, made_calls: bool) -> str:
-    """OpenAI's "tool_calls" for a reply that ended by itself after making calls."""
-    return "tool_calls" if made_calls and reason == "stop" else reason
-
-
-def whole_answer(model: str, text: str, last: Piece, calls: bool) -> dict:
-    """The non-streamed answer; with `calls` (tools offered), its calls as `tool_calls`."""
-    body = schema.completion(schema.completion_id(), model, text, last.finish_reason, last.stats)
-    if calls:
-        content, made = tool_calls.split_reply(text)
-        if made:
-            choice = body["choices"][0]
-            choice["message"] = {
-                "role": "assistant",
-                "content": content,
-                "tool_calls": [call.as_message_part() for call in made],
-            }
-            choice["finish_reason"] = finish_reason(last.finish_reason, True)
-    return body
 
 
 # -- routes ---------------------------------------------------------------------------------------
@@ -390,7 +367,9 @@ class OpenAIApi:
         if whole is None:
             return Response(status_code=499)  # nobody is there to read it
         text, last = whole
-        return JSONResponse(whole_answer(self.model, text, last, rules.calls_possible))
+        return JSONResponse(
+            tool_calls.whole_answer(self.model, text, last.finish_reason, last.stats, rules.calls_possible)
+        )
 
     def client(self, request: Request) -> str:
         key_index = matching_key(request.headers.get("authorization"), self.access_keys)

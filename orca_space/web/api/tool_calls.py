@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...grammar import CALL_BEGIN, CALL_END, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
-from .openai_schema import ChatMessage
+from ...replies import ReplyStats
+from .openai_schema import ChatMessage, completion, completion_id
 
 TOOLS_PROMPT = (
     "You are a function calling AI model. You are provided with function signatures within "
@@ -196,3 +197,23 @@ def plain_messages(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
     if results:
         plain.append(ChatMessage(role="user", content=tool_results_text(results)))
     return plain
+
+
+def finish_reason(reason: str, made_calls: bool) -> str:
+    """OpenAI's "tool_calls" for a reply that ended by itself after making calls."""
+    return "tool_calls" if made_calls and reason == "stop" else reason
+
+
+def whole_answer(model: str, text: str, finish: str, stats: ReplyStats, calls: bool) -> dict[str, Any]:
+    """The non-streamed answer; with `calls` (tools offered), its calls as `tool_calls`."""
+    body = completion(completion_id(), model, text, finish, stats)
+    content, made = split_reply(text) if calls else (text, [])
+    if made:
+        choice = body["choices"][0]
+        choice["message"] = {
+            "role": "assistant",
+            "content": content,
+            "tool_calls": [call.as_message_part() for call in made],
+        }
+        choice["finish_reason"] = finish_reason(finish, True)
+    return body

@@ -147,3 +147,11 @@ class StreamingSplitter:
 def stream_deltas(pieces: list[Piece]) -> list[dict[str, Any]]:
     """The chunk deltas for these pieces."""
     return [{"content": piece} if isinstance(piece, str) else piece.delta() for piece in pieces]
+
+
+def text_deltas(splitter: StreamingSplitter | None, text: str, last: bool) -> list[dict[str, Any]]:
+    """A piece of the answer as chunk deltas: its text, or (tools offered: a splitter) its
+    content, call heads and argument fragments; `last`: the answer's final piece."""
+    if splitter is None:
+        return [{"content": text}] if text else []
+    return stream_deltas(splitter.feed(text) + (splitter.finish() if last else []))
