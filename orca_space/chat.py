@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 from .chatml import ChatEncoder
 from .detokenizer import StreamingDetokenizer
 from .engines.requests import Engine, EngineError
+from .grammar import GrammarCompiler
 from .history import FittedChat, Message, fit_history, group_turns
 from .params import SamplingParams
 from .replies import Reply, ReplyDelta, accumulate, coalesce
@@ -346,6 +347,12 @@ class LocalBackend:
         self.engine = engine
         self.encoder = encoder
         self.tokenizer = tokenizer
+        # Compiles tools and response_format into grammars, for an engine that applies them
+        # (engines/token_masks.py); None for one that cannot.
+        vocab = getattr(engine, "grammar_vocab", None)
+        self.grammars = (
+            None if vocab is None else GrammarCompiler(tokenizer, vocab, [encoder.controls.im_end])
+        )
 
     async def stream_reply(
         self,

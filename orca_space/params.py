@@ -8,7 +8,7 @@ the right kind within range and raises `ValueError` naming the parameter otherwi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from numbers import Integral, Real
 
 
@@ -70,6 +70,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted once per time it is in the reply
     ignore_eos: bool = False  # go on past the end-of-turn token, to max_new_tokens
     logprobs: int | None = None  # return each token's log-probability and this many alternatives
+    # A compiled grammar every token must follow (`grammar.Constraint`: tools, response_format),
+    # or None for free text. Set by the API after checking, never from raw values.
+    constraint: object | None = field(default=None, compare=False, repr=False)
 
     @property
     def greedy(self) -> bool:

@@ -220,17 +220,22 @@ IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}
 REFUSED = [
     # (id, request fields, the field error.param must name)
     ("too-many-choices", {"n": 5}, "n"),
-    ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ("legacy-functions", {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+    (
+        "tool-without-name",
+        {"tools": [{"type": "function", "function": {"parameters": {}}}]},
+        "tools[0].function.name",
+    ),
     ("too-many-alternatives", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("strong-presence-penalty", {"presence_penalty": 2.5}, "presence_penalty"),
     ("min-p-over-one", {"extra_body": {"min_p": 1.5}}, "min_p"),
     ("top-k-minus-two", {"extra_body": {"top_k": -2}}, "top_k"),
-    ("json-mode", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("xml-format", {"response_format": {"type": "xml"}}, "response_format"),
     ("image", {"messages": [{"role": "user", "content": [IMAGE]}]}, "messages[0].content"),
     ("unknown-model", {"model": "gpt-4o"}, "model"),
     (
-        "tool-role",
-        {"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}, user("hi")]},
+        "function-role",
+        {"messages": [{"role": "function", "content": "x", "name": "f"}, user("hi")]},
         "messages[0].role",
     ),
     ("unknown-role", {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),

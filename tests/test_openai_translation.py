@@ -180,7 +180,11 @@ MORE_REFUSALS = [
     ("two-limits", {"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens"),
     ("long-stop", {"stop": "x" * 201}, "stop"),
     ("huge-seed", {"seed": 2**70}, "seed"),
-    ("tool-call", {"messages": [{"role": "assistant", "content": None, "tool_calls": [{}]}]}, "messages[0]"),
+    (
+        "tool-call-without-function",
+        {"messages": [{"role": "assistant", "content": None, "tool_calls": [{}]}]},
+        "messages[0].tool_calls[0].function",
+    ),
     ("null-content", {"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
     ("no-messages", {"messages": []}, "messages"),
 ]

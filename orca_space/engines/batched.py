@@ -48,6 +48,7 @@ from .requests import (
 from .sampling import NON_FINITE, LogprobRows
 from .scheduling import Slot, eager_shortcuts, prefill_rows
 from .slots import MoveFailed, SlotTable
+from .token_masks import GRAMMAR_REFUSED, TokenMasks
 from .warmup import WarmUpAbandoned, WarmUpFailed, capture_every_shape, stage
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class BatchedEngine(RequestQueue):
         self.cache: kv_cache.KVCache | None = None
         self.buffers: decode_step.DecodeBuffers | None = None
         self.graphs: decode_step.DecodeGraphs | None = None
+        self.masks = TokenMasks(self.capacity, self.weights.shape.vocab, self.device)  # grammars' masks
         self._on_progress = on_progress
         self.warmup_message = "Starting the engine…"
         self.ready_s: float | None = None  # seconds from construction to serving
@@ -116,6 +118,11 @@ class BatchedEngine(RequestQueue):
                 if waiting is handle:
                     return max(0, place - free)
         return 0
+
+    @property
+    def grammar_vocab(self) -> int:
+        """The vocabulary a request's grammar must be compiled for (see token_masks.py)."""
+        return self.masks.vocab
 
     def _count_active(self) -> int:
         return sum(slot is not None for slot in self._slots)
@@ -253,7 +260,7 @@ class BatchedEngine(RequestQueue):
                 if self._count_active() == self.capacity or not self._pending:
                     return
                 handle = self._pending.popleft()
-            if (problem := self._check_fits(handle)) is not None:
+            if (problem := self._check_fits(handle) or self.masks.start(handle)) is not None:
                 handle.finish("error", problem)
                 continue
             slot = self.table.admit(handle)
@@ -276,6 +283,7 @@ class BatchedEngine(RequestQueue):
     def _release(self, slot: Slot, reason: str, error: str | None = None) -> None:
         """End the request in `slot`; unless it failed, its cache stays for a later prompt."""
         self.table.release(slot, keep=reason != "error")
+        self.masks.forget(slot.handle)
         slot.handle.finish(reason, error)
 
     def _fail(self, slots: list[Slot], exc: Exception) -> None:
@@ -291,6 +299,7 @@ class BatchedEngine(RequestQueue):
             waiting, self._pending = list(self._pending), collections.deque()
             active = [s.handle for s in self._slots if s is not None]
         self.table.clear()
+        self.masks.clear()
         for handle in [*waiting, *active]:
             handle.finish("error", reason)
 
@@ -338,6 +347,7 @@ class BatchedEngine(RequestQueue):
             eager_shortcuts([slot.handle.params for slot in slots]),
             self.staging.to_device,
             keep_logprobs=wants_logprobs(slots),
+            allowed=self.masks.first_masks([slot.handle for slot in slots], self.device),
         )
         recorded = self._recorded_logits(slots, lambda i, slot: logits[i])
         asked = token_logprobs(slots, logprobs, range(len(slots)))
@@ -381,6 +391,8 @@ class BatchedEngine(RequestQueue):
                 tokens[index] = slot.last_token
                 slot.high_water = max(slot.high_water, position + 1)
         kv_len = kv_cache.kv_bucket(max(positions) + 1, self.cache_len)
+        decoding_rows = [s.handle if s is not None and s.decoding else None for s in self._slots[:batch]]
+        masked = self.masks.step_mask(decoding_rows, self.buffers.allowed)
         self.staging.copy_into(
             [self.buffers.tokens[:batch], self.buffers.positions[:batch]], [tokens, positions]
         )
@@ -390,7 +402,7 @@ class BatchedEngine(RequestQueue):
             decoding = [s for s in self._slots[:batch] if s is not None and s.decoding]
             keep_logits = any(s.handle.record_logits for s in decoding)
             shortcuts = eager_shortcuts([s.handle.params for s in decoding])
-            self.eager_step(batch, kv_len, *shortcuts, keep_logits, wants_logprobs(decoding))
+            self.eager_step(batch, kv_len, *shortcuts, keep_logits, wants_logprobs(decoding), masked)
         return self.buffers.next[:batch].tolist()  # the one host sync per step
 
     def eager_step(
@@ -401,6 +413,7 @@ class BatchedEngine(RequestQueue):
         top_k_bound: int | None,
         keep_logits: bool = False,
         keep_logprobs: bool = False,
+        apply_mask: bool = False,
     ) -> None:
         """The eager decode step (CPU, or CUDA without graphs); tests patch this to inject faults."""
         decode_step.decode_and_sample(
@@ -413,6 +426,7 @@ class BatchedEngine(RequestQueue):
             top_k_bound,
             keep_logits,
             keep_logprobs,
+            apply_mask,
         )
 
     def _accept(
@@ -431,6 +445,10 @@ class BatchedEngine(RequestQueue):
             return
         if token in self.stop_ids and not slot.handle.params.ignore_eos:
             self._release(slot, "stop")
+            return
+        if not self.masks.advance(slot.handle, token):
+            log.error("request %s: its grammar refused sampled token %s", slot.handle.id, token)
+            self._release(slot, "error", GRAMMAR_REFUSED)
             return
         slot.handle.deliver(TokenEvent(token=token, logits=logits, logprobs=logprobs))
         if slot.generated == slot.handle.params.max_new_tokens:

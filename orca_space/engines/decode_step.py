@@ -34,6 +34,7 @@ class DecodeBuffers:
     next: torch.Tensor  # long [S]: the step's sampled tokens
     logits: torch.Tensor  # [S, V] in the model dtype: the step's logits, when kept (see below)
     logprobs: LogprobRows  # the step's log-probabilities, when kept (for requests that ask)
+    allowed: torch.Tensor  # int32 [S, ceil(V/32)]: each row's allowed tokens, a bit each (token_masks.py)
 
     @classmethod
     def allocate(cls, slots: int, vocab: int, device, logits_dtype=torch.float32) -> DecodeBuffers:
@@ -59,6 +60,7 @@ class DecodeBuffers:
             next=longs(),
             logits=torch.zeros(slots, vocab, dtype=logits_dtype, device=device),
             logprobs=LogprobRows.allocate(slots, min(MAX_TOP_LOGPROBS, vocab), device),
+            allowed=torch.full((slots, (vocab + 31) // 32), -1, dtype=torch.int32, device=device),
         )
 
     def rows(self, batch: int) -> tuple[torch.Tensor, ...]:
@@ -108,6 +110,7 @@ def decode_and_sample(
     top_k_bound: int | None = None,
     keep_logits: bool = False,
     keep_logprobs: bool = False,
+    apply_mask: bool = True,
 ) -> None:
     """The whole decode step for slots [0, batch): forward, per-row sampling, `seen` update.
 
@@ -117,7 +120,9 @@ def decode_and_sample(
     copies the logits into `buffers.logits` for requests that record them (the self-check):
     captured graphs always keep them (one [B, V] copy, microseconds against a step of
     milliseconds); an eager step only when asked. `keep_logprobs` likewise writes each row's
-    log-probabilities into `buffers.logprobs` (see `sample_next_tokens`).
+    log-probabilities into `buffers.logprobs` (see `sample_next_tokens`). `apply_mask` applies
+    `buffers.allowed` (the grammars of constrained rows): graphs always do; an eager step only
+    when a row is constrained.
     """
     tokens, positions, seeds, seen = buffers.rows(batch)
     logits = decode(weights, cache, tokens, positions, kv_len)  # [B, V]
@@ -126,8 +131,9 @@ def decode_and_sample(
     params = buffers.sampling_rows(slice(0, batch))
     counts = buffers.counts[:batch]
     logprobs = buffers.logprobs.head(batch) if keep_logprobs else None
+    allowed = buffers.allowed[:batch] if apply_mask else None
     chosen = sample_next_tokens(
-        logits, params, seen, seeds, positions, all_greedy, top_k_bound, counts, logprobs
+        logits, params, seen, seeds, positions, all_greedy, top_k_bound, counts, logprobs, allowed
     )  # [B]
     column = chosen.clamp(min=0)[:, None]  # a NON_FINITE row's request ends anyway
     seen.scatter_(1, column, True)
@@ -143,12 +149,14 @@ def sample_first_tokens(
     shortcuts: tuple[bool, int | None],
     to_device,
     keep_logprobs: bool = False,
+    allowed: torch.Tensor | None = None,
 ) -> tuple[list[int], LogprobRows | None]:
     """Prompts just prefilled into `slots`: set up their `seen` rows and sample every first
     token from the prompts' last logits [N, V] in one go (one sampler run, not one per prompt).
     Every index is built on the host and sent in one copy (`to_device`, the engine's staging):
     nothing here waits for the device until the tokens are read back. With `keep_logprobs`, the
-    first tokens' log-probabilities come back too (on the device)."""
+    first tokens' log-probabilities come back too (on the device). `allowed` [N, W]: the
+    constrained prompts' first-token masks (`token_masks.TokenMasks.first_masks`), or None."""
     count = len(slots)
     index, prompt_rows, prompt_ids, counters, rows = to_device(
         [
@@ -167,7 +175,7 @@ def sample_first_tokens(
     if keep_logprobs:
         logprobs = LogprobRows.allocate(count, buffers.logprobs.top_ids.shape[1], seen.device)
     seeds = buffers.seeds[index]
-    tokens = sample_next_tokens(logits, params, seen, seeds, counters, *shortcuts, counts, logprobs)
+    tokens = sample_next_tokens(logits, params, seen, seeds, counters, *shortcuts, counts, logprobs, allowed)
     seen[rows, tokens.clamp(min=0)] = True  # NON_FINITE: that request ends anyway
     counts[rows, tokens.clamp(min=0)] = 1.0
     buffers.seen[index] = seen

@@ -80,6 +80,15 @@ class _StepScores:
         return scores
 
 
+def grammar_mask(params: SamplingParams, prompt_len: int) -> list:
+    """The request's grammar as a logits processor (`token_masks.GrammarLogitsProcessor`), if any."""
+    if params.constraint is None:
+        return []
+    from .token_masks import GrammarLogitsProcessor
+
+    return [GrammarLogitsProcessor(params.constraint, prompt_len)]
+
+
 class _TokenStreamer:
     """What `generate` calls with each new token (its first call is the prompt): the tokens
     become events, stop tokens end the reply unsent."""
@@ -138,7 +147,7 @@ def generate_tokens(
             attention_mask=torch.ones_like(inputs),
             generation_config=generation_config_for(model.generation_config, params, stop_ids),
             streamer=streamer,
-            logits_processor=LogitsProcessorList([scores]),
+            logits_processor=LogitsProcessorList([scores, *grammar_mask(params, len(prompt_ids))]),
             stopping_criteria=StoppingCriteriaList([Cancelled()]),
         )
     if is_cancelled():
@@ -158,6 +167,7 @@ class ReferenceEngine(RequestQueue):
         self.stop_ids = frozenset(stop_ids)
         self.context_length = context_length
         self.attention = getattr(model.config, "_attn_implementation", "sdpa")
+        self.grammar_vocab = model.config.vocab_size  # grammars apply (token_masks.GrammarLogitsProcessor)
         self._current: RequestHandle | None = None
         started = time.monotonic()
         self._thread = threading.Thread(target=self._serve, name="orca-reference-engine", daemon=True)

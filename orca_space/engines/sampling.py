@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..params import SamplingParams
+from .token_masks import mask_disallowed
 
 
 @dataclass
@@ -103,6 +104,7 @@ def sample_next_tokens(
     top_k_bound: int | None = None,
     counts: torch.Tensor | None = None,
     logprobs_out: LogprobRows | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The next token per row, or `NON_FINITE` for a row whose logits are not all finite. Long [B].
 
@@ -121,9 +123,13 @@ def sample_next_tokens(
     from: after penalties, temperature, top-k, min-p and top-p (tokens cut are -inf); a greedy
     row's are the penalised logits' log-softmax (temperature 1, nothing cut), as vLLM's
     processed log-probabilities are. It needs the full ranking: no `all_greedy`, no `top_k_bound`.
+    `allowed` (int32 [B, ceil(V/32)], one bit per token) masks each row's tokens to its grammar
+    (`token_masks.py`), after the finiteness check: a masked logit is -inf on purpose.
     """
     assert logprobs_out is None or not (all_greedy or top_k_bound), "log-probabilities rank every token"
     finite = torch.isfinite(logits).all(dim=-1)  # [B]
+    if allowed is not None:
+        logits = mask_disallowed(logits, allowed)
     logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
     if counts is not None:
         logits = apply_reply_penalties(logits, counts, params)

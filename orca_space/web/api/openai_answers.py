@@ -22,6 +22,7 @@ from ...chat import ChatService, PreparedChat
 from ...engines.requests import EngineError
 from ...replies import ReplyFinish, ReplyStats
 from . import openai_schema as schema
+from . import tool_calls, tool_stream
 from .openai_logprobs import LogprobWriter
 from .openai_schema import ApiError, SamplingRequest
 
@@ -136,6 +137,7 @@ class Answer:
     model: str
     choices: list[AsyncIterator[Piece]]
     logprobs: LogprobWriter | None = None
+    calls: bool = False  # tools were offered: a reply's calls are sent as `tool_calls` (chat only)
 
 
 async def sse_events(answer: Answer, include_usage: bool) -> AsyncIterator[str]:
@@ -150,11 +152,15 @@ async def sse_events(answer: Answer, include_usage: bool) -> AsyncIterator[str]:
     if openings:
         yield event(openings)
     last: dict[int, ReplyStats] = {}
+    splitters = [tool_stream.StreamingSplitter() for _ in answer.choices] if answer.calls else None
     try:
         async with contextlib.aclosing(merged(answer.choices)) as pieces:
             async for index, piece in pieces:
                 logprobs = answer.logprobs.write(piece.logprobs) if answer.logprobs else None
-                if piece.text or logprobs or piece.finish_reason is not None:
+                if splitters is not None:
+                    for choice in call_chunks(index, splitters[index], piece, logprobs):
+                        yield event([choice])
+                elif piece.text or logprobs or piece.finish_reason is not None:
                     yield event(
                         [shape.choice(index, piece.text, piece.finish_reason, logprobs, streamed=True)]
                     )
@@ -189,10 +195,32 @@ async def whole_answer(answer: Answer) -> dict[str, Any]:
         )
         for index, whole in enumerate(results)
     ]
+    if answer.calls:
+        choices = [tool_calls.with_calls(choice, whole.text) for choice, whole in zip(choices, results)]
     usage = schema.usage([whole.stats for whole in results])
     return schema.envelope(
         answer.shape, answer.shape.new_id(), answer.model, int(time.time()), choices, False, usage=usage
     )
+
+
+def call_chunks(
+    index: int, splitter: tool_stream.StreamingSplitter, piece: Piece, logprobs: Any
+) -> list[dict[str, Any]]:
+    """A chat choice's streamed chunks for `piece` when tools were offered: its content, call
+    heads and argument fragments as OpenAI's deltas, then the finish reason ("tool_calls" after
+    calls). The piece's log-probabilities ride on its first chunk."""
+    finished = piece.finish_reason is not None
+    deltas = tool_stream.text_deltas(splitter, piece.text, finished)
+    if logprobs and not deltas:
+        deltas = [{}]
+    chunks = [
+        {"index": index, "delta": delta, "logprobs": logprobs if i == 0 else None, "finish_reason": None}
+        for i, delta in enumerate(deltas)
+    ]
+    if finished:
+        reason = tool_calls.finish_reason(piece.finish_reason, splitter.made_calls)
+        chunks.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": reason})
+    return chunks
 
 
 def logprob_writer(

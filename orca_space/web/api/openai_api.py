@@ -14,6 +14,10 @@ loop (`bench/sse_cost.py`, 2-core machine), 0.12 s a second at 3,000 tokens/s if
 were one. Stop strings are cut (`StopStringMatcher`) on every update before coalescing, so
 the engine request ends at the token that completed one.
 
+Tools and `response_format` (`output_rules.py`) add a tool section to the system message and
+a grammar to the sampling parameters; the answer's calls come out as `tool_calls`
+(`tool_calls.py`, streamed by `tool_stream.py`).
+
 Closing the connection cancels the request in the engine, like the page's stop button: a
 stream's generator is closed by starlette (and, as a backstop, after the response), and a
 non-streamed answer is collected in a task that is cancelled when the client goes away.
@@ -40,6 +44,7 @@ from ..access import matching_key
 from ..admission import Admission, Refused, request_client
 from . import openai_completions as completions
 from . import openai_schema as schema
+from . import tool_calls
 from .openai_answers import (
     Answer,
     answer_pieces,
@@ -51,6 +56,7 @@ from .openai_answers import (
 )
 from .openai_completions import CompletionRequest
 from .openai_schema import ApiError, ChatCompletionRequest, SamplingRequest
+from .output_rules import OutputRules, read_rules
 
 log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # proxies: pass each event on
@@ -168,10 +174,18 @@ def sampling(request: SamplingRequest) -> dict[str, object]:
     return raw
 
 
-def prepare(service: ChatService, request: ChatCompletionRequest) -> PreparedChat:
+def prepare(
+    service: ChatService, request: ChatCompletionRequest, rules: OutputRules | None = None
+) -> PreparedChat:
     """Check and encode the request. With no token limit set, the reply may take
-    `DEFAULT_MAX_TOKENS`, or the room the prompt leaves when that is less."""
-    conversation = to_conversation(request, service)
+    `DEFAULT_MAX_TOKENS`, or the room the prompt leaves when that is less. `rules` (tools,
+    response_format) add the tools to the system message and compile the reply's grammar."""
+    rules = rules or OutputRules()
+    plain = request.model_copy(update={"messages": tool_calls.plain_messages(request.messages)})
+    conversation = to_conversation(plain, service)
+    if suffix := rules.system_suffix():
+        conversation = replace(conversation, system="\n\n".join(filter(None, (conversation.system, suffix))))
+    constraint = rules.constraint(getattr(service.backend, "grammars", None))
     raw = sampling(request)
     raw.setdefault("max_new_tokens", 1)  # the prompt must leave room for one token at least
     limit_name = request.new_tokens[0] if request.new_tokens else "max_tokens"
@@ -191,7 +205,8 @@ def prepare(service: ChatService, request: ChatCompletionRequest) -> PreparedCha
             param="messages",
             code="context_length_exceeded",
         )
-    return with_default_limit(chat, request, context, DEFAULT_MAX_TOKENS)
+    chat = with_default_limit(chat, request, context, DEFAULT_MAX_TOKENS)
+    return replace(chat, params=replace(chat.params, constraint=constraint))
 
 
 def encode_conversation(service: ChatService, conversation: Conversation, raw: dict) -> PreparedChat:
@@ -385,22 +400,25 @@ class OpenAIApi:
             )
 
     async def _chat(self, request: Request, service: ChatService, parsed, client: str) -> Response:
+        rules = read_rules(
+            parsed.tools, parsed.tool_choice, parsed.parallel_tool_calls, parsed.response_format
+        )
         # Tokenizing a long conversation takes milliseconds: off the event loop that streams.
-        chat = await asyncio.to_thread(prepare, service, parsed)
-        return await self.respond(request, service, parsed, chat, client, schema.CHAT)
+        chat = await asyncio.to_thread(prepare, service, parsed, rules)
+        return await self.respond(request, service, parsed, chat, client, schema.CHAT, rules.calls_possible)
 
     async def _text(self, request: Request, service: ChatService, parsed, client: str) -> Response:
         chat = await asyncio.to_thread(prepare_text, service, parsed)
         return await self.respond(request, service, parsed, chat, client, schema.TEXT)
 
     async def respond(
-        self, request, service, parsed: SamplingRequest, chat: PreparedChat, client: str, shape
+        self, request, service, parsed: SamplingRequest, chat: PreparedChat, client: str, shape, calls=False
     ) -> Response:
         choices = [
             answer_pieces(service, choice_chat(chat, index), parsed.stop or [], client)
             for index in range(parsed.choices)
         ]
-        answer = Answer(shape, self.model, choices, logprob_writer(shape, service, parsed))
+        answer = Answer(shape, self.model, choices, logprob_writer(shape, service, parsed), calls)
         if parsed.stream:
             events = sse_events(answer, parsed.include_usage)
             # Starlette cancels the stream when the client leaves; closing it after the response

@@ -4,7 +4,7 @@ The request is a pydantic model whose every check names the field that is wrong,
 spelling (`messages[2].content`, `max_tokens`), so a client gets a 400 it can act on. Sampling
 values are checked by `params.check_value` under their OpenAI names: the same limits as the
 page's sliders (and `params.API_LIMITS` for the API's own: min-p, presence and frequency
-penalties). Fields for features this Space does not have (tools, images, `logit_bias`, ...) are
+penalties). Fields for features this Space does not have (`logit_bias`, images, audio, ...) are
 refused by name rather than ignored; fields it has no use for but that change nothing (`user`,
 `metadata`, ...) and unknown ones are ignored, as vLLM does.
 """
@@ -37,7 +37,7 @@ MAX_STOP_CHARS = 200  # each one is matched against the end of the reply after e
 MAX_CHOICES = 4
 # "developer" is OpenAI's newer name for the system role; it is read as one.
 SYSTEM_ROLES = ("system", "developer")
-ROLES = (*SYSTEM_ROLES, "user", "assistant")
+ROLES = (*SYSTEM_ROLES, "user", "assistant", "tool")
 NOT_TEXT_PARTS = {"image_url": "images", "input_image": "images", "input_audio": "audio", "file": "files"}
 
 
@@ -68,15 +68,12 @@ def _off(value: object) -> bool:
 
 # Field -> (when a value is still fine, why any other is refused).
 REFUSED_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
-    "tools": (_off, "tools and function calling are not supported"),
-    "functions": (_off, "function calling is not supported"),
-    "tool_choice": (lambda v: v in (None, "none", "auto"), "tools and function calling are not supported"),
-    "function_call": (lambda v: v in (None, "none", "auto"), "function calling is not supported"),
-    "logit_bias": (_off, "logit_bias is not supported"),
-    "response_format": (
-        lambda v: v is None or (isinstance(v, Mapping) and v.get("type") == "text"),
-        "only plain text responses are supported (no JSON mode or schema)",
+    "functions": (_off, "the legacy functions field is not supported; send tools"),
+    "function_call": (
+        lambda v: v in (None, "none", "auto"),
+        "the legacy function_call is not supported; send tool_choice",
     ),
+    "logit_bias": (_off, "logit_bias is not supported"),
     "audio": (_off, "audio output is not supported"),
     "modalities": (lambda v: v in (None, ["text"]), "only text output is supported"),
     "prediction": (_off, "predicted outputs are not supported"),
@@ -89,17 +86,34 @@ def refuse_unsupported(body: Mapping[str, object]) -> None:
             raise ApiError(f"{name}: {why}", param=name)
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr
+    arguments: StrictStr  # JSON text, as OpenAI sends it back
+
+
+class ToolCallMessage(BaseModel):
+    """A call an earlier reply made, sent back in the history."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: StrictStr | None = None
+    type: StrictStr = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")  # `name`, `refusal`, ...: nothing to do with them
 
     role: StrictStr
-    content: str  # null (an assistant's after a tool call) reads as ""
+    content: str = ""  # null (an assistant's message with only tool calls) reads as ""
+    tool_calls: list[ToolCallMessage] | None = None  # an assistant's calls (web/api/tool_calls.py)
+    tool_call_id: StrictStr | None = None  # a `tool` message: which call it answers
 
     @field_validator("role")
     @classmethod
     def known_role(cls, role: str) -> str:
-        if role in ("tool", "function"):
-            raise ValueError(f"role {role!r} is not supported: this endpoint has no tools")
+        if role == "function":
+            raise ValueError("role 'function' (the legacy functions API) is not supported; use 'tool'")
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r:.40}")
         return "system" if role in SYSTEM_ROLES else role
@@ -129,10 +143,10 @@ class ChatMessage(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def no_tool_calls(cls, data: object) -> object:
-        if isinstance(data, Mapping) and not (
-            _off(data.get("tool_calls")) and _off(data.get("function_call"))
-        ):
-            raise ValueError("tool calls are not supported: this endpoint has no tools")
+        if isinstance(data, Mapping) and not _off(data.get("function_call")):
+            raise ValueError("function_call (the legacy functions API) is not supported; send tool_calls")
+        if isinstance(data, Mapping) and not _off(data.get("tool_calls")) and data.get("role") != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
         return data
 
 
@@ -206,6 +220,11 @@ class SamplingRequest(BaseModel):
     stop: StrictStr | list[StrictStr] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
+    # Read and checked by web/api/output_rules.py: tools and JSON output by constrained decoding.
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    response_format: Any = None
 
     @field_validator(*SAMPLING_CHECKS, mode="before")
     @classmethod
