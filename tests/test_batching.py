@@ -110,7 +110,7 @@ def test_greedy_alone_equals_generate(new_engine, prompts, references):
 
 
 def test_greedy_in_one_batch_equals_generate(new_engine, prompts, references, monkeypatch):
-    engine = new_engine(slots=len(prompts))
+    engine = new_engine(slots=len(prompts), prompt_chunk=CHUNK)  # every prompt in before the first ends
     log = record_calls(monkeypatch, engine)
     with engine._wakeup:  # hold the engine back until every request is in
         handles = [engine.submit(p, GREEDY) for p in prompts]
@@ -144,8 +144,10 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(
     assert tokens_of(long) == references[-1], "a prompt prefilled over several chunks"
     running.cancel()
     chunks = [i for i, entry in enumerate(log) if entry[:2] == ("prefill", long.id)]
-    room = CHUNK - 1  # a step's token budget less the running stream's one token
-    assert [log[i][2] for i in chunks] == [room] * 4 + [300 - 4 * room], "prefilled 63 tokens at a time"
+    size = min(CHUNK - 1, engine.prompt_chunk)  # the budget less the stream's token, or one chunk
+    takes = [log[i][2] for i in chunks]
+    assert sum(takes) == 300 and set(takes[:-1]) == {size}, "prefilled a chunk at a time"
+    assert takes[-1] <= 4 * size, "the short rest goes whole (scheduling.WHOLE_CHUNKS)"
     between = [entry for entry in log[chunks[0] : chunks[-1]] if entry[0] == "decode"]
     assert len(between) >= len(chunks) - 1, "the running stream got a step after every chunk"
 

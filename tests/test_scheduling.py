@@ -151,3 +151,16 @@ def test_prompts_still_start_when_streams_fill_the_budget():
 def test_a_decoding_slot_takes_no_prompt_budget():
     rows = budget_rows([slot(0, 40, prefilled=40), slot(1, 30, prefilled=10)], BUDGET)
     assert [(s.index, take) for s, take in rows] == [(1, 20)]
+
+
+def test_a_long_prompt_takes_one_chunk_a_step_however_big_the_budget():
+    """`prompt_chunk` bounds a step while a long prompt goes in; short prompts (up to four
+    chunks) go whole beside it, and many arriving together fill the budget in arrival order."""
+    long, short = slot(0, 3000), slot(1, 100)
+    rows = budget_rows([long, short], budget=512, prompt_chunk=32)
+    assert [(s.index, take) for s, take in rows] == [(0, 32), (1, 100)]
+    assert [take for _, take in budget_rows([slot(0, 129)], 512, 32)] == [32], "129 is long: a chunk"
+    assert [take for _, take in budget_rows([slot(0, 128)], 512, 32)] == [128], "128 is short: whole"
+    crowd = [slot(i, 40) for i in range(30)]
+    rows = budget_rows(crowd, budget=512, prompt_chunk=32)
+    assert [(s.index, take) for s, take in rows] == [(i, 40) for i in range(12)] + [(12, 32)]

@@ -13,8 +13,9 @@ capture and replay both happen there, and callers only ever touch the queue. Eac
    device (`decode_step.decode_and_sample`), replayed as a CUDA graph at a padded batch size
    (`use_graphs`), or run eagerly;
 5) prefills what is left of the step's token budget (`chunk_size` tokens, one spent by each
-   decoding stream): the oldest prompt's next chunk and every short prompt that fits, packed
-   into one forward without padding (`scheduling.budget_rows`, `packed.prefill`). A long prompt
+   decoding stream): the oldest prompt's next chunk and every short prompt that fits, no prompt
+   more than `prompt_chunk` tokens, packed into one forward without padding
+   (`scheduling.budget_rows`, `packed.prefill`). A long prompt
    costs the other streams one bounded chunk per step, and a short chat's first token does not
    wait for it to end. `policy="mixed"` runs 4) and 5) as one eager forward; `policy="fcfs"` is
    the policy before (prefill first, oldest prompt first, rows padded: `scheduling.prefill_rows`),
@@ -56,6 +57,11 @@ from .warmup import WarmUpAbandoned, WarmUpFailed, capture_every_shape, stage
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 512  # the token budget of a step (fcfs: prompt tokens prefilled per iteration)
+# The most prompt tokens one prompt takes in a step (`scheduling.budget_rows`), by device: it
+# bounds how long a step is while a long prompt goes in. On a CPU a prompt token costs about what
+# a decode row does, so the chunk is small (chosen by bench/scheduling.py); on a GPU a step's
+# weights cost the same for a few hundred tokens as for one, so it is the whole budget.
+PROMPT_CHUNK = {"cpu": 16}
 ProgressCallback = Callable[[str, "float | None"], None]
 
 
@@ -74,9 +80,12 @@ class BatchedEngine(RequestQueue):
         on_progress: ProgressCallback | None = None,
         prefix_cache: str = "private",
         policy: str = "budget",
+        prompt_chunk: int | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        if prompt_chunk is not None and prompt_chunk < 1:
+            raise ValueError(f"prompt_chunk must be positive, got {prompt_chunk}")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         super().__init__()
@@ -86,6 +95,7 @@ class BatchedEngine(RequestQueue):
         self.context_length = context_length
         self.chunk_size = chunk_size
         self.policy = policy
+        self.prompt_chunk = min(chunk_size, prompt_chunk or PROMPT_CHUNK.get(self.device.type, chunk_size))
         # Ring entries per slot (see kv_cache): fewer than the context when the window allows.
         self.cache_len = kv_cache.cache_length(context_length, self.weights.shape.sliding_window, chunk_size)
         self.capacity = slots or device.default_slots(self.device, self.weights, self.cache_len)
@@ -235,7 +245,7 @@ class BatchedEngine(RequestQueue):
             self._decode()
             return
         # 4) + 5) one token for every decoding slot, then prompt chunks in the rest of the budget
-        rows = budget_rows(self._active_slots(), self.chunk_size)
+        rows = budget_rows(self._active_slots(), self.chunk_size, self.prompt_chunk)
         if self.policy == "mixed" and rows and any(s.decoding for s in self._active_slots()):
             self._mixed_step(rows)
             return
