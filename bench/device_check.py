@@ -16,6 +16,8 @@ step is doing. Steps, in order:
 6) a conversation of 10 turns past 3,000 tokens: each turn's first token, continued from the
    kept KV cache, against a fresh prompt of the same length (target: turn 10 within 40 ms);
 7) the engine's speed: single stream, time to first token at 512 and 4096, 8 and 64 streams;
+   then the scheduling policies (issue 31): a short chat beside a 4096-token prompt and a
+   stream's gaps, decode kept a graph (`budget`) against one eager mixed step (`mixed`);
 8) graph replay time per batch and key bucket;
 9) cuDNN against memory-efficient attention (the SDPA call, and the whole step as a graph);
 10) the compiled step, only if time is left;
@@ -48,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import engine_bench  # noqa: E402
+import scheduling  # noqa: E402
 from engine_bench import FULL, TINY, Workload, build_full_model, build_tiny_model, random_prompts  # noqa: E402
 
 from orca_space.engines import decode_step, device, hf_weights, kv_cache, ladder, mistral  # noqa: E402
@@ -59,6 +62,7 @@ GREEDY_TOKENS = 64
 BUDGETS = {  # seconds per step; the whole run must stay inside --budget
     "versions": 10, "gpu_tests": 120, "floor": 10, "model": 30, "ladder": 90, "greedy": 45, "multiturn": 30,
     "speed": 120,
+    "scheduling": 120,
     "graph_replay": 30, "attention": 30, "compiled_step": 150, "load_path": 100, "reference": 45,
 }  # fmt: skip
 
@@ -430,6 +434,9 @@ def run(args) -> None:
             figures.update(measured)
         engine.close()
     engine = None
+    gc.collect(), device.release_cached_memory(dev)
+    with report.step("scheduling") as record:
+        record["policies"] = scheduling.compare_policies(model, CONTEXT, 1000 if args.tiny else 4096)
     gc.collect(), device.release_cached_memory(dev)
     for name, measure in (("graph_replay", graph_replay), ("attention", attention_kernels)):
         with report.step(name, needs_cuda=True) as record:

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orca_space.engines import mistral  # noqa: E402
+from orca_space.engines import mistral, packed  # noqa: E402
 from orca_space.engines.batched import BatchedEngine  # noqa: E402
 from orca_space.params import SamplingParams  # noqa: E402
 from orca_space.tiny import build_model  # noqa: E402
@@ -43,8 +43,10 @@ def hollow_engine(slots: int) -> BatchedEngine:
         engine.buffers.next[:batch] = engine.buffers.tokens[:batch] % 1000 + 100  # an ordinary token
 
     engine.eager_step = decode_step
-    # called through the module, so this replaces it for the engine too
+    # called through the modules, so this replaces them for the engine too (packed: the default
+    # policy's forward; mistral: the padded one of `policy="fcfs"`)
     mistral.prefill = lambda weights, cache, chunks, *rest: torch.zeros(len(chunks), vocab)
+    packed.prefill = lambda weights, cache, chunks, *rest, **options: (torch.zeros(len(chunks), vocab), None)
     return engine
 
 

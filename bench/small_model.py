@@ -1,9 +1,10 @@
 """Random-weight Mistrals bigger than the tiny one, for CPU benchmarks where prefill must cost real
 time, with the real vocabulary and tokenizer.
 
-    python bench/small_model.py OUT_DIR [small|wide]    # a checkpoint `app.py --model OUT_DIR` serves
+    python bench/small_model.py OUT_DIR [small|mid|wide]    # a checkpoint `app.py --model OUT_DIR` serves
 
-Two shapes. `small` (hidden 256, 6 layers, head dim 32) is the issue's reference model. Its
+Three shapes. `mid` (hidden 512, 8 layers, head dim 64) is issue 31's model for the scheduling
+benchmark (`scheduling.py`). `small` (hidden 256, 6 layers, head dim 32) is the issue's reference model. Its
 attention is far heavier against the rest than the real model's: a prompt token at position L costs
 about 4hL attention FLOPs per layer against 26h^2 for the matrix products (Mistral's widths, in
 units of the hidden size h), a ratio of 0.154 L/h, which at L = 3,000 is 1.8 for h = 256 but 0.11
@@ -24,6 +25,10 @@ from orca_space import tiny  # noqa: E402
 SIZES = {
     "small": dict(
         tiny.TINY_SIZES, hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
+        num_key_value_heads=2,
+    ),
+    "mid": dict(
+        tiny.TINY_SIZES, hidden_size=512, intermediate_size=1792, num_hidden_layers=8, num_attention_heads=8,
         num_key_value_heads=2,
     ),
     "wide": dict(

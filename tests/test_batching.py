@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from orca_space.engines import decode_step, hf_weights, kv_cache, mistral
+from orca_space.engines import decode_step, hf_weights, kv_cache, mistral, packed
 from orca_space.engines.batched import BatchedEngine
 from orca_space.engines.sampling import NON_FINITE, SamplingTensors, sample_next_tokens
 from orca_space.params import SamplingParams
@@ -110,7 +110,7 @@ def test_greedy_alone_equals_generate(new_engine, prompts, references):
 
 
 def test_greedy_in_one_batch_equals_generate(new_engine, prompts, references, monkeypatch):
-    engine = new_engine(slots=len(prompts))
+    engine = new_engine(slots=len(prompts), prompt_chunk=CHUNK)  # every prompt in before the first ends
     log = record_calls(monkeypatch, engine)
     with engine._wakeup:  # hold the engine back until every request is in
         handles = [engine.submit(p, GREEDY) for p in prompts]
@@ -144,7 +144,10 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(
     assert tokens_of(long) == references[-1], "a prompt prefilled over several chunks"
     running.cancel()
     chunks = [i for i, entry in enumerate(log) if entry[:2] == ("prefill", long.id)]
-    assert [log[i][2] for i in chunks] == [CHUNK] * 4 + [300 - 4 * CHUNK], "prefilled 64 tokens at a time"
+    size = min(CHUNK - 1, engine.prompt_chunk)  # the budget less the stream's token, or one chunk
+    takes = [log[i][2] for i in chunks]
+    assert sum(takes) == 300 and set(takes[:-1]) == {size}, "prefilled a chunk at a time"
+    assert takes[-1] <= 4 * size, "the short rest goes whole (scheduling.WHOLE_CHUNKS)"
     between = [entry for entry in log[chunks[0] : chunks[-1]] if entry[0] == "decode"]
     assert len(between) >= len(chunks) - 1, "the running stream got a step after every chunk"
 
@@ -194,15 +197,16 @@ def test_first_tokens_sampled_together_are_those_sampled_alone(new_engine, monke
 
 
 def test_packed_prefill_with_padding_and_a_wrapping_ring_equals_generate(monkeypatch):
-    """A 40-token prompt's last piece (positions 32-39 of a 32-entry ring) shares a forward with
-    a 7-token prompt padded to 8; then a 5- and a 3-token prompt share one."""
+    """The policy before issue 31 (`fcfs`, padded rows): a 40-token prompt's last piece
+    (positions 32-39 of a 32-entry ring) shares a forward with a 7-token prompt padded to 8; then
+    a 5- and a 3-token prompt share one."""
     from orca_space.tiny import build_model
 
     model = build_model().eval()
     model.config.sliding_window = 16
     chosen = [make_prompt(40), make_prompt(7, 1), make_prompt(5, 2), make_prompt(3, 3)]
     references = [greedy_reference(model, p, new_tokens=24) for p in chosen]
-    engine = BatchedEngine(model, (), context_length=1024, slots=4, chunk_size=16)
+    engine = BatchedEngine(model, (), context_length=1024, slots=4, chunk_size=16, policy="fcfs")
     try:
         assert engine.wait_ready(30) and engine.cache_len == 32
         forwards = count_prefill_forwards(monkeypatch, engine)
@@ -371,14 +375,14 @@ def test_failed_prefill_fails_only_that_request(new_engine, prompts, references,
     engine = new_engine()
     running = engine.submit(prompts[1], GREEDY)
     first = next(iter(running))
-    real = mistral.prefill
+    real = packed.prefill
 
     def failing(*args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
 
-    monkeypatch.setattr(mistral, "prefill", failing)
+    monkeypatch.setattr(packed, "prefill", failing)
     failed = final_event(engine.submit(prompts[3], GREEDY))
-    monkeypatch.setattr(mistral, "prefill", real)
+    monkeypatch.setattr(packed, "prefill", real)
     assert failed.finish_reason == "error" and "ran out of memory" in failed.error
     assert [first.token, *tokens_of(running)] == references[1], "the running stream is unaffected"
 

@@ -52,4 +52,6 @@ def test_the_device_check_runs_every_step_and_writes_every_figure(tmp_path):
     )
     assert all(row["continued_ms"] > 0 and row["fresh_ms"] > 0 for row in turns)
     assert all(row["equal"] for row in result["steps"]["greedy"]["prompts"]), "greedy equals generate"
+    if result["steps"]["scheduling"]["status"] == "ok":  # else it says why it was skipped
+        assert set(result["steps"]["scheduling"]["policies"]) == {"fcfs", "budget", "mixed", "budget:256"}
     assert result["load_path"]["slots"] >= 1 and result["load_path"]["load_s"] > 0

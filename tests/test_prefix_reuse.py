@@ -108,7 +108,7 @@ def test_next_turn_retry_edit_and_continue_start_from_the_kept_cache(engine_for,
 
 
 def test_a_stopped_reply_leaves_its_cache_for_the_retry(engine_for, tiny_model, monkeypatch):
-    engine = engine_for(chunk_size=32)
+    engine = engine_for(chunk_size=32, prompt_chunk=32)
     prompt = make_prompt(200)
     running = engine.submit(prompt, greedy(500), cache_scope="alice")
     for count, event in enumerate(running, start=1):
@@ -263,6 +263,6 @@ def test_a_move_that_fails_fails_its_request_and_leaves_no_kept_cache_wrong(
 
 def test_prompt_tokens_prefilled_counts_what_went_through_the_model(engine_for, monkeypatch):
     """A prompt stopped while it was going in counts the chunks that went in, not all of it."""
-    engine = engine_for(chunk_size=32)
+    engine = engine_for(chunk_size=32, prompt_chunk=32)
     stopped_after_two_chunks(engine, monkeypatch, make_prompt(300, 5), scope="alice")
     assert engine.stats().prompt_tokens_prefilled == 64, "two chunks of 32 went through the model"

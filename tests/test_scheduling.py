@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from orca_space.engines.kv_cache import padded_forward_fits
 from orca_space.engines.requests import RequestHandle
-from orca_space.engines.scheduling import Slot, eager_shortcuts, prefill_rows
+from orca_space.engines.scheduling import Slot, budget_rows, eager_shortcuts, prefill_rows
 from orca_space.params import SamplingParams
 
 
@@ -56,3 +56,111 @@ def test_eager_shortcuts_know_greedy_and_top_k_bounds():
     assert eager_shortcuts([greedy, greedy]) == (True, 1)
     assert eager_shortcuts([greedy, sampled]) == (False, 40)
     assert eager_shortcuts([sampled, SamplingParams(temperature=0.7, top_k=0)]) == (False, None)
+
+
+# -- the token budget (`budget_rows`), stepped by a counter: no model, no clock --
+
+BUDGET = 256
+
+
+class Steps:
+    """A loop with a step counter: each step, every decoding slot takes one token, then the
+    prompt chunks `budget_rows` chooses go in; prompts arrive at the steps a test says."""
+
+    def __init__(self, budget: int = BUDGET) -> None:
+        self.budget, self.step, self.slots = budget, 0, []
+        self.first_token: dict[int, int] = {}  # request id -> the step its first token came in
+        self.tokens: dict[int, list[int]] = {}  # request id -> the steps it decoded in
+
+    def arrive(self, prompt_len: int) -> Slot:
+        new = slot(len(self.slots), prompt_len)
+        self.slots.append(new)
+        return new
+
+    def run(self) -> list[tuple[Slot, int]]:
+        self.step += 1
+        rows = budget_rows(self.slots, self.budget)
+        decoding = [s for s in self.slots if s.decoding]
+        assert len(decoding) + sum(take for _, take in rows) <= self.budget, "the step stays in budget"
+        for s in decoding:
+            self.tokens.setdefault(s.handle.id, []).append(self.step)
+        for s, take in rows:
+            s.prefilled += take
+            if s.decoding:
+                self.first_token[s.handle.id] = self.step
+        return rows
+
+
+def test_a_short_prompt_arriving_during_a_long_prefill_starts_in_the_next_step():
+    steps = Steps()
+    long = steps.arrive(3000)
+    for _ in range(3):
+        steps.run()
+    short = steps.arrive(60)
+    steps.run()
+    assert steps.first_token[short.handle.id] == steps.step, "prefilled whole beside the long chunk"
+    assert not long.decoding and long.prefilled == 3 * BUDGET + (BUDGET - 60), "the long one got the rest"
+
+
+def test_a_running_stream_decodes_in_every_step_of_a_long_prefill():
+    steps = Steps()
+    stream = steps.arrive(40)
+    steps.run()
+    long = steps.arrive(3000)
+    while not long.decoding:
+        steps.run()
+    assert steps.tokens[stream.handle.id] == list(range(2, steps.step + 1)), "one token in every step"
+
+
+def test_arrival_order_is_kept_among_equal_prompts():
+    """Three equal prompts and room for two: the two oldest go first; two equal long prompts:
+    the older finishes first."""
+    steps = Steps(budget=200)
+    first, second, third = (steps.arrive(90) for _ in range(3))
+    rows = steps.run()
+    assert [(s.index, take) for s, take in rows] == [(0, 90), (1, 90), (2, 20)]
+    assert first.decoding and second.decoding and not third.decoding
+    steps = Steps()
+    older, younger = steps.arrive(1000), steps.arrive(1000)
+    while not younger.decoding:
+        steps.run()
+    assert steps.first_token[older.handle.id] < steps.first_token[younger.handle.id]
+
+
+def test_a_long_prompt_finishes_while_short_ones_keep_arriving():
+    """Room for short prompts every step, filled every step: the oldest prompt still gets a
+    quarter of the room, so it ends within a bounded number of steps (here 3000 / 64 rounded up)."""
+    steps = Steps()
+    long = steps.arrive(3000)
+    while not long.decoding and steps.step < 1000:
+        for _ in range(3):
+            steps.arrive(60)  # 180 tokens of new prompts every step: more than the room left
+        steps.run()
+    assert long.decoding and steps.step <= -(-3000 // (BUDGET // 4))
+    waiting = [s for s in steps.slots if not s.decoding]
+    assert all(s.handle.id > long.handle.id for s in waiting), "and the short ones in order behind it"
+
+
+def test_prompts_still_start_when_streams_fill_the_budget():
+    """More decoding streams than the budget: a quarter of it stays for prompts."""
+    streams = [slot(i, 5, prefilled=5) for i in range(300)]
+    rows = budget_rows([*streams, slot(300, 1000)], BUDGET)
+    assert [(s.index, take) for s, take in rows] == [(300, BUDGET // 4)]
+
+
+def test_a_decoding_slot_takes_no_prompt_budget():
+    rows = budget_rows([slot(0, 40, prefilled=40), slot(1, 30, prefilled=10)], BUDGET)
+    assert [(s.index, take) for s, take in rows] == [(1, 20)]
+
+
+def test_a_long_prompt_takes_one_chunk_a_step_however_big_the_budget():
+    """`prompt_chunk` bounds a step while a long prompt goes in; short prompts (up to four
+    chunks) go whole beside it, and many arriving together fill the budget in arrival order."""
+    long, short = slot(0, 3000), slot(1, 100)
+    rows = budget_rows([long, short], budget=512, prompt_chunk=32)
+    assert [(s.index, take) for s, take in rows] == [(0, 32), (1, 100)]
+    assert [take for _, take in budget_rows([slot(0, 129)], 512, 32)] == [32], "129 is long: a chunk"
+    assert [take for _, take in budget_rows([slot(0, 128)], 512, 32)] == [128], "128 is short: whole"
+    crowd = [slot(i, 40) for i in range(30)]
+    rows = budget_rows(crowd, budget=512, prompt_chunk=32)
+    assert [(s.index, take) for s, take in rows] == [(i, 40) for i in range(12)] + [(12, 32)]

@@ -9,12 +9,17 @@ capture and replay both happen there, and callers only ever touch the queue. Eac
 3) admits waiting requests (FIFO) while slots are free, each starting from the longest prefix
    of its prompt that a kept cache of the same visitor holds (`prefix_cache.py`): the next turn
    of a conversation, a retry, an edit or a continue prefills only what is new;
-4) prefills up to `chunk_size` prompt tokens (oldest request first, several short prompts in
-   one forward: `scheduling.prefill_rows`), so a long prompt costs the other streams one chunk
-   of delay per step instead of freezing them;
-5) runs one decode step for all slots past their prompt: forward and per-row sampling on the
+4) runs one decode step for all slots past their prompt: forward and per-row sampling on the
    device (`decode_step.decode_and_sample`), replayed as a CUDA graph at a padded batch size
-   (`use_graphs`), or run eagerly.
+   (`use_graphs`), or run eagerly;
+5) prefills what is left of the step's token budget (`chunk_size` tokens, one spent by each
+   decoding stream): the oldest prompt's next chunk and every short prompt that fits, no prompt
+   more than `prompt_chunk` tokens, packed into one forward without padding
+   (`scheduling.budget_rows`, `packed.prefill`). A long prompt
+   costs the other streams one bounded chunk per step, and a short chat's first token does not
+   wait for it to end. `policy="mixed"` runs 4) and 5) as one eager forward; `policy="fcfs"` is
+   the policy before (prefill first, oldest prompt first, rows padded: `scheduling.prefill_rows`),
+   kept for `bench/scheduling.py` to compare against.
 
 Row b of a decode step is slot b, so a step at batch B covers slots [0, B); live requests are
 kept in the lowest rows, so B follows how many are live, however many kept caches sit above
@@ -36,7 +41,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from . import decode_step, device, hf_weights, kv_cache, mistral
+from . import decode_step, device, hf_weights, kv_cache, mistral, packed
 from .requests import (
     NON_FINITE_MESSAGE,
     RequestHandle,
@@ -46,14 +51,19 @@ from .requests import (
     describe_failure,
 )
 from .sampling import NON_FINITE, LogprobRows
-from .scheduling import Slot, eager_shortcuts, prefill_rows
+from .scheduling import POLICIES, Slot, budget_rows, eager_shortcuts, prefill_rows
 from .slots import MoveFailed, SlotTable
 from .token_masks import GRAMMAR_REFUSED, TokenMasks
 from .warmup import WarmUpAbandoned, WarmUpFailed, capture_every_shape, stage
 
 log = logging.getLogger(__name__)
 
-CHUNK_SIZE = 512  # prompt tokens prefilled per loop iteration
+CHUNK_SIZE = 512  # the token budget of a step (fcfs: prompt tokens prefilled per iteration)
+# The most prompt tokens one prompt takes in a step (`scheduling.budget_rows`), by device: it
+# bounds how long a step is while a long prompt goes in. On a CPU a prompt token costs about what
+# a decode row does, so the chunk is small (chosen by bench/scheduling.py); on a GPU a step's
+# weights cost the same for a few hundred tokens as for one, so it is the whole budget.
+PROMPT_CHUNK = {"cpu": 16}
 ProgressCallback = Callable[[str, "float | None"], None]
 
 
@@ -73,15 +83,23 @@ class BatchedEngine(RequestQueue):
         compile_step: bool = False,
         on_progress: ProgressCallback | None = None,
         prefix_cache: str = "private",
+        policy: str = "budget",
+        prompt_chunk: int | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        if prompt_chunk is not None and prompt_chunk < 1:
+            raise ValueError(f"prompt_chunk must be positive, got {prompt_chunk}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         super().__init__()
         self.weights = hf_weights.weights_from_hf(model)
         self.device = self.weights.device
         self.stop_ids = frozenset(stop_ids)
         self.context_length = context_length
         self.chunk_size = chunk_size
+        self.policy = policy
+        self.prompt_chunk = min(chunk_size, prompt_chunk or PROMPT_CHUNK.get(self.device.type, chunk_size))
         # Ring entries per slot (see kv_cache): fewer than the context when the window allows.
         self.cache_len = kv_cache.cache_length(context_length, self.weights.shape.sliding_window, chunk_size)
         self.capacity = slots or device.default_slots(self.device, self.weights, self.cache_len)
@@ -100,7 +118,7 @@ class BatchedEngine(RequestQueue):
         self.warmup_message = "Starting the engine…"
         self.ready_s: float | None = None  # seconds from construction to serving
         self._settled = threading.Event()  # set once warm-up has finished or failed
-        window = self.weights.shape.sliding_window
+        self.window = window = self.weights.shape.sliding_window
         self.table = SlotTable(self.capacity, self.cache_len, window, prefix_cache, self._wakeup)
         self._slots = self.table.live  # row -> the live request in it (the table's own list)
         self._started = time.monotonic()
@@ -232,10 +250,17 @@ class BatchedEngine(RequestQueue):
         self._compact()
         # 3) waiting requests take free slots, oldest first, from a kept prefix where one fits
         self._admit()
-        # 4) a bounded amount of prompt, so running streams keep flowing
-        self._prefill()
-        # 5) one token for every decoding slot
+        if self.policy == "fcfs":  # the policy before: a chunk of prompt, then one token each
+            self._prefill(prefill_rows(self._active_slots(), self.chunk_size, self.cache_len, self.window))
+            self._decode()
+            return
+        # 4) + 5) one token for every decoding slot, then prompt chunks in the rest of the budget
+        rows = budget_rows(self._active_slots(), self.chunk_size, self.prompt_chunk)
+        if self.policy == "mixed" and rows and any(s.decoding for s in self._active_slots()):
+            self._mixed_step(rows)
+            return
         self._decode()
+        self._prefill(rows)
 
     def _drop_cancelled(self) -> None:
         with self._wakeup:
@@ -304,9 +329,7 @@ class BatchedEngine(RequestQueue):
             handle.finish("error", reason)
 
     # -- prefill --
-    def _prefill(self) -> None:
-        window = self.weights.shape.sliding_window
-        rows = prefill_rows(self._active_slots(), self.chunk_size, self.cache_len, window)
+    def _prefill(self, rows: list[tuple[Slot, int]]) -> None:
         if not rows:
             return
         try:
@@ -314,9 +337,14 @@ class BatchedEngine(RequestQueue):
         except Exception as exc:  # the requests in this forward only
             self._fail([slot for slot, _ in rows], exc)
             return
-        width = max(take for _, take in rows)  # every row is padded to it
+        self._prefilled(rows, logits)
+
+    def _prefilled(self, rows: list[tuple[Slot, int]], logits: torch.Tensor) -> None:
+        """These chunks are in the cache: count them, and stream the first token of every
+        prompt that is now whole (logits [N, V], one row per chunk)."""
+        padded_to = max(take for _, take in rows) if self.policy == "fcfs" else 0  # fcfs pads rows
         for slot, take in rows:
-            slot.wrote(slot.prefilled + width)
+            slot.wrote(slot.prefilled + max(take, padded_to))
             slot.prefilled += take
             self.table.prompt_tokens_prefilled += take
         done = [index for index, (slot, _) in enumerate(rows) if slot.decoding]
@@ -328,13 +356,19 @@ class BatchedEngine(RequestQueue):
                 self._fail(finished, exc)
 
     def _prefill_forward(self, rows: list[tuple[Slot, int]]) -> torch.Tensor:
-        chunks = [
+        chunks = self._chunks(rows)
+        if self.policy == "fcfs":
+            return mistral.prefill(self.weights, self.cache, chunks, self.staging.to_device)
+        return packed.prefill(self.weights, self.cache, chunks, self.staging.to_device)[0]
+
+    @staticmethod
+    def _chunks(rows: list[tuple[Slot, int]]) -> list[mistral.PromptChunk]:
+        return [
             mistral.PromptChunk(
                 slot.index, slot.prefilled, slot.handle.prompt_ids[slot.prefilled : slot.prefilled + take]
             )
             for slot, take in rows
         ]
-        return mistral.prefill(self.weights, self.cache, chunks, self.staging.to_device)
 
     def _first_tokens(self, slots: list[Slot], logits: torch.Tensor) -> None:
         """These prompts are in: sample every first token from their last logits [N, V] in one
@@ -381,7 +415,20 @@ class BatchedEngine(RequestQueue):
             self._accept(slot, tokens[slot.index], recorded.get(slot.index), asked.get(slot.index))
 
     def _run_decode_step(self, batch: int) -> list[int]:
-        """Fill rows [0, batch) of the input buffers, run the step, read the sampled tokens back.
+        """Fill rows [0, batch) of the input buffers, run the step, read the sampled tokens back."""
+        kv_len, masked = self._decode_inputs(batch)
+        if self.graphs is not None:
+            self.graphs.replay(batch, kv_len)
+        else:
+            decoding = [s for s in self._slots[:batch] if s is not None and s.decoding]
+            keep_logits = any(s.handle.record_logits for s in decoding)
+            shortcuts = eager_shortcuts([s.handle.params for s in decoding])
+            self.eager_step(batch, kv_len, *shortcuts, keep_logits, wants_logprobs(decoding), masked)
+        return self.buffers.next[:batch].tolist()  # the one host sync per step
+
+    def _decode_inputs(self, batch: int) -> tuple[int, bool]:
+        """Fill rows [0, batch) of the decode input buffers (tokens, positions and the grammar
+        masks); returns the step's key length and whether any row is constrained.
         Rows with nothing to decode ride along at position -1 (see `mistral.step_context`)."""
         tokens, positions = [0] * batch, [-1] * batch
         for index in range(batch):
@@ -396,14 +443,42 @@ class BatchedEngine(RequestQueue):
         self.staging.copy_into(
             [self.buffers.tokens[:batch], self.buffers.positions[:batch]], [tokens, positions]
         )
-        if self.graphs is not None:
-            self.graphs.replay(batch, kv_len)
-        else:
-            decoding = [s for s in self._slots[:batch] if s is not None and s.decoding]
-            keep_logits = any(s.handle.record_logits for s in decoding)
-            shortcuts = eager_shortcuts([s.handle.params for s in decoding])
-            self.eager_step(batch, kv_len, *shortcuts, keep_logits, wants_logprobs(decoding), masked)
-        return self.buffers.next[:batch].tolist()  # the one host sync per step
+        return kv_len, masked
+
+    def _mixed_step(self, rows: list[tuple[Slot, int]]) -> None:
+        """`policy="mixed"`: every decoding slot's token and the prompt chunks `rows` in one eager
+        forward (`packed.prefill` with decode rows), then the decode rows' sampling as the decode
+        step does it. A failure fails every request in the forward."""
+        decoding = [s for s in self._slots if s is not None and s.decoding]
+        batch = max(s.index for s in decoding) + 1
+        try:
+            kv_len, masked = self._decode_inputs(batch)
+            decode_rows = packed.DecodeRows(
+                self.buffers.tokens[:batch], self.buffers.positions[:batch], kv_len
+            )
+            chunks = self._chunks(rows)
+            prompt_logits, logits = packed.prefill(
+                self.weights, self.cache, chunks, self.staging.to_device, decode_rows
+            )
+            all_greedy, top_k_bound = eager_shortcuts([s.handle.params for s in decoding])
+            tokens = packed.sample_decode_rows(
+                self.buffers,
+                logits,
+                batch,
+                all_greedy=all_greedy,
+                top_k_bound=top_k_bound,
+                keep_logits=any(s.handle.record_logits for s in decoding),
+                keep_logprobs=wants_logprobs(decoding),
+                apply_mask=masked,
+            )
+            recorded = self._recorded_logits(decoding, lambda i, slot: self.buffers.logits[slot.index])
+            asked = token_logprobs(decoding, self.buffers.logprobs, [slot.index for slot in decoding])
+        except Exception as exc:
+            self._fail([*decoding, *(slot for slot, _ in rows)], exc)
+            return
+        for slot in decoding:
+            self._accept(slot, tokens[slot.index], recorded.get(slot.index), asked.get(slot.index))
+        self._prefilled(rows, prompt_logits)
 
     def eager_step(
         self,

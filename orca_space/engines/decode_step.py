@@ -124,8 +124,25 @@ def decode_and_sample(
     `buffers.allowed` (the grammars of constrained rows): graphs always do; an eager step only
     when a row is constrained.
     """
-    tokens, positions, seeds, seen = buffers.rows(batch)
+    tokens, positions, _, _ = buffers.rows(batch)
     logits = decode(weights, cache, tokens, positions, kv_len)  # [B, V]
+    sample_decoded(buffers, logits, batch, all_greedy, top_k_bound, keep_logits, keep_logprobs, apply_mask)
+
+
+def sample_decoded(
+    buffers: DecodeBuffers,
+    logits: torch.Tensor,
+    batch: int,
+    all_greedy: bool = False,
+    top_k_bound: int | None = None,
+    keep_logits: bool = False,
+    keep_logprobs: bool = False,
+    apply_mask: bool = True,
+) -> None:
+    """Sampling for slots [0, batch) from their decode logits [B, V] (see `decode_and_sample`;
+    also a mixed step's decode rows, `packed.py`): the tokens go to `buffers.next`, and each
+    row's `seen` and `counts` take its token."""
+    _, positions, seeds, seen = buffers.rows(batch)
     if keep_logits:
         buffers.logits[:batch].copy_(logits)
     params = buffers.sampling_rows(slice(0, batch))

@@ -1,15 +1,35 @@
 """What the batched engine decides on the host each iteration: which prompts to prefill together,
 and what it knows about a step's rows that lets an eager step skip work. Pure functions of the
 slots, so they are tested without a model.
+
+Two policies choose the prompt tokens of a step (`POLICIES`; the engine's `policy`):
+
+- `budget` (the default; vLLM V1's scheduler and Sarathi-Serve's "stall-free batching"): a step
+  has a budget of tokens. Every decoding stream spends one of it first, so it gets a token in
+  every step; prompt chunks fill the rest (`budget_rows`), packed without padding
+  (`packed.prefill`). A long prompt is cut into chunks, so no step is longer than the budget
+  allows, and a short prompt that arrives meanwhile is prefilled whole in the next step beside
+  the long one's chunk, instead of after it ends.
+- `mixed`: the same rows, with the decode tokens in the same (eager) forward as the prompt chunks
+  (`packed.prefill` with decode rows): the weights are read once a step, but on CUDA the decode
+  step is no longer a captured graph whenever a prompt is in.
+- `fcfs` (the policy before issue 31, kept to compare against in `bench/scheduling.py`): up to
+  `chunk_size` prompt tokens a step, oldest prompt first, rows padded to the longest
+  (`prefill_rows`), so a short prompt waits for a long one ahead of it to finish.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ..params import SamplingParams
 from .kv_cache import padded_forward_fits
 from .requests import RequestHandle
+
+WHOLE_CHUNKS = 4  # a prompt of at most this many `prompt_chunk`s goes into one step whole
+Policy = Literal["budget", "mixed", "fcfs"]
+POLICIES: tuple[Policy, ...] = ("budget", "mixed", "fcfs")
 
 
 @dataclass
@@ -81,6 +101,54 @@ def prefill_rows(
         rows.append((slot, take))
         width, furthest_start = wider, start
     return rows
+
+
+def budget_rows(slots: list[Slot], budget: int, prompt_chunk: int | None = None) -> list[tuple[Slot, int]]:
+    """Which prompts to prefill this step, and how many tokens of each, under a step's token
+    `budget`. A long prompt takes at most `prompt_chunk` tokens a step (default: the budget); a
+    short one, up to `WHOLE_CHUNKS` chunks, goes whole. Rows in arrival order; each take is at
+    most the budget, which the ring allows (see `kv_cache.cache_length`).
+
+    Every decoding slot spends one token of the budget first; the room left goes to prompts:
+    1) the oldest prompt goes whole if short, else takes a chunk, at most a quarter of the room
+       (at least one token): it always finishes, however many short prompts keep arriving;
+    2) every other short prompt that fits the room left goes whole, in arrival order: a short
+       chat's first token does not wait for a long prompt ahead of it;
+    3) what room is still left goes to the unfinished prompts, oldest first, each up to a chunk
+       in all (a long prompt alone takes one chunk a step).
+    `prompt_chunk` bounds how long a step with a long prompt in it is, whatever the budget: a
+    short chat arriving meanwhile waits for that step, then shares the next. A short prompt
+    makes one step longer, once; a long one would make every step of a running stream longer.
+    The budget bounds the step when many short prompts come at once.
+    When more streams decode than the budget holds, prompts still get a quarter of it: a full
+    house must not stop new requests from ever starting.
+    """
+    prompts = sorted((s for s in slots if not s.decoding), key=lambda s: s.handle.id)  # arrival order
+    if not prompts:
+        return []
+    cap = min(budget, prompt_chunk or budget)
+    short = min(budget, WHOLE_CHUNKS * cap)  # a prompt with no more left than this goes whole
+    decoding = sum(s.decoding for s in slots)
+    room = max(budget - decoding, budget // 4, 1)
+    takes = {slot.handle.id: 0 for slot in prompts}
+
+    def rest(slot: Slot) -> int:
+        return slot.prompt_len - slot.prefilled - takes[slot.handle.id]
+
+    oldest = prompts[0]
+    whole = rest(oldest)
+    takes[oldest.handle.id] = whole if whole <= min(short, room) else min(whole, cap, max(room // 4, 1))
+    room -= takes[oldest.handle.id]
+    for slot in prompts[1:]:
+        whole = rest(slot)
+        if whole <= min(room, short):
+            takes[slot.handle.id] = whole
+            room -= whole
+    for slot in prompts:
+        more = max(0, min(rest(slot), room, cap - takes[slot.handle.id]))
+        takes[slot.handle.id] += more
+        room -= more
+    return [(slot, takes[slot.handle.id]) for slot in prompts if takes[slot.handle.id] > 0]
 
 
 def eager_shortcuts(params: list[SamplingParams]) -> tuple[bool, int | None]:
