@@ -128,17 +128,24 @@ class ChatService:
         The page's history holds user messages that got no reply (refused, stopped), which
         `drop_unanswered` leaves out; an API client's consecutive user messages are all meant.
         """
-        text = check_text("message", message, self.limits.max_message_chars, allow_empty=False)
+        new_user = self.check_message(message)
         system = check_text("system message", system_message, self.limits.max_system_chars)
         params = SamplingParams.from_raw(**raw_params)
         past = normalize_history(history)
         if drop_unanswered:
             past = answered_turns(past)
+        fitted = self._fit(system, past, new_user, params)
+        return prepared(fitted, params, past)
+
+    def check_message(self, message: object) -> Message:
+        """The new user message, if it can be sent at all (text, not empty, within the limits
+        in characters and tokens); raises ValueError naming the problem. The page asks this
+        before a message joins the chat (`web/page/message_checks.py`)."""
+        text = check_text("message", message, self.limits.max_message_chars, allow_empty=False)
         new_user = {"role": "user", "content": text}
         if (tokens := self._message_cost(new_user)) > self.limits.max_input_tokens:
             raise ValueError(f"message is {tokens:,} tokens; the limit is {self.limits.max_input_tokens:,}")
-        fitted = self._fit(system, past, new_user, params)
-        return prepared(fitted, params, past)
+        return new_user
 
     def prepare_continuation(
         self, history: object, system_message: object, raw_params: Mapping[str, object]

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from orca_space.web.page.presets import PRESETS
+from orca_space.chat import MAX_MESSAGE_CHARS, MAX_SYSTEM_CHARS
+from orca_space.web.page.presets import CUSTOM, DEFAULT_PRESET, NO_SYSTEM_MESSAGE, PRESETS
 from tests.browser_flow import (
     BOT_MESSAGES,
     CHAT_TEXTBOX,
@@ -131,6 +132,26 @@ def test_a_preset_fills_the_system_box_and_editing_makes_it_custom(demo_url, pag
     assert box.input_value().endswith("Prefer Rust."), "the box stays freely editable"
 
 
+def test_the_preset_menu_names_what_will_be_sent_when_the_box_is_cleared(demo_url, page):
+    """Cleared (Ctrl+A, Backspace) or only spaces, the box sends no system turn: the menu says so,
+    and a deleted character (no character typed) makes the text Custom."""
+    open_page(page, demo_url)
+    open_settings(page)
+    menu, box = page.locator("#preset input"), page.locator("#system-box textarea")
+    expect(menu).to_have_value(DEFAULT_PRESET)
+    box.press("End")
+    box.press("Backspace")
+    expect(menu, "a deleted character makes the text the user's own").to_have_value(CUSTOM)
+    box.press("Control+a")
+    box.press("Backspace")
+    expect(box).to_have_value("")
+    expect(menu, "an empty box sends no system message").to_have_value(NO_SYSTEM_MESSAGE)
+    box.press_sequentially("   ")
+    expect(menu, "only spaces send no system message either").to_have_value(NO_SYSTEM_MESSAGE)
+    box.fill(PRESETS["Translator"])
+    expect(menu, "the text of a preset names it").to_have_value("Translator")
+
+
 def test_export_downloads_json_that_imports_back_and_a_forged_file_changes_nothing(demo_url, page, tmp_path):
     open_page(page, demo_url)
     reply = chat_and_wait(page, "Hello, orca!", max_new_tokens=10)
@@ -235,19 +256,55 @@ def test_a_message_sent_while_the_model_loads_is_answered(tiny_dir, tmp_path, pa
         assert page.get_by_text("not ready").count() == 0
 
 
-def test_an_error_gives_the_textbox_back(tiny_dir, page):
-    """A gr.Error (here: a message over the length limit) must not lock the chat."""
-    too_long = "This message is longer than twenty characters."
-    with running_app("--model", str(tiny_dir), "--max-message-chars", "20") as url:
-        page.set_default_timeout(30_000)
-        page.goto(url)
-        box = page.locator(CHAT_TEXTBOX)
-        send(box, too_long)
-        expect(page.get_by_text("the limit is 20").first).to_be_visible()
-        expect(box, "the textbox must be usable again after an error").to_be_enabled()
-        expect(page.locator(SUBMIT_BUTTON), "the stop button must give way to submit").to_be_visible()
-        expect(page.locator(USER_MESSAGES).first).to_have_text(too_long)
-        send(box, "Short one.")
-        expect(page.locator(BOT_MESSAGES).first, "the next message gets a reply").to_be_visible()
-        expect(box).to_be_enabled(timeout=30_000)
-        assert page.locator(USER_MESSAGES).count() == 2
+def test_an_error_gives_the_textbox_back(demo_url, page):
+    """A gr.Error in the reply step (here: a system message over its length limit) must not lock
+    the chat."""
+    box = open_page(page, demo_url)
+    open_settings(page)
+    system_box = page.locator("#system-box textarea")
+    system_box.fill("s" * (MAX_SYSTEM_CHARS + 1))
+    send(box, "Hello there.")
+    expect(page.get_by_text(f"the limit is {MAX_SYSTEM_CHARS:,}").first).to_be_visible()
+    expect(box, "the textbox must be usable again after an error").to_be_enabled()
+    expect(page.locator(SUBMIT_BUTTON), "the stop button must give way to submit").to_be_visible()
+    expect(page.locator(USER_MESSAGES).first).to_have_text("Hello there.")
+    system_box.fill("You are brief.")
+    send(box, "Short one.")
+    expect(page.locator(BOT_MESSAGES).first, "the next message gets a reply").to_be_visible()
+    expect(box).to_be_enabled(timeout=30_000)
+    expect(page.locator(USER_MESSAGES)).to_have_count(2)
+
+
+def test_a_message_the_chat_would_refuse_stays_in_the_box_with_the_reason_under_it(demo_url, page):
+    """Too long, or only spaces: no bubble joins the chat, the text stays in the box, and the reason
+    stays under it (not only in a toast) until the text changes; a counter shows the limit as
+    the text nears it."""
+    box = open_page(page, demo_url)
+    counter, reason = page.locator("#message-count"), page.locator("#message-box div.validation-error")
+    box.fill("x" * 100)
+    expect(counter, "no counter far from the limit").to_have_text("")
+    box.fill("x" * 13_000)
+    expect(counter).to_have_text(f"13,000 / {MAX_MESSAGE_CHARS:,} characters")
+    too_long = "x" * 20_000
+    send(box, too_long)
+    expect(reason).to_have_text(
+        f"This message is 20,000 characters; the limit is {MAX_MESSAGE_CHARS:,}. Shorten it to send it."
+    )
+    expect(box, "the refused text stays in the box").to_have_value(too_long)
+    expect(counter).to_have_text(f"20,000 / {MAX_MESSAGE_CHARS:,} characters: 4,000 too many")
+    expect(page.locator(USER_MESSAGES), "a refused message never joins the chat").to_have_count(0)
+    expect(box).to_be_enabled()
+    box.press("End")
+    box.press("Backspace")
+    expect(reason, "the reason goes when the text changes").to_have_count(0)
+
+    send(box, "   ")
+    expect(reason).to_have_text("Type a message to send: this one is empty or only spaces.")
+    expect(box).to_have_value("   ")
+    expect(page.locator(USER_MESSAGES)).to_have_count(0)
+
+    reply = chat_and_wait(page, "Hello, orca!", max_new_tokens=4)
+    assert reply.strip(), "a message within the limits is answered"
+    expect(page.locator(USER_MESSAGES)).to_have_count(1)
+    expect(reason).to_have_count(0)
+    expect(box).to_have_value("")
