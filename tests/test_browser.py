@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -308,3 +309,83 @@ def test_a_message_the_chat_would_refuse_stays_in_the_box_with_the_reason_under_
     expect(page.locator(USER_MESSAGES)).to_have_count(1)
     expect(reason).to_have_count(0)
     expect(box).to_have_value("")
+
+
+SAVED_CHATS = "#conversations tr.tr-body"
+
+
+def saved_chats(page, *messages: str):
+    """One saved chat per message, the last one open; the sidebar's rows, newest first."""
+    for message in messages:
+        page.get_by_role("button", name="New chat").click()
+        expect(page.locator(USER_MESSAGES)).to_have_count(0)
+        chat_and_wait(page, message, max_new_tokens=3)
+    rows = page.locator(SAVED_CHATS)
+    expect(rows).to_have_count(len(messages))
+    return rows
+
+
+def test_each_saved_chat_has_a_delete_with_undo_and_the_open_one_is_marked(demo_url, page):
+    open_page(page, demo_url)
+    rows = saved_chats(page, "First chat about orcas", "Second chat about waves", "Third chat")
+    open_rows = page.locator(f"{SAVED_CHATS}[aria-current=true]")
+    expect(open_rows, "the open chat (the newest) is marked").to_have_text("Third chat")
+    expect(open_rows).to_have_count(1)
+    rows.filter(has_text="First chat about orcas").click()
+    expect(page.locator(USER_MESSAGES)).to_have_text(["First chat about orcas"])
+    expect(open_rows, "the mark follows the chat picked").to_have_text("First chat about orcas")
+
+    page.get_by_role("button", name="Delete chat: Second chat about waves").click()
+    expect(rows).to_have_text(["Third chat", "First chat about orcas"])
+    expect(page.locator("#undo-delete")).to_contain_text("Deleted “Second chat about waves”.")
+    expect(open_rows, "deleting another chat leaves the open one open").to_have_text("First chat about orcas")
+    expect(page.locator(USER_MESSAGES)).to_have_text(["First chat about orcas"])
+
+    page.get_by_role("button", name="Delete chat: First chat about orcas").click()
+    expect(rows).to_have_text(["Third chat"])
+    expect(page.locator(USER_MESSAGES), "the open chat, deleted, leaves the screen").to_have_count(0)
+    expect(open_rows).to_have_count(0)
+    page.get_by_role("button", name="Undo").click()
+    expect(rows, "undo puts it back where it was").to_have_text(["Third chat", "First chat about orcas"])
+    expect(page.locator(USER_MESSAGES), "and opens it again").to_have_text(["First chat about orcas"])
+    expect(open_rows).to_have_text("First chat about orcas")
+    expect(page.locator("#undo-delete")).to_be_hidden()
+
+    page.reload()
+    open_page(page, demo_url)
+    expect(rows, "the deletes were saved in the browser").to_have_text(
+        ["Third chat", "First chat about orcas"]
+    )
+
+
+def test_on_a_phone_the_sidebar_folds_after_a_pick_and_its_toggle_stays_on_screen(demo_url, browser):
+    context = browser.new_context(viewport=PHONE)
+    page = context.new_page()
+    try:
+        open_page(page, demo_url)
+        sidebar, toggle = page.locator("#conversations"), page.locator("#conversations .toggle-button")
+        for state in ("closed", "open"):
+            if state == "open":
+                toggle.click()
+                expect(sidebar).to_have_class(re.compile(r"\bopen\b"))
+            expect(toggle).to_be_in_viewport(ratio=1.0)
+            box = toggle.bounding_box()
+            assert box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], f"{state}: {box}"
+            if state == "closed":
+                assert overlap(box, box_of(page, "#page-header h1")) == 0, "the toggle covers the title"
+        opened = re.compile(r"\bopen\b")
+        for message in ("A chat on a phone", "Another one"):
+            if "open" not in (sidebar.get_attribute("class") or "").split():
+                toggle.click()
+            page.get_by_role("button", name="New chat").click()
+            expect(sidebar, "a new chat folds the sidebar away").not_to_have_class(opened)
+            chat_and_wait(page, message, max_new_tokens=3)
+        toggle.click()
+        rows = page.locator(SAVED_CHATS)
+        expect(rows).to_have_count(2)
+        rows.filter(has_text="A chat on a phone").click()
+        expect(sidebar, "picking a chat shows the chat").not_to_have_class(opened)
+        expect(page.locator(USER_MESSAGES)).to_have_text(["A chat on a phone"])
+        expect(page.locator(CHAT_TEXTBOX)).to_be_in_viewport()
+    finally:
+        context.close()

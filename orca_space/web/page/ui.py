@@ -28,6 +28,7 @@ from .message_checks import add_message_counter, message_validator
 from .panels import ChatControls, add_engine_panel, add_prompt_panel, add_transcript_panel
 from .presets import CHOICES, DEFAULT_PRESET, preset_text
 from .replying import make_continue, make_respond
+from .saved_chats import add_saved_chat_controls
 from .share_panel import add_share_panel
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ def build_ui(runtime: ChatRuntime) -> gr.Blocks:
         with gr.Sidebar(open=False, width=260, elem_id="conversations") as sidebar:
             pass  # opened on wide screens as the page loads (see assets)
         chat_hooks.move_history_to(sidebar, chat)
+        with sidebar:
+            add_saved_chat_controls(chat)  # a delete per chat with undo, the open one marked
         actions, continue_step = add_continue(runtime, chat, [system_box, *sliders], last_prompt)
         settings.render()
         add_prompt_panel(last_prompt)
