@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from orca_space.listening import listening_problem
 from orca_space.settings import on_zerogpu, parse_settings
 
 if on_zerogpu(os.environ):
@@ -20,6 +21,9 @@ if on_zerogpu(os.environ):
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = parse_settings(argv, os.environ)
+    if problem := listening_problem(settings.host, settings.port):  # before minutes of loading
+        print(f"app.py: error: {problem}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
     # Imported once the flags are read: --help and a refused flag need neither torch nor gradio.
     from orca_space.startup import start_runtime
     from orca_space.web.page.ui import build_ui

@@ -41,6 +41,8 @@ MAX_HISTORY_MESSAGE_CHARS = 100_000
 # the engine thread needs: one update per token would cost 0.75 s of CPU a second at 3,000
 # tokens/s over 64 streams. Faster repaints only show text sooner than anyone reads it.
 UPDATE_INTERVAL_S = 0.05
+# What a reply cut by the server's own shutdown (the engine closing under it) tells the user.
+SHUTTING_DOWN = "the server is shutting down, so this reply was cut short; try again once it is back"
 # Tokens of the reply so far that a continuation's detokenizer reads first, so that the first
 # new piece decodes as it would have inside the reply (a word's leading space kept).
 CONTINUATION_CONTEXT_TOKENS = 8
@@ -348,6 +350,10 @@ class LocalBackend:
                     raise EngineError(event.error or "generation failed")
                 elif event.finish_reason in ("stop", "length"):
                     yield ReplyDelta(detokenizer.finalize(), finish_reason=event.finish_reason)
+                elif event.finish_reason == "cancelled":
+                    # Not by us: we cancel only once we stop reading. The engine cancels what it
+                    # serves when it closes, as the server shuts down (Ctrl-C).
+                    raise EngineError(SHUTTING_DOWN)
         finally:
             # Runs on stop, on a closed tab (gradio closes the generator) and on errors alike.
             handle.cancel()

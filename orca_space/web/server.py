@@ -13,6 +13,7 @@ from fastapi.responses import PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from starlette.middleware import Middleware
 
+from ..listening import bind_failure
 from ..metrics import CONTENT_TYPE
 from ..runtime import ChatRuntime
 from ..settings import Settings
@@ -204,7 +205,7 @@ GRADIO_CANNOT_BIND = "Cannot find empty port"
 
 
 def cannot_listen(settings: Settings, exc: OSError) -> str:
-    return (
-        f"cannot listen on {settings.host}:{settings.port} ({exc.strerror or 'in use'}): another program "
-        "may hold the port, or the address is not this machine's; choose another with --port or --host"
-    )
+    """gradio's bind failed after app.py's own check passed (`listening.py`): another program took
+    the port in between, or the address changed; said as that check says it."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+    return bind_failure(settings.host, settings.port, cause)
