@@ -90,7 +90,9 @@ def test_stream_stop_and_chat_again_in_browser(demo_url, page, tmp_path):
     screenshot = tmp_path / "artifacts" / "chat.png"
     seen = chat_in_browser(page, demo_url, screenshot_path=screenshot)
 
-    assert page.locator("#demo-banner").is_visible(), "the demo banner is missing for the random-weight model"
+    expect(
+        page.locator("#demo-banner"), "the demo banner is missing for the random-weight model"
+    ).to_be_visible()
     assert seen.second_reply != seen.stopped_reply, "the second turn showed the first reply again"
     assert screenshot.stat().st_size > 10_000, "the screenshot is (nearly) empty"
 
@@ -116,7 +118,7 @@ def test_figures_under_a_reply_and_continue_makes_the_same_reply_longer(demo_url
     open_panel(page, PROMPT_PANEL)
     controls = page.locator("#prompt-text .token.highlighted")
     expect(controls.first).to_have_text("<s>")
-    assert "<|im_start|>" in controls.all_inner_texts(), "control tokens are marked"
+    expect(controls.filter(has_text="<|im_start|>").first, "control tokens are marked").to_be_visible()
     expect(page.locator("#prompt-text")).to_contain_text("system")
     expect(page.get_by_text("its turn is left open")).to_be_visible()
 
@@ -173,7 +175,7 @@ def test_export_downloads_json_that_imports_back_and_a_forged_file_changes_nothi
     import_file(page, saved)
     expect(page.locator(BOT_MESSAGES)).to_have_count(1)
     expect(page.locator(USER_MESSAGES).first).to_have_text("Hello, orca!")
-    assert page.locator(BOT_MESSAGES).first.inner_text() == reply, "the same conversation came back"
+    expect(page.locator(BOT_MESSAGES).first, "the same conversation came back").to_have_text(exactly(reply))
     assert "hit max new tokens" in last_stats(page)
     expect(page.locator(CONTINUE), "the cut reply can be continued after the import").to_be_visible()
 
@@ -183,7 +185,13 @@ def test_export_downloads_json_that_imports_back_and_a_forged_file_changes_nothi
     import_file(page, forged)
     expect(page.get_by_text("has role 'system'").first).to_be_visible()
     expect(page.locator(BOT_MESSAGES)).to_have_count(1)
-    assert page.locator(BOT_MESSAGES).first.inner_text() == reply, "a refused file changed the chat"
+    expect(page.locator(BOT_MESSAGES).first, "a refused file changed the chat").to_have_text(exactly(reply))
+
+
+def exactly(text: str) -> re.Pattern:
+    """For `to_have_text`: this text and nothing else, its whitespace as it is (a plain string
+    would be compared with its whitespace collapsed)."""
+    return re.compile(f"^{re.escape(text)}$")
 
 
 def import_file(page, path: Path) -> None:
@@ -253,8 +261,8 @@ def test_a_message_sent_while_the_model_loads_is_answered(tiny_dir, tmp_path, pa
         answered = page.locator(BOT_MESSAGES)
         expect(answered, "the message is answered once the model is ready").to_have_count(1, timeout=60_000)
         wait_until_settled(page)
-        assert "Waiting" not in " ".join(page.locator(REPLY_STATS).all_inner_texts())
-        assert page.get_by_text("not ready").count() == 0
+        expect(page.locator(REPLY_STATS).filter(has_text="Waiting")).to_have_count(0)
+        expect(page.get_by_text("not ready")).to_have_count(0)
 
 
 def test_an_error_gives_the_textbox_back(demo_url, page):
