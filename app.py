@@ -17,9 +17,15 @@ from orca_space.settings import on_zerogpu, parse_settings
 if on_zerogpu(os.environ):
     import spaces  # noqa: F401  (ZeroGPU: before anything that may start CUDA; see orca_space/zerogpu.py)
 
+# Libraries whose INFO lines say nothing a person running the app needs: httpx logs each of
+# gradio's start-up requests to itself; the MCP server says "Terminating session: None" per call.
+QUIET_LOGGERS = ("httpx", "mcp.server.streamable_http")
+
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in QUIET_LOGGERS:  # a line per request of gradio's start-up checks, per MCP call
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     settings = parse_settings(argv, os.environ)
     if problem := listening_problem(settings.host, settings.port):  # before minutes of loading
         print(f"app.py: error: {problem}", file=sys.stderr, flush=True)

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from orca_space.listening import listening_problem
-from tests.helpers import ROOT, demo_home, free_port, wait_until_ready
+from tests.helpers import ROOT, START_TIMEOUT_S, demo_home, free_port, wait_until_ready
 
 LOADING = ("Loading", "weights", "Building")  # what the log says once a model starts to load
 
@@ -92,7 +92,7 @@ def test_ctrl_c_during_a_reply_tells_the_client_the_server_is_shutting_down(tiny
         )
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_until_ready(url)
+        wait_until_ready(url, timeout=START_TIMEOUT_S)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         stream = client.chat.completions.create(
             model="Open-Orca/Mistral-7B-OpenOrca",

@@ -19,6 +19,7 @@ from ..runtime import ChatRuntime
 from ..settings import Settings
 from .access import AccessGate
 from .admission import Admission
+from .announce import announce_start
 from .api.mcp_tool import add_mcp_tool, expose_only_the_tool, quiet_state_warning
 from .api.openai_api import OpenAIApi
 from .media_policy import SameOriginMedia
@@ -189,7 +190,12 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
         css=CSS + LINK_PAGE_CSS + SIDEBAR_CSS,
         head=LIVE_PAGE_HEAD + SIDEBAR_HEAD,
     )
+    # gradio's own start-up lines ("Running on local URL", its hint to set `share=True`) say less
+    # than ours, and too early (announce.py); with --share its public link is worth its lines.
+    options["quiet"] = not settings.share
     options.update(overrides)
+    if not overrides.get("quiet"):  # tests that launch in-process ask for quiet
+        announce_start(runtime, settings)
     try:
         return demo.launch(**options)
     except OSError as exc:
