@@ -76,7 +76,8 @@ def test_the_app_refuses_an_address_it_cannot_listen_on_before_loading_the_model
 
 def test_ctrl_c_during_a_reply_tells_the_client_the_server_is_shutting_down(tiny_dir, tmp_path):
     """Through the real `openai` client: a reply streaming when the server gets SIGINT ends with an
-    error that says so (it said "the reply ended without a finish reason; try again")."""
+    error that says so (it said "the reply ended without a finish reason; try again"). The console
+    along the way says when the app is ready, without gradio's and httpx's lines."""
     import openai
 
     home, port = demo_home(tiny_dir, tmp_path / "home"), free_port()
@@ -113,6 +114,10 @@ def test_ctrl_c_during_a_reply_tells_the_client_the_server_is_shutting_down(tiny
         assert error is not None, f"the stream ended after {chunks} chunks without saying why"
         assert "shutting down" in error, error
         app.wait(60)
+        console = log.read_text()
+        assert f"Ready to chat: open {url}" in console, "the console says when the page can answer"
+        for noise in ("set `share=True`", "httpx", "Running on local URL"):
+            assert noise not in console, f"the console still says {noise!r}"
     finally:
         if app.poll() is None:
             app.kill()
