@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 from orca_space.listening import listening_problem
@@ -36,7 +37,22 @@ def main(argv: list[str] | None = None) -> None:
     from orca_space.web.server import launch
 
     runtime = start_runtime(settings)
+    close_engine_on_ctrl_c(runtime)
     launch(build_ui(runtime), runtime, settings)
+
+
+def close_engine_on_ctrl_c(runtime) -> None:
+    """Ctrl-C stops the engine first, so that each reply it is writing ends at once with "the
+    server is shutting down" while the server can still send that; then gradio closes the
+    server as before. (Left to gradio, the server waited for the open streams, and the engine
+    closed last, at exit, under replies that then ended without a reason.)"""
+
+    def on_interrupt(signum, frame):
+        if runtime.engine is not None:
+            runtime.engine.close()
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, on_interrupt)
 
 
 if __name__ == "__main__":

@@ -4,15 +4,13 @@ The stream-stop-chat flow lives in `tests/browser_flow.py` so it can run against
 deployments too; the page's features (figures under replies, continue, the prompt panel,
 presets, export and import, layout) use `tests/page_flow.py`. One app serves every test but
 two that need their own: one with a short message limit, one whose model loads on cue.
-Set ORCA_UPDATE_SCREENSHOT=1 to copy the layout test's screenshots to docs/ for the README and docs/how-it-works.md.
+The docs' screenshots are made by `python bench/screenshots.py`, not by these tests.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -53,8 +51,6 @@ from tests.page_flow import (
     wait_until_settled,
 )
 
-DOCS = ROOT / "docs"
-SCREENSHOTS = {(1280, "light"): DOCS / "screenshot.png", (390, "light"): DOCS / "screenshot-phone.png"}
 PHONE = {"width": 390, "height": 844}
 MIN_CONTRAST = 4.5  # WCAG AA for normal text
 
@@ -243,8 +239,6 @@ def test_layout_at_desktop_and_phone_width_in_both_themes(demo_url, browser, tmp
         page.mouse.move(0, 0)
         page.screenshot(path=str(path), full_page=True, animations="disabled")
         assert path.stat().st_size > 10_000
-        if os.environ.get("ORCA_UPDATE_SCREENSHOT") == "1" and (width, scheme) in SCREENSHOTS:
-            shutil.copyfile(path, SCREENSHOTS[width, scheme])
     finally:
         context.close()
 
