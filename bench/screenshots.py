@@ -24,21 +24,26 @@ from tests.helpers import running_app  # noqa: E402
 from tests.page_flow import chat_and_wait, open_page  # noqa: E402
 
 MESSAGE = "Please tell me about how mistral winds have attracted super-orcas."
+# name: (viewport, reply tokens); a shorter reply on a phone, so the picture shows more than it
 SHOTS = {
-    "screenshot.png": {"width": 1280, "height": 900},
-    "screenshot-phone.png": {"width": 390, "height": 844},
+    "screenshot.png": ({"width": 1280, "height": 900}, 60),
+    "screenshot-phone.png": ({"width": 390, "height": 844}, 24),
 }
-REPLY_TOKENS = 60
 
 
 def take_screenshots(base_url: str, out_dir: Path) -> list[Path]:
     written = []
     with chromium() as browser:
-        for name, viewport in SHOTS.items():
+        for name, (viewport, reply_tokens) in SHOTS.items():
             context = browser.new_context(viewport=viewport, device_scale_factor=1, color_scheme="light")
             page = context.new_page()
             open_page(page, base_url)
-            chat_and_wait(page, MESSAGE, max_new_tokens=REPLY_TOKENS)
+            chat_and_wait(page, MESSAGE, max_new_tokens=reply_tokens)
+            # The sidebar is fixed to the window: for a capture of the whole page, as tall as it.
+            height = page.evaluate("document.documentElement.scrollHeight")
+            page.add_style_tag(
+                content=f"#conversations {{ position: absolute !important; height: {height}px !important; }}"
+            )
             page.evaluate("window.scrollTo(0, 0)")
             page.mouse.move(0, 0)
             path = out_dir / name

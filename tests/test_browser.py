@@ -391,3 +391,16 @@ def test_on_a_phone_the_sidebar_folds_after_a_pick_and_its_toggle_stays_on_scree
         expect(page.locator(CHAT_TEXTBOX)).to_be_in_viewport()
     finally:
         context.close()
+
+
+def test_a_number_typed_past_a_sliders_range_says_what_it_became(demo_url, page):
+    open_page(page, demo_url)
+    open_settings(page)
+    temperature = page.get_by_label("number input for Temperature")
+    temperature.fill("7")
+    temperature.press("Tab")  # gradio puts the number back in range as the box loses focus
+    expect(temperature).to_have_value("2")
+    note = page.locator(".clamped-note")
+    expect(note).to_have_text("7 is outside Temperature's range: set to the most, 2.")
+    temperature.fill("1")
+    expect(note, "the note goes when a number is typed again").to_have_count(0)

@@ -26,6 +26,7 @@ from .media_policy import SameOriginMedia
 from .page.assets import CSS, LIVE_PAGE_HEAD, page_theme
 from .page.link_page import LINK_PAGE_CSS
 from .page.saved_chats import SIDEBAR_CSS, SIDEBAR_HEAD
+from .page.slider_notes import SLIDER_NOTES_CSS, SLIDER_NOTES_HEAD
 from .remote_fetch_guard import RemoteFetchGuard, refuse_remote_downloads
 
 log = logging.getLogger(__name__)
@@ -187,8 +188,8 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
         max_file_size=0,  # the chat takes no files: refuse uploads instead of storing any size for anyone
         footer_links=["api", "gradio"],
         theme=page_theme(),
-        css=CSS + LINK_PAGE_CSS + SIDEBAR_CSS,
-        head=LIVE_PAGE_HEAD + SIDEBAR_HEAD,
+        css=CSS + LINK_PAGE_CSS + SIDEBAR_CSS + SLIDER_NOTES_CSS,
+        head=LIVE_PAGE_HEAD + SIDEBAR_HEAD + SLIDER_NOTES_HEAD,
     )
     # gradio's own start-up lines ("Running on local URL", its hint to set `share=True`) say less
     # than ours, and too early (announce.py); with --share its public link is worth its lines.
