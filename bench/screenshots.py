@@ -41,9 +41,7 @@ def take_screenshots(base_url: str, out_dir: Path) -> list[Path]:
             chat_and_wait(page, MESSAGE, max_new_tokens=reply_tokens)
             # The sidebar is fixed to the window: for a capture of the whole page, as tall as it.
             height = page.evaluate("document.documentElement.scrollHeight")
-            page.add_style_tag(
-                content=f"#conversations {{ position: absolute !important; height: {height}px !important; }}"
-            )
+            page.add_style_tag(content=f"#conversations {{ height: {height}px !important; }}")
             page.evaluate("window.scrollTo(0, 0)")
             page.mouse.move(0, 0)
             path = out_dir / name
