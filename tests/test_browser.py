@@ -185,9 +185,10 @@ def test_export_downloads_json_that_imports_back_and_a_forged_file_changes_nothi
 
 
 def exactly(text: str) -> re.Pattern:
-    """For `to_have_text`: this text and nothing else, its whitespace as it is (a plain string
-    would be compared with its whitespace collapsed)."""
-    return re.compile(f"^{re.escape(text)}$")
+    """For `to_have_text`: this text and nothing else, its whitespace inside as it is (a plain
+    string would be compared with its whitespace collapsed); the element's own line breaks
+    around it (its textContent ends with one) do not count."""
+    return re.compile(rf"^\s*{re.escape(text)}\s*$")
 
 
 def import_file(page, path: Path) -> None:
