@@ -72,7 +72,11 @@ def test_access_keys_and_mcp():
             {},
             "--engine is only for",
         ),
-        (["--backend", "remote", "--endpoint", "http://x/v1", "--demo"], {}, "--demo serves a tiny model in this"),
+        (
+            ["--backend", "remote", "--endpoint", "http://x/v1", "--demo"],
+            {},
+            "--demo serves a tiny model in this",
+        ),
         (
             ["--backend", "remote", "--endpoint", "http://x/v1", "--warmup-timeout", "9"],
             {},
