@@ -42,6 +42,8 @@ MAX_HISTORY_MESSAGE_CHARS = 100_000
 # the engine thread needs: one update per token would cost 0.75 s of CPU a second at 3,000
 # tokens/s over 64 streams. Faster repaints only show text sooner than anyone reads it.
 UPDATE_INTERVAL_S = 0.05
+# What a reply cut by the server's own shutdown (the engine closing under it) tells the user.
+SHUTTING_DOWN = "the server is shutting down, so this reply was cut short; try again once it is back"
 # Tokens of the reply so far that a continuation's detokenizer reads first, so that the first
 # new piece decodes as it would have inside the reply (a word's leading space kept).
 CONTINUATION_CONTEXT_TOKENS = 8
@@ -134,17 +136,24 @@ class ChatService:
         `max_system_chars` overrides the limit's characters (an API caller's system message
         is bounded by the context in tokens instead).
         """
-        text = check_text("message", message, self.limits.max_message_chars, allow_empty=False)
+        new_user = self.check_message(message)
         system = self._check_system(system_message, max_system_chars)
         params = SamplingParams.from_raw(**raw_params)
         past = normalize_history(history)
         if drop_unanswered:
             past = answered_turns(past)
+        fitted = self._fit(system, past, new_user, params)
+        return prepared(fitted, params, past)
+
+    def check_message(self, message: object) -> Message:
+        """The new user message, if it can be sent at all (text, not empty, within the limits
+        in characters and tokens); raises ValueError naming the problem. The page asks this
+        before a message joins the chat (`web/page/message_checks.py`)."""
+        text = check_text("message", message, self.limits.max_message_chars, allow_empty=False)
         new_user = {"role": "user", "content": text}
         if (tokens := self._message_cost(new_user)) > self.limits.max_input_tokens:
             raise ValueError(f"message is {tokens:,} tokens; the limit is {self.limits.max_input_tokens:,}")
-        fitted = self._fit(system, past, new_user, params)
-        return prepared(fitted, params, past)
+        return new_user
 
     def prepare_continuation(
         self,
@@ -399,6 +408,10 @@ class LocalBackend:
                     raise EngineError(event.error or "generation failed")
                 elif event.finish_reason in ("stop", "length"):
                     yield ReplyDelta(detokenizer.finalize(), finish_reason=event.finish_reason)
+                elif event.finish_reason == "cancelled":
+                    # Not by us: we cancel only once we stop reading. The engine cancels what it
+                    # serves when it closes, as the server shuts down (Ctrl-C).
+                    raise EngineError(SHUTTING_DOWN)
         finally:
             # Runs on stop, on a closed tab (gradio closes the generator) and on errors alike.
             handle.cancel()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .chat import ChatService
+from .chat import MAX_MESSAGE_CHARS, ChatService
 from .engines.ladder import EngineChoice
 from .engines.requests import EngineStats
 from .loading import LoadStatus
@@ -20,6 +20,7 @@ class ChatRuntime:
     demo: bool = False
     zerogpu: bool = False  # each reply on a GPU of its own, for its own length (zerogpu.py)
     concurrency: int = 1  # requests the backend can serve at once
+    max_message_chars: int = MAX_MESSAGE_CHARS  # for the page's counter, before the service exists
     status: LoadStatus = field(default_factory=LoadStatus)
     service: ChatService | None = None
     engine: object | None = None  # anything with `stats() -> EngineStats`

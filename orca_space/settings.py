@@ -34,6 +34,7 @@ class Option:
     help: str
     default: object = None
     kind: type = str
+    default_text: str | None = None  # how --help shows the default, where the value itself says little
 
 
 OPTIONS = (
@@ -48,14 +49,15 @@ OPTIONS = (
         "bearer key(s) for the OpenAI-compatible API and MCP, comma-separated (needed with --auth)",
         (),
     ),
-    Option("--mcp", "ORCA_MCP", "serve gradio's MCP server with one tool: ask MistralOrca", False, bool),
+    Option("--mcp", "ORCA_MCP", "serve gradio's MCP server with one tool, ask_mistral_orca", False, bool),
     Option("--demo", "ORCA_DEMO", "offline preview with a tiny random-weight model", False, bool),
     Option(
         "--zerogpu",
         "ORCA_ZEROGPU",
-        "run each reply on ZeroGPU (detected from SPACES_ZERO_GPU; this forces it)",
+        "run each reply on ZeroGPU (this forces it)",
         False,
         bool,
+        default_text=f"on where {ZERO_GPU_ENV} says so (a ZeroGPU Space), else off",
     ),
     Option("--context-length", "ORCA_CONTEXT_LENGTH", "prompt plus reply token limit", 8192, int),
     Option(
@@ -74,9 +76,10 @@ OPTIONS = (
     Option(
         "--trusted-proxy-hops",
         "ORCA_TRUSTED_PROXY_HOPS",
-        "proxies in front of the app whose X-Forwarded-For is believed (1 on Spaces)",
+        "proxies in front of the app whose X-Forwarded-For is believed",
         0,
         int,
+        default_text="0 (1 on Spaces)",
     ),
     Option("--backend", "ORCA_BACKEND", "where replies come from: local or remote", "local"),
     Option(
@@ -101,7 +104,7 @@ OPTIONS = (
     Option(
         "--endpoint", "ORCA_ENDPOINT", "remote OpenAI-compatible server URL (with --backend remote)", None
     ),
-    Option("--api-key", "ORCA_API_KEY", "token for the remote server (default: HF_TOKEN)", None),
+    Option("--api-key", "ORCA_API_KEY", "token for the remote server", None, default_text="HF_TOKEN, if set"),
     Option("--request-timeout", "ORCA_REQUEST_TIMEOUT", "seconds to wait for the remote server", 60.0, float),
     Option(
         "--remote-concurrency",
@@ -114,9 +117,9 @@ OPTIONS = (
     Option(
         "--data-dir",
         "ORCA_DATA_DIR",
-        "folder for the app's data: conversation links (default: /data/orca-space on a Space with "
-        "persistent storage, else ~/.cache/orca-space)",
+        "folder for the app's data: conversation links",
         None,
+        default_text="/data/orca-space on a Space with persistent storage, else ~/.cache/orca-space",
     ),
     Option("--link-max-kb", "ORCA_LINK_MAX_KB", "largest conversation a link holds, in KB", 1024, int),
     Option(
@@ -222,6 +225,10 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
         parser.error(f"--prefix-cache must be one of {', '.join(PREFIX_CACHE_MODES)}")
     if values["warmup_timeout"] <= 0:
         parser.error("--warmup-timeout must be positive")
+    if values["backend"] == "remote" and values["demo"]:
+        parser.error(
+            "--demo serves a tiny model in this process, --backend remote a server elsewhere: choose one"
+        )
     if values["backend"] == "remote" and not values["endpoint"]:
         parser.error("--backend remote needs --endpoint URL (or ORCA_ENDPOINT)")
     if values["request_timeout"] <= 0 or values["remote_concurrency"] < 1:
@@ -265,12 +272,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="app.py", description="Chat with Mistral-7B-OpenOrca in the browser."
     )
     for option in OPTIONS:
-        help_text = f"{option.help} (env {option.env}; default {option.default})"
+        help_text = f"{option.help} (env {option.env}; default: {shown_default(option)})"
         if option.kind is bool:
             parser.add_argument(option.flag, action="store_const", const=True, default=None, help=help_text)
         else:
             parser.add_argument(option.flag, default=None, help=help_text)
     return parser
+
+
+def shown_default(option: Option) -> str:
+    """The default as --help says it: "off" for a switch, "none" for no value, else the value."""
+    if option.default_text is not None:
+        return option.default_text
+    if option.kind is bool:
+        return "on" if option.default else "off"
+    if option.default in (None, ()):
+        return "none"
+    return f"{option.default:g}" if isinstance(option.default, float) else str(option.default)
 
 
 def convert(option: Option, raw: object):
@@ -282,12 +300,22 @@ def convert(option: Option, raw: object):
             return word in TRUE_WORDS
         raise ValueError(f"expected true or false, got {raw!r}")
     if option.kind in (int, float):
-        return option.kind(raw)
+        return number(option.kind, raw)
     if option.flag == "--auth":
         return parse_auth(str(raw))
     if option.flag == "--access-key":
         return parse_access_keys(str(raw))
     return str(raw)
+
+
+def number(kind: type, raw: object) -> int | float:
+    """`raw` as an int or a float, or a ValueError in the user's terms (not Python's "invalid
+    literal for int() with base 10")."""
+    try:
+        return kind(raw)
+    except ValueError:
+        wanted = "a whole number" if kind is int else "a number"
+        raise ValueError(f"expected {wanted}, got {raw!r}") from None
 
 
 def parse_access_keys(raw: str) -> tuple[str, ...]:

@@ -49,6 +49,7 @@ def new_runtime(settings: Settings, model_name: str, demo: bool, concurrency: in
         context_length=settings.context_length,
         demo=demo,
         concurrency=concurrency,
+        max_message_chars=settings.max_message_chars,
         limiter=RateLimiter(settings.rate_limit, window=60.0) if settings.rate_limit else None,
         api_limiter=per_minute(api_requests_per_minute(settings)),
         trusted_proxy_hops=settings.trusted_proxy_hops,

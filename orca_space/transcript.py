@@ -93,10 +93,31 @@ def conversation_markdown(
     if system_message.strip():
         lines += ["## System", "", system_message, ""]
     for message in exported_messages(history):
-        lines += [f"## {message['role'].capitalize()}", "", message["content"], ""]
+        lines += [f"## {message['role'].capitalize()}", "", under_the_heading(message["content"]), ""]
         if "stats" in message:
             lines += [f"*{ReplyFigures.from_dict(message['stats']).line()}*", ""]
     return "\n".join(lines)
+
+
+def under_the_heading(text: str, level: int = 3) -> str:
+    """`text` with its own headings made `level` or deeper, so that a message's `# Heading` sits
+    under the message's `## User` in a reader's outline, not above it. Headings are found as
+    CommonMark finds them (markdown-it), so a `# comment` in a code block stays as written."""
+    from markdown_it import MarkdownIt
+
+    lines: list[str | None] = list(text.split("\n"))
+    for token in MarkdownIt("commonmark").parse(text):
+        # Top-level headings only: one inside a quote or a list item keeps its markers as typed.
+        if token.type != "heading_open" or token.map is None or token.level != 0:
+            continue
+        first, end = token.map
+        depth = min(6, max(level, int(token.tag[1]) + level - 1))
+        if token.markup.startswith("#"):  # ATX: "# Title"
+            lines[first] = "#" * depth + " " + lines[first].lstrip()[len(token.markup) :].lstrip()
+        else:  # setext: "Title" over "===" or "---", as one ATX line (its last line is the rule)
+            title = " ".join(line.strip() for line in lines[first : end - 1])
+            lines[first:end] = ["#" * depth + " " + title] + [None] * (end - first - 1)
+    return "\n".join(line for line in lines if line is not None)
 
 
 def setting_name(name: str) -> str:

@@ -170,12 +170,10 @@ def chat_in_browser(
     expect(box, "the textbox stayed disabled after the second reply").to_be_enabled(timeout=timeout_s * 1000)
     users = page.locator(USER_MESSAGES)
     bots = page.locator(BOT_MESSAGES)
-    assert users.count() == 2 and bots.count() == 2, (
-        f"expected two turns, saw {users.count()} user and {bots.count()} assistant messages"
-    )
-    shown = users.nth(1).inner_text().strip()
+    expect(users, "two user messages").to_have_count(2)
+    expect(bots, "two replies").to_have_count(2)
     # Equality also rules out U+FFFD: a CJK character or emoji cut in half on the way shows as one.
-    assert shown == SECOND_MESSAGE, f"the CJK/emoji message was changed on the way: {shown!r}"
+    expect(users.nth(1), "the CJK/emoji message was changed on the way").to_have_text(SECOND_MESSAGE)
     second = bots.nth(1).inner_text()
     assert second.strip(), "the reply after stop is empty"
     assert bots.nth(0).inner_text() == stopped, "the stopped reply changed when the next turn was sent"

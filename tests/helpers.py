@@ -17,6 +17,7 @@ API_ORDER = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_pena
 API_GREEDY = dict(max_new_tokens=8, temperature=0.0, top_p=0.95, top_k=40, repetition_penalty=1.0)
 
 ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 300.0  # for an app started by a test to answer, and for its model to load
 
 
 def free_port() -> int:
@@ -81,9 +82,11 @@ def running_app(
     )
     base_url = f"http://127.0.0.1:{port}"
     try:
-        wait_for_url(f"{base_url}/healthz", proc=proc)
+        # Generous: on a machine kept busy by other work (load 10 on 2 cores) the app took over 60 s
+        # to answer; an app that dies is seen at once (`proc`), so this only waits on a slow one.
+        wait_for_url(f"{base_url}/healthz", timeout=START_TIMEOUT_S, proc=proc)
         if wait_ready:
-            wait_until_ready(base_url)
+            wait_until_ready(base_url, timeout=START_TIMEOUT_S)
         yield base_url
     finally:
         proc.terminate()

@@ -218,10 +218,12 @@ def test_markup_and_control_tokens_show_as_text_and_continue_as_plain_text(app_u
     expect(reader.locator(USER_MESSAGES)).to_have_count(1)
     chat_and_wait(reader, "And now?", max_new_tokens=4)
     open_panel(reader, PROMPT_PANEL)
+    # Waited for, not read at once: the panel fills a moment after it opens (a bare read saw []).
+    expect(reader.locator("#prompt-text")).to_contain_text("Obey me.")
+    # Read once the panel is drawn (its text and its tokens come together).
     marked = reader.locator("#prompt-text .token.highlighted").all_inner_texts()
     # system, user, assistant, user, and the open assistant turn: the typed one is not among them.
     assert marked.count("<|im_start|>") == 5, f"typed control strings became tokens: {marked}"
-    expect(reader.locator("#prompt-text")).to_contain_text("Obey me.")
 
 
 # -- gradio's protocol: 20 sessions at once, a damaged database ---------------------------------------

@@ -251,6 +251,20 @@ async def test_closing_the_stream_cancels_the_engine_request(local_service):
 
 
 @pytest.mark.anyio
+async def test_a_reply_cut_by_the_engine_closing_says_the_server_is_shutting_down(local_service):
+    """Ctrl-C closes the engine under the replies it serves: each says why it ended (it ended
+    silently, and the API's client read "ended without a finish reason")."""
+    service, engine = local_service
+    chat = service.prepare("Hello!", [], "", {**DEFAULTS, "max_new_tokens": 900, "temperature": 1.0})
+    stream = service.stream(chat)
+    await anext(stream)
+    await asyncio.to_thread(engine.close)
+    with pytest.raises(EngineError, match="the server is shutting down"):
+        async for _ in stream:
+            pass
+
+
+@pytest.mark.anyio
 async def test_engine_error_is_raised_as_engine_error(encoder, tokenizer):
     class BrokenEngine:
         context_length = 512

@@ -27,31 +27,31 @@ def test_health_reports_loading_ready_and_a_dead_engine():
     assert {"active", "queued", "capacity"} <= set(body)
 
 
-def test_a_port_in_use_is_one_sentence_and_exit_2(tiny_dir):
-    """A new user's second `python app.py` while the first still runs: one line naming --port, no
-    traceback (gradio's own error speaks of `server_port` and `launch()`)."""
+def test_a_port_taken_after_the_start_up_check_is_one_sentence_and_exit_2(capsys):
+    """app.py tries the port before loading (tests/test_cli.py); another program can still take it
+    before gradio binds. gradio's own error then speaks of `server_port` and `launch()`: the app
+    says it in one line naming --port, no traceback."""
     import socket
-    import subprocess
-    import sys
 
-    from tests.helpers import ROOT
+    import gradio as gr
+    import pytest
 
+    from orca_space.web.server import launch
+
+    with gr.Blocks() as demo:
+        gr.Markdown("page")
+    runtime = ChatRuntime(model_name="m", context_length=8192)
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
         port = held.getsockname()[1]
-        done = subprocess.run(
-            [sys.executable, "app.py", "--model", str(tiny_dir), "--port", str(port)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "Traceback" not in done.stderr, done.stderr[-2000:]
-    last = done.stderr.strip().splitlines()[-1]
+        with pytest.raises(SystemExit) as exited:
+            launch(demo, runtime, parse_settings(["--port", str(port)], {}), quiet=True)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
     assert last.startswith(f"app.py: error: cannot listen on 127.0.0.1:{port}") and "--port" in last, last
+    assert "server_port" not in last and "launch()" not in last, last
 
 
 def test_a_launch_failure_not_about_the_address_keeps_its_own_error(monkeypatch):

@@ -72,7 +72,11 @@ def test_access_keys_and_mcp():
             {},
             "--engine is only for",
         ),
-        (["--backend", "remote", "--endpoint", "http://x/v1", "--demo"], {}, "--demo is only for"),
+        (
+            ["--backend", "remote", "--endpoint", "http://x/v1", "--demo"],
+            {},
+            "--demo serves a tiny model in this",
+        ),
         (
             ["--backend", "remote", "--endpoint", "http://x/v1", "--warmup-timeout", "9"],
             {},
@@ -132,3 +136,43 @@ def test_the_app_refuses_an_ignored_flag_before_starting_anything():
     assert done.stderr.strip().splitlines()[-1] == (
         "app.py: error: --endpoint is only for --backend remote: leave it out, or use --backend remote"
     )
+
+
+def readme_defaults() -> dict[str, str]:
+    """Each option's default as the README's table gives it, code marks removed."""
+    rows = re.findall(r"^\| `(--[a-z-]+)` \|[^|]*\| ([^|]+) \|", README.read_text(), re.MULTILINE)
+    return {flag: cell.replace("`", "").strip() for flag, cell in rows}
+
+
+def test_help_and_the_readme_give_the_same_defaults():
+    from orca_space.settings import build_parser, shown_default
+
+    documented = readme_defaults()
+    help_text = " ".join(build_parser().format_help().split())
+    for option in OPTIONS:
+        said = shown_default(option)
+        assert documented[option.flag] == said, (
+            f"{option.flag}: README {documented[option.flag]!r}, --help {said!r}"
+        )
+        assert f"default: {said})" in help_text, f"--help shows {option.flag}'s default as {said!r}"
+    assert "()" not in help_text and "default None" not in help_text and "default False" not in help_text
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["--port", "abc"], "app.py: error: --port / ORCA_PORT: expected a whole number, got 'abc'"),
+        (
+            ["--warmup-timeout", "soon"],
+            "app.py: error: --warmup-timeout / ORCA_WARMUP_TIMEOUT: expected a number, got 'soon'",
+        ),
+        (
+            ["--demo", "--backend", "remote"],
+            "app.py: error: --demo serves a tiny model in this process, --backend remote a server elsewhere: choose one",
+        ),
+    ],
+)
+def test_a_mistyped_value_is_named_in_the_users_terms(argv, said, capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(argv, {})
+    assert capsys.readouterr().err.strip().splitlines()[-1] == said

@@ -107,6 +107,9 @@ def test_share_shows_the_link_and_token_and_opening_it_shows_the_conversation(ru
     assert messages == HISTORY and carry_on.link == f"./?continue={link_id}"
     with pytest.raises(gr.Error, match="not this link's"):
         make_delete_link(runtime.links)(request(f"id={link_id}"), "wrong")
+    for empty in ("", "   "):  # asked for, not called wrong
+        with pytest.raises(gr.Error, match="Paste the link's delete token first"):
+            make_delete_link(runtime.links)(request(f"id={link_id}"), empty)
     assert make_delete_link(runtime.links)(request(f"id={link_id}"), token)[0] == f"## {DELETED}"
     header, messages, carry_on, *_ = make_open_link(runtime.links)(request(f"id={link_id}"))
     assert header == f"## {NOT_HERE}" and messages == [] and carry_on.visible is False

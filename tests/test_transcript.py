@@ -89,6 +89,28 @@ def test_markdown_reads_as_the_conversation():
     assert "reply-stats" not in markdown, "notes show as their words, not their ids"
 
 
+def test_a_messages_own_headings_sit_under_its_role_heading():
+    """A reply's `# Plan` came above its `## Assistant` in a reader's outline; now it is a level
+    below. A `# comment` in code is no heading, and stays as written."""
+    reply = "# Plan\n\nFirst.\n\n```python\n# comment\n```\n\nNotes\n-----\n\n> # quoted"
+    history = [{"role": "user", "content": "## Question"}, {"role": "assistant", "content": reply}]
+    markdown = conversation_markdown(history, "", {}, "m", NOW)
+    assert "## User\n\n#### Question\n" in markdown
+    assert (
+        "## Assistant\n\n### Plan\n\nFirst.\n\n```python\n# comment\n```\n\n#### Notes\n\n> # quoted"
+        in markdown
+    )
+    outline = [line for line in markdown.splitlines() if line.startswith("#") and "comment" not in line]
+    assert outline == [
+        "# Conversation with m",
+        "## User",
+        "#### Question",
+        "## Assistant",
+        "### Plan",
+        "#### Notes",
+    ]
+
+
 def forged(**changes) -> str:
     return json.dumps(exported(**changes))
 

@@ -13,16 +13,20 @@ from fastapi.responses import PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from starlette.middleware import Middleware
 
+from ..listening import bind_failure
 from ..metrics import CONTENT_TYPE
 from ..runtime import ChatRuntime
 from ..settings import Settings
 from .access import AccessGate
 from .admission import Admission
+from .announce import announce_start
 from .api.mcp_tool import add_mcp_tool, expose_only_the_tool, quiet_state_warning
 from .api.openai_api import OpenAIApi
 from .media_policy import SameOriginMedia
 from .page.assets import CSS, LIVE_PAGE_HEAD, page_theme
 from .page.link_page import LINK_PAGE_CSS
+from .page.saved_chats import SIDEBAR_CSS, SIDEBAR_HEAD
+from .page.slider_notes import SLIDER_NOTES_CSS, SLIDER_NOTES_HEAD
 from .remote_fetch_guard import RemoteFetchGuard, refuse_remote_downloads
 
 log = logging.getLogger(__name__)
@@ -185,10 +189,15 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
         max_file_size=0,  # the chat takes no files: refuse uploads instead of storing any size for anyone
         footer_links=["api", "gradio"],
         theme=page_theme(),
-        css=CSS + LINK_PAGE_CSS,
-        head=LIVE_PAGE_HEAD,
+        css=CSS + LINK_PAGE_CSS + SIDEBAR_CSS + SLIDER_NOTES_CSS,
+        head=LIVE_PAGE_HEAD + SIDEBAR_HEAD + SLIDER_NOTES_HEAD,
     )
+    # gradio's own start-up lines ("Running on local URL", its hint to set `share=True`) say less
+    # than ours, and too early (announce.py); with --share its public link is worth its lines.
+    options["quiet"] = not settings.share
     options.update(overrides)
+    if not overrides.get("quiet"):  # tests that launch in-process ask for quiet
+        announce_start(runtime, settings)
     try:
         return demo.launch(**options)
     except OSError as exc:
@@ -204,7 +213,7 @@ GRADIO_CANNOT_BIND = "Cannot find empty port"
 
 
 def cannot_listen(settings: Settings, exc: OSError) -> str:
-    return (
-        f"cannot listen on {settings.host}:{settings.port} ({exc.strerror or 'in use'}): another program "
-        "may hold the port, or the address is not this machine's; choose another with --port or --host"
-    )
+    """gradio's bind failed after app.py's own check passed (`listening.py`): another program took
+    the port in between, or the address changed; said as that check says it."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+    return bind_failure(settings.host, settings.port, cause)

@@ -14,7 +14,7 @@ import json
 import gradio as gr
 
 from ...transcript import MAX_TRANSCRIPT_BYTES
-from .presets import CUSTOM, PRESETS
+from .presets import CUSTOM, NO_SYSTEM_MESSAGE, PRESETS
 
 
 def page_theme() -> gr.themes.Base:
@@ -50,6 +50,10 @@ CSS = """
 #chatbot .message.thought .arrow { display: none; }
 
 #reply-actions { gap: var(--spacing-md); }
+/* The message's count towards its limit (message_checks): quiet, under the box, at its right. */
+#message-count { text-align: right; min-height: 0; }
+#message-count p { font-size: var(--text-sm); color: var(--neutral-600); margin: 0; }
+.dark #message-count p { color: var(--neutral-400); }
 /* Empty once loaded; while gradio's loader shows in it, it is no scrollable region to tab to. */
 #load-status { overflow: visible; }
 #prompt-text { max-height: 24rem; overflow-y: auto; }
@@ -119,9 +123,13 @@ def save_text_js(extension: str, mime: str) -> str:
 
 
 def preset_for_text_js() -> str:
-    """The preset whose text the system box holds, else "Custom": in the browser, per keystroke."""
+    """`presets.preset_for` in the browser, per change of the system box: the preset whose text
+    it holds, "No system message" if only spaces (no system turn is sent), else "Custom"."""
     by_text = json.dumps({text: name for name, text in PRESETS.items()}, ensure_ascii=False)
-    return f"(text) => ({by_text}[text] ?? {json.dumps(CUSTOM)})"
+    return (
+        f"(text) => ((text ?? '').trim() === '' ? {json.dumps(NO_SYSTEM_MESSAGE)}"
+        f" : ({by_text}[text] ?? {json.dumps(CUSTOM)}))"
+    )
 
 
 OPEN_SIDEBAR_ON_WIDE_SCREENS_JS = """

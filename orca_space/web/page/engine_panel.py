@@ -34,7 +34,8 @@ def engine_markdown(runtime: ChatRuntime) -> str:
         rows.append(("Prefix cache", prefix_cache_text(stats, runtime)))
     rows.append(("Speed", f"{runtime.service.meter.rate():,.1f} tok/s over the last minute"))
     rows.append(("Memory", memory_text(runtime)))
-    return "\n".join(["| | |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)])
+    # A table needs a header row; an empty one drew a blank bar above the figures.
+    return "\n".join(["| What | Now |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)])
 
 
 PREFIX_CACHE_MODES = {

@@ -27,6 +27,7 @@ from .share_panel import LINK_EVENTS, LINK_PATH, NOT_HERE
 
 PAGE_NAME = "Shared conversation"
 DELETED = "Deleted: this link no longer opens the conversation, for anyone."
+EMPTY_TOKEN = "Paste the link's delete token first: whoever made the link was shown it then."
 WRONG_TOKEN = "That delete token is not this link's (or the link is already gone)."
 READ_ONLY = "read-only-chat"
 # gradio's Chatbot always offers to clear it; on a read-only page that would only blank the view.
@@ -108,6 +109,8 @@ def make_open_link(links: ConversationLinks):
 
 def make_delete_link(links: ConversationLinks):
     def delete_link(request: gr.Request, token: str):
+        if not isinstance(token, str) or not token.strip():
+            raise refusal(EMPTY_TOKEN)
         try:
             deleted = links.delete(request.query_params.get("id", ""), token)
         except LinkError as exc:

@@ -6,6 +6,7 @@ from ...chat import DEFAULT_SYSTEM_MESSAGE
 
 MODEL_CARD = DEFAULT_SYSTEM_MESSAGE  # the model card's own, as in the card's examples
 CUSTOM = "Custom"  # what the dropdown shows once the box holds text of one's own
+NO_SYSTEM_MESSAGE = "No system message"  # also what an empty box or one of only spaces sends
 
 PRESETS: dict[str, str] = {
     "MistralOrca (model card)": MODEL_CARD,
@@ -31,7 +32,7 @@ PRESETS: dict[str, str] = {
         "You are an editor. Improve the user's text for clarity, grammar and flow while keeping "
         "their voice. Give the revised text first, then a short list of the main changes."
     ),
-    "No system message": "",
+    NO_SYSTEM_MESSAGE: "",
 }
 DEFAULT_PRESET = "MistralOrca (model card)"
 CHOICES = [*PRESETS, CUSTOM]
@@ -47,5 +48,8 @@ def preset_text(name: str) -> str | None:
 
 
 def preset_for(text: str) -> str:
-    """The preset whose text the box holds, or "Custom"."""
+    """The preset whose text the box holds, "No system message" for only spaces (the chat sends
+    no system turn then), or "Custom"."""
+    if not text.strip():
+        return NO_SYSTEM_MESSAGE
     return next((name for name, preset in PRESETS.items() if preset == text), CUSTOM)

@@ -24,9 +24,11 @@ from ..refusals import refusal
 from . import assets, chat_hooks
 from .chat_display import conversation_chatbot
 from .link_page import add_link_page
+from .message_checks import add_message_counter, message_validator
 from .panels import ChatControls, add_engine_panel, add_prompt_panel, add_transcript_panel
 from .presets import CHOICES, DEFAULT_PRESET, preset_text
 from .replying import make_continue, make_respond
+from .saved_chats import add_saved_chat_controls
 from .share_panel import add_share_panel
 
 log = logging.getLogger(__name__)
@@ -75,9 +77,12 @@ def build_ui(runtime: ChatRuntime) -> gr.Blocks:
         # each new session (see page_state). The last reply's prompt is a PromptView.as_state().
         last_prompt = gr.State(None)
         chat = build_chat(runtime, [system_box, *sliders], last_prompt)
+        add_message_counter(chat.textbox, runtime.max_message_chars)
         with gr.Sidebar(open=False, width=260, elem_id="conversations") as sidebar:
             pass  # opened on wide screens as the page loads (see assets)
         chat_hooks.move_history_to(sidebar, chat)
+        with sidebar:
+            add_saved_chat_controls(chat)  # a delete per chat with undo, the open one marked
         actions, continue_step = add_continue(runtime, chat, [system_box, *sliders], last_prompt)
         settings.render()
         add_prompt_panel(last_prompt)
@@ -136,6 +141,7 @@ def build_chat(runtime: ChatRuntime, inputs: list, last_prompt: gr.State) -> gr.
         ),
         additional_inputs=inputs,
         additional_outputs=[last_prompt],
+        validator=message_validator(runtime),  # a refused message stays in the box, the reason under it
         examples=[[example] for example in EXAMPLES],
         cache_examples=False,  # caching would run the model at start-up, before it has loaded
         save_history=True,
@@ -195,9 +201,12 @@ def can_continue(runtime: ChatRuntime, history: list) -> bool:
 
 
 def wire_presets(preset: gr.Dropdown, system_box: gr.Textbox) -> None:
-    """A preset fills the system box; typing in the box shows "Custom" (in the browser)."""
+    """A preset fills the system box; the menu names what the box will send (in the browser):
+    the preset with its text, "No system message" when empty or only spaces, else "Custom".
+    On `change`, not `input`: gradio 6.31's textbox fires `input` only for keys that type a
+    character, so a cleared box (Ctrl+A, Backspace) kept the old preset's name."""
     preset.input(choose_preset, [preset], [system_box], **PRIVATE)
-    system_box.input(None, [system_box], [preset], js=assets.preset_for_text_js(), **PRIVATE)
+    system_box.change(None, [system_box], [preset], js=assets.preset_for_text_js(), **PRIVATE)
 
 
 def choose_preset(name: str):
