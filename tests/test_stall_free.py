@@ -90,13 +90,14 @@ def test_mixed_step_samples_decode_rows_as_the_decode_step_does():
         for row, p in enumerate(params):
             b.set_request(row, p)
         b.positions[:] = torch.tensor([5, 9, 12])
-    tokens = packed.sample_decode_rows(buffers[0], logits, 3, False, None, keep_logits=True)
+    tokens = packed.sample_decode_rows(buffers[0], logits, 3, keep_logits=True)
     b = buffers[1]
     chosen = sample_next_tokens(
         logits, b.sampling_rows(slice(0, 3)), b.seen[:3], b.seeds[:3], b.positions[:3]
     )
     assert tokens == chosen.tolist()
     assert buffers[0].seen[torch.arange(3), chosen].all() and torch.equal(buffers[0].logits, logits)
+    assert buffers[0].counts[torch.arange(3), chosen].eq(1).all(), "the reply penalties count the token"
 
 
 # -- the engine's loop, step by step --
