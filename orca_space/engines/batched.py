@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from . import decode_step, device, hf_weights, kv_cache, mistral
+from . import capture, decode_step, device, hf_weights, kv_cache, mistral
 from .requests import (
     NON_FINITE_MESSAGE,
     RequestHandle,
@@ -95,6 +95,9 @@ class BatchedEngine(RequestQueue):
         self.warmup_message = "Starting the engine…"
         self.ready_s: float | None = None  # seconds from construction to serving
         self._settled = threading.Event()  # set once warm-up has finished or failed
+        # Set when a failed capture left the device or its allocator unusable (capture.py): the
+        # ladder then goes on in a fresh process, not in this one.
+        self.device_untrusted = False
         window = self.weights.shape.sliding_window
         self.table = SlotTable(self.capacity, self.cache_len, window, prefix_cache, self._wakeup)
         self._slots = self.table.live  # row -> the live request in it (the table's own list)
@@ -197,6 +200,7 @@ class BatchedEngine(RequestQueue):
             self._fail_all(self.failure)
         except WarmUpFailed as exc:
             self.failure = str(exc)
+            self.device_untrusted = isinstance(exc.__cause__, capture.DeviceUntrusted)
             log.error("engine warm-up failed: %s", exc, exc_info=exc.__cause__)
             self._settled.set()
             self._fail_all(self.failure)

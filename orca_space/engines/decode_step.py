@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..params import SamplingParams
+from . import capture
 from .hf_weights import MistralWeights
 from .kv_cache import KVCache
 from .mistral import decode
@@ -167,6 +168,9 @@ class DecodeGraphs:
         )
 
     def capture(self, batch: int, kv_len: int) -> None:
+        """Warm up, prove the step capturable, capture it (see `capture.py` for what a failed
+        capture does to the process, and how this leaves it usable)."""
+
         def step() -> None:
             self.step_fn(self.weights, self.cache, self.buffers, batch, kv_len, keep_logits=True)
 
@@ -174,12 +178,9 @@ class DecodeGraphs:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up runs: lazy inits, workspaces, compiles happen outside capture
             step()
-            step()
+            capture.check_capturable(step)  # a host sync fails here, named, before any capture
         torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            step()
-        self.graphs[(batch, kv_len)] = graph
+        self.graphs[(batch, kv_len)] = capture.capture_graph(step, self.pool, self.weights.device)
 
     def replay(self, batch: int, kv_len: int) -> None:
         self.graphs[(batch, kv_len)].replay()

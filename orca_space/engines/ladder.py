@@ -7,9 +7,12 @@
 `auto` walks them in order. A rung fails when building it raises, when its warm-up fails or runs
 past the deadline (a hung capture must not hang the Space), or when its self-check
 (`selfcheck.py`) disagrees with the model's own forward. A failed rung is closed (its graphs, KV
-cache and thread released; a warm-up stuck inside one capture lets go when that returns) before
-the next is built. The log tells the story in order: which rung was tried, why it was left, which
-one serves. A named engine (`--engine eager`) is tried alone: its failure is the app's.
+cache and thread released) before the next is built, and the next is never built while the
+failed rung's thread lives: a warm-up stuck inside a CUDA call past `STUCK_GRACE_S`, or a failed
+capture the device did not recover from (`capture.DeviceUntrusted`), leaves a process nothing
+more should run in, and `FreshProcessNeeded` asks the app to go on from the next rung in a fresh
+one. The log tells the story in order: which rung was tried, why it was left, which one serves.
+A named engine (`--engine eager`) is tried alone: its failure is the app's.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from .selfcheck import SelfCheckResult, run_self_check
 log = logging.getLogger(__name__)
 
 SELF_CHECK_TIMEOUT_S = 120.0  # seconds, not minutes, even for the slowest rung
+# How long a closed rung's thread may take to end: a capture returns within seconds of its
+# deadline, or it is wedged inside the driver.
+STUCK_GRACE_S = 10.0
 # What the page says each rung costs, in plain words.
 RUNG_SPEED = {
     "graphs": "the fastest engine",
@@ -67,7 +73,20 @@ class EngineChoice:
 
 
 class RungFailed(Exception):
-    """This rung cannot serve; the message says why."""
+    """This rung cannot serve; the message says why. `untrusted` says why nothing more should
+    run in this process, when that is so."""
+
+    untrusted: str | None = None
+
+
+class FreshProcessNeeded(Exception):
+    """A rung failed in a way that leaves this process unfit for the next: go on from `rungs`
+    in a fresh process, the story so far in `failures` (see `startup.relaunch`)."""
+
+    def __init__(self, failures: tuple[RungFailure, ...], rungs: list[str]) -> None:
+        last = failures[-1]
+        super().__init__(f"the {last.rung} engine failed ({last.reason}); going on in a fresh process")
+        self.failures, self.rungs = failures, rungs
 
 
 def rungs_to_try(choice: str, cuda: bool) -> list[str]:
@@ -109,12 +128,15 @@ def start_engine(
     warmup_timeout: float = DEFAULT_WARMUP_TIMEOUT_S,
     on_progress: ProgressCallback | None = None,
     prefix_cache: str = "private",
+    earlier: tuple[RungFailure, ...] = (),
 ) -> tuple[Engine, EngineChoice]:
-    """The first rung that warms up and passes its self-check, and the story of the ladder."""
+    """The first rung that warms up and passes its self-check, and the story of the ladder.
+    `earlier`: rungs that failed in an earlier process (`FreshProcessNeeded`), not tried again."""
     progress = on_progress or (lambda message, fraction=None: None)
-    rungs = rungs_to_try(choice, model.device.type == "cuda")
-    failures: list[RungFailure] = []
-    for rung in rungs:
+    left_behind = {failure.rung for failure in earlier}
+    rungs = [rung for rung in rungs_to_try(choice, model.device.type == "cuda") if rung not in left_behind]
+    failures: list[RungFailure] = list(earlier)
+    for number, rung in enumerate(rungs):
         above = f" ({failures[-1].rung} failed: {failures[-1].reason})" if failures else ""
         progress(f"Starting the {rung} engine{above}…", None)
         log.info("engine ladder: trying the %s engine", rung)
@@ -125,6 +147,9 @@ def start_engine(
         except RungFailed as exc:
             log.warning("engine ladder: the %s engine failed: %s", rung, exc)
             failures.append(RungFailure(rung, str(exc)))
+            if exc.untrusted and rungs[number + 1 :]:
+                log.error("engine ladder: %s; the next engine starts in a fresh process", exc.untrusted)
+                raise FreshProcessNeeded(tuple(failures), rungs[number + 1 :]) from None
             continue
         chosen = EngineChoice(rung, tuple(failures), check)
         log.info("engine ladder: %s", chosen.story())
@@ -161,18 +186,25 @@ def start_rung(
         if not check.passed:
             raise RungFailed(f"its self-check failed: {check.problem}")
         return engine, check
+    except RungFailed as exc:
+        exc.untrusted = close_and_release(engine, rung)
+        raise
     except BaseException:
         close_and_release(engine, rung)
         raise
 
 
-def close_and_release(engine: Engine, rung: str) -> None:
-    engine.close(timeout=2.0)  # a failed warm-up has already ended its thread; a stuck one won't
+def close_and_release(engine: Engine, rung: str) -> str | None:
+    """Close a failed rung and wait for its thread. None when the next rung may start in this
+    process; else why not (its thread is stuck, or its failure left the device unusable)."""
+    engine.close(timeout=STUCK_GRACE_S)  # a failed warm-up has already ended; a stuck capture may still
     if engine.stats().alive:
-        # Stuck inside a capture: it lets its memory go when that returns. A device-wide sync or
-        # cache release now could break that capture (or worse) under its feet: leave it be.
-        log.warning(
-            "the %s engine is still stuck in its warm-up; it releases its memory when it returns", rung
-        )
-        return
+        # Stuck inside a CUDA call that cannot be interrupted. A device-wide sync or cache release
+        # now could break it (or worse) under its feet, and a next rung would plan its memory
+        # around what the stuck one still holds: leave this process to it.
+        log.warning("the %s engine is still stuck in its warm-up after %g s", rung, STUCK_GRACE_S)
+        return f"the {rung} engine's warm-up is stuck inside a CUDA call and cannot be stopped"
+    if getattr(engine, "device_untrusted", False):
+        return f"the GPU did not recover from the {rung} engine's failed capture"
     release_cached_memory(engine.device)
+    return None

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from . import kv_cache
+from . import capture, kv_cache
 
 
 class WarmUpFailed(RuntimeError):
@@ -30,8 +30,13 @@ def stage(what: str) -> Iterator[None]:
     except (WarmUpAbandoned, WarmUpFailed):
         raise
     except Exception as exc:
-        oom = isinstance(exc, torch.cuda.OutOfMemoryError)
-        detail = f"the GPU ran out of memory ({exc})" if oom else f"{type(exc).__name__}: {exc}"
+        cause = capture.root_cause(exc)  # not "operation failed due to a previous error during capture"
+        if isinstance(cause, torch.cuda.OutOfMemoryError):
+            detail = f"the GPU ran out of memory ({cause})"
+        elif isinstance(exc, (capture.CaptureFailed, capture.DeviceUntrusted)):
+            detail = str(exc)  # already names the real cause
+        else:
+            detail = capture.describe(exc)
         raise WarmUpFailed(f"{what} failed: {detail}") from exc
 
 
