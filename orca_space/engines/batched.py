@@ -47,6 +47,7 @@ from .requests import (
 from .sampling import NON_FINITE
 from .scheduling import Slot, eager_shortcuts, prefill_rows
 from .slots import MoveFailed, SlotTable
+from .step_options import StepOptions, defaults_for
 from .warmup import WarmUpAbandoned, WarmUpFailed, capture_every_shape, stage
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class BatchedEngine(RequestQueue):
         compile_step: bool = False,
         on_progress: ProgressCallback | None = None,
         prefix_cache: str = "private",
+        step_options: StepOptions | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -83,6 +85,8 @@ class BatchedEngine(RequestQueue):
         self.capacity = slots or device.default_slots(self.device, self.weights, self.cache_len)
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self.compile_step = compile_step  # with graphs only: see `decode_step.DecodeGraphs`
+        # Which decode-step variant runs (step_options.py): the device check's choice by default.
+        self.step_options = step_options or defaults_for(self.device.type)
         self.pad_batches = self.use_graphs  # round decode batches up to the captured sizes
         self.batch_sizes = decode_step.batch_buckets(self.capacity, smallest=2 if compile_step else 1)
         device.choose_attention_kernels(self.device)
@@ -168,7 +172,9 @@ class BatchedEngine(RequestQueue):
 
     def _capture_graphs(self) -> None:
         with stage("setting up CUDA-graph capture"):
-            self.graphs = decode_step.DecodeGraphs(self.weights, self.cache, self.buffers, self.compile_step)
+            self.graphs = decode_step.DecodeGraphs(
+                self.weights, self.cache, self.buffers, self.compile_step, self.step_options
+            )
         capture_every_shape(
             self.graphs,
             self.batch_sizes,
@@ -395,7 +401,15 @@ class BatchedEngine(RequestQueue):
     ) -> None:
         """The eager decode step (CPU, or CUDA without graphs); tests patch this to inject faults."""
         decode_step.decode_and_sample(
-            self.weights, self.cache, self.buffers, batch, kv_len, all_greedy, top_k_bound, keep_logits
+            self.weights,
+            self.cache,
+            self.buffers,
+            batch,
+            kv_len,
+            all_greedy,
+            top_k_bound,
+            keep_logits,
+            self.step_options,
         )
 
     def _accept(self, slot: Slot, token: int, logits: torch.Tensor | None = None) -> None:

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 import torch
 
 from ..params import SamplingParams
-from . import capture
+from . import capture, fused_decode
 from .hf_weights import MistralWeights
 from .kv_cache import KVCache
 from .mistral import decode
 from .sampling import SamplingTensors, sample_next_tokens
+from .step_options import BASELINE, StepOptions
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ def decode_and_sample(
     all_greedy: bool = False,
     top_k_bound: int | None = None,
     keep_logits: bool = False,
+    options: StepOptions = BASELINE,
 ) -> None:
     """The whole decode step for slots [0, batch): forward, per-row sampling, `seen` update.
 
@@ -97,10 +99,14 @@ def decode_and_sample(
     The sampler's counter is the input position: unique per token of a request. `keep_logits`
     copies the logits into `buffers.logits` for requests that record them (the self-check):
     captured graphs always keep them (one [B, V] copy, microseconds against a step of
-    milliseconds); an eager step only when asked.
+    milliseconds); an eager step only when asked. `options` picks the forward: today's
+    (`mistral.decode`) or the fused one (`fused_decode.decode`), see `step_options.py`.
     """
     tokens, positions, seeds, seen = buffers.rows(batch)
-    logits = decode(weights, cache, tokens, positions, kv_len)  # [B, V]
+    if options.is_baseline:
+        logits = decode(weights, cache, tokens, positions, kv_len)  # [B, V]
+    else:
+        logits = fused_decode.decode(weights, cache, tokens, positions, kv_len, options)
     if keep_logits:
         buffers.logits[:batch].copy_(logits)
     params = buffers.sampling_rows(slice(0, batch))
@@ -154,9 +160,14 @@ class DecodeGraphs:
     """
 
     def __init__(
-        self, weights: MistralWeights, cache: KVCache, buffers: DecodeBuffers, compile_step: bool = False
+        self,
+        weights: MistralWeights,
+        cache: KVCache,
+        buffers: DecodeBuffers,
+        compile_step: bool = False,
+        options: StepOptions = BASELINE,
     ) -> None:
-        self.weights, self.cache, self.buffers = weights, cache, buffers
+        self.weights, self.cache, self.buffers, self.options = weights, cache, buffers, options
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle()
         # One side stream for every warm-up: the caching allocator keeps blocks per stream.
@@ -172,7 +183,9 @@ class DecodeGraphs:
         capture does to the process, and how this leaves it usable)."""
 
         def step() -> None:
-            self.step_fn(self.weights, self.cache, self.buffers, batch, kv_len, keep_logits=True)
+            self.step_fn(
+                self.weights, self.cache, self.buffers, batch, kv_len, keep_logits=True, options=self.options
+            )
 
         side = self.warmup_stream
         side.wait_stream(torch.cuda.current_stream())
