@@ -47,7 +47,9 @@ def use_fake_graphs(monkeypatch, on_capture=None, on_replay=None) -> type[FakeGr
     monkeypatch.setattr(FakeGraphs, "on_replay", staticmethod(on_replay) if on_replay else None)
     monkeypatch.setattr(FakeGraphs, "captured", [])
     real = ladder.rungs_to_try
-    monkeypatch.setattr(ladder, "rungs_to_try", lambda choice, cuda: real(choice, True))
+    monkeypatch.setattr(
+        ladder, "rungs_to_try", lambda choice, cuda, compiled_first=False: real(choice, True, compiled_first)
+    )
     return FakeGraphs
 
 

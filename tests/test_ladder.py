@@ -14,6 +14,7 @@ from orca_space.engines import kv_cache, ladder
 from orca_space.engines.batched import BatchedEngine
 from orca_space.engines.reference import ReferenceEngine
 from orca_space.engines.selfcheck import PROBE_TOKENS, TOLERANCES, CheckFailed, check_step, run_self_check
+from orca_space.engines.step_options import StepOptions
 from orca_space.loading import ModelLoadError
 from orca_space.startup import probe_prompts
 from tests.engine_fakes import hanging, perturbing, raising, use_fake_graphs
@@ -249,3 +250,45 @@ def test_a_probe_that_fails_in_the_engine_fails_the_check(tiny_model, encoder, p
 
     result = run_self_check(FailingEngine(), tiny_model, probes, 10)
     assert not result.passed and "probe 1 failed in the engine: the GPU ran out of memory" in result.problem
+
+
+def test_the_compiled_rung_is_tried_first_only_where_the_device_check_chose_it(
+    tiny_model, encoder, probes, monkeypatch
+):
+    assert ladder.rungs_to_try("auto", cuda=True, compiled_first=True) == [
+        "compiled",
+        "graphs",
+        "eager",
+        "reference",
+    ]
+    assert ladder.rungs_to_try("auto", cuda=False, compiled_first=True) == ["eager", "reference"]
+    with pytest.raises(ModelLoadError, match="--engine compiled replays CUDA graphs"):
+        ladder.rungs_to_try("compiled", cuda=False)
+
+    def compiling_fails(batch, kv_len):
+        raise RuntimeError("InductorError: no C compiler (injected)")
+
+    compiled_flags = []
+    fake = use_fake_graphs(monkeypatch, on_capture=compiling_fails)
+    real_init = fake.__init__
+
+    def init(self, weights, cache, buffers, compile_step=False, options=None):
+        compiled_flags.append(compile_step)
+        fake.on_capture = staticmethod(compiling_fails) if compile_step else None
+        real_init(self, weights, cache, buffers, compile_step, options or decode_step_baseline())
+
+    monkeypatch.setattr(fake, "__init__", init)
+    monkeypatch.setattr(ladder, "defaults_for", lambda device_type: StepOptions(compiled=True))
+    engine, chosen = start(tiny_model, encoder, probes)
+    try:
+        assert compiled_flags == [True, False], "the compiled step first, then the plain graphs"
+        assert chosen.engine == "graphs" and [f.rung for f in chosen.fallback] == ["compiled"]
+        assert "no C compiler" in chosen.fallback[0].reason
+    finally:
+        engine.close()
+
+
+def decode_step_baseline():
+    from orca_space.engines.step_options import BASELINE
+
+    return BASELINE

@@ -48,7 +48,7 @@ from .sampling import NON_FINITE
 from .scheduling import Slot, eager_shortcuts, prefill_rows
 from .slots import MoveFailed, SlotTable
 from .step_options import StepOptions, defaults_for
-from .warmup import WarmUpAbandoned, WarmUpFailed, capture_every_shape, stage
+from .warmup import WarmUpAbandoned, WarmUpFailed, capture_every_shape, stage, time_replays
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ class BatchedEngine(RequestQueue):
         self.compile_step = compile_step  # with graphs only: see `decode_step.DecodeGraphs`
         # Which decode-step variant runs (step_options.py): the device check's choice by default.
         self.step_options = step_options or defaults_for(self.device.type)
+        self.step_ms: dict[str, float] = {}  # replay times measured at warm-up (CUDA graphs)
         self.pad_batches = self.use_graphs  # round decode batches up to the captured sizes
         self.batch_sizes = decode_step.batch_buckets(self.capacity, smallest=2 if compile_step else 1)
         device.choose_attention_kernels(self.device)
@@ -186,6 +187,11 @@ class BatchedEngine(RequestQueue):
         if self.device.type == "cuda":
             with stage("capturing the decode step"):
                 torch.cuda.synchronize(self.device)  # a capture's failure can surface only here
+            with stage("timing the decode step"):
+                smallest = kv_cache.kv_buckets(self.cache_len)[0]
+                shapes = [(self.batch_sizes[0], smallest), (self.capacity, smallest)]
+                self.step_ms = time_replays(self.graphs, shapes)
+            log.info("decode step (%s): %s", self.step_options.describe(), self.step_ms)
 
     def _release_device_state(self) -> None:
         """Graphs, buffers and cache go (a closed or failed engine holds no GPU memory)."""

@@ -1,5 +1,7 @@
 """Which local engine serves: the ladder of engines, fastest first, each tried until one passes.
 
+0) `compiled`: `graphs` with the decode step compiled first (torch.compile; a minute more of
+   warm-up). `auto` tries it only where the device check found it fastest (`step_options.py`);
 1) `graphs`: the batched engine with its decode step replayed as CUDA graphs (CUDA only);
 2) `eager`: the same batched engine, each step launched kernel by kernel;
 3) `reference`: transformers' `generate` with a streamer, one request at a time.
@@ -29,6 +31,7 @@ from .options import DEFAULT_WARMUP_TIMEOUT_S, ENGINE_CHOICES, RUNGS
 from .reference import ReferenceEngine
 from .requests import Engine
 from .selfcheck import SelfCheckResult, run_self_check
+from .step_options import defaults_for
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ SELF_CHECK_TIMEOUT_S = 120.0  # seconds, not minutes, even for the slowest rung
 STUCK_GRACE_S = 10.0
 # What the page says each rung costs, in plain words.
 RUNG_SPEED = {
+    "compiled": "the fastest engine",
     "graphs": "the fastest engine",
     "eager": "slower than the CUDA-graph engine (every step launched kernel by kernel)",
     "reference": "much slower: one reply at a time, the others wait in line",
@@ -89,14 +93,16 @@ class FreshProcessNeeded(Exception):
         self.failures, self.rungs = failures, rungs
 
 
-def rungs_to_try(choice: str, cuda: bool) -> list[str]:
+def rungs_to_try(choice: str, cuda: bool, compiled_first: bool = False) -> list[str]:
+    """The rungs to try in order; `compiled_first`: the device check chose the compiled step."""
     if choice not in ENGINE_CHOICES:
         raise ModelLoadError(f"--engine must be one of {', '.join(ENGINE_CHOICES)}, got {choice!r}.")
     if choice == "auto":
-        return [rung for rung in RUNGS if cuda or rung != "graphs"]
-    if choice == "graphs" and not cuda:
+        skipped = {"compiled", "graphs"} if not cuda else set() if compiled_first else {"compiled"}
+        return [rung for rung in RUNGS if rung not in skipped]
+    if choice in ("graphs", "compiled") and not cuda:
         raise ModelLoadError(
-            "--engine graphs replays CUDA graphs and needs a CUDA GPU, which this machine does not have; "
+            f"--engine {choice} replays CUDA graphs and needs a CUDA GPU, which this machine does not have; "
             "use --engine eager (or auto)."
         )
     return [choice]
@@ -113,7 +119,8 @@ def build_rung(
         model,
         stop_ids,
         context_length,
-        use_graphs=rung == "graphs",
+        use_graphs=rung in ("graphs", "compiled"),
+        compile_step=rung == "compiled",
         on_progress=on_progress,
         prefix_cache=prefix_cache,
     )
@@ -134,7 +141,9 @@ def start_engine(
     `earlier`: rungs that failed in an earlier process (`FreshProcessNeeded`), not tried again."""
     progress = on_progress or (lambda message, fraction=None: None)
     left_behind = {failure.rung for failure in earlier}
-    rungs = [rung for rung in rungs_to_try(choice, model.device.type == "cuda") if rung not in left_behind]
+    compiled_first = defaults_for("cuda").compiled  # on a CPU there is no graphs rung to compile
+    rungs = [rung for rung in rungs_to_try(choice, model.device.type == "cuda", compiled_first)]
+    rungs = [rung for rung in rungs if rung not in left_behind]
     failures: list[RungFailure] = list(earlier)
     for number, rung in enumerate(rungs):
         above = f" ({failures[-1].rung} failed: {failures[-1].reason})" if failures else ""
