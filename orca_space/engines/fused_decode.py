@@ -10,7 +10,7 @@ D head dim, L attended ring entries.
 
 Kernels per layer at batch B on CUDA (today's step -> all parts fused): norms 8 -> 2, rope 8 -> 3,
 SDPA's own bool-to-float mask conversion 1 -> 0; counted per step on the CPU by
-`bench/profile_step.py --count-ops` (aten ops, the same calls a GPU launches).
+`bench/op_count.py` (aten ops, the calls a GPU launches kernels for).
 """
 
 from __future__ import annotations
