@@ -58,7 +58,9 @@ def test_the_device_check_runs_every_step_and_writes_every_figure(tmp_path):
     variants = result["steps"]["variants"]["results"]
     assert set(variants) == {"1x256", "4x256"}
     for shape, row in variants.items():
-        assert set(row) == {"today", "fused_norm_rope", "fused_all", "split_kv"}, shape
+        assert set(row) == {"today", "fused_norm_rope", "fused_all", "fused_all_padded_vocab", "split_kv"}, (
+            shape
+        )
         assert all(r["correct"] and r["ms"] > 0 for r in row.values()), (shape, row)
     written = json.loads((tmp_path / "step-defaults.json").read_text())
     assert written["choices"]["cpu"] == result["step_options"] and written["evidence"]["cpu"]["ms"]

@@ -24,6 +24,7 @@ VARIANTS = {
     "additive": StepOptions(mask="additive", norm="fused", rope="fused"),
     "split_kv": StepOptions(mask="additive", norm="fused", rope="fused", split_kv_up_to=64),
     "split_kv_unfused": StepOptions(split_kv_up_to=64),
+    "padded_vocab": StepOptions(mask="additive", norm="fused", rope="fused", pad_vocab=True),
 }
 
 
@@ -149,9 +150,7 @@ def test_the_fused_step_compiles_as_one_graph():
         cache.k.normal_(), cache.v.normal_()
         buffers = decode_step.DecodeBuffers.allocate(2, weights.shape.vocab, "cpu")
         buffers.positions.copy_(torch.tensor([3, 30]))
-        compiled = torch.compile(
-            decode_step.decode_and_sample, fullgraph=True, dynamic=True, backend="eager"
-        )
+        compiled = torch.compile(decode_step.decode_and_sample, fullgraph=True, dynamic=True, backend="eager")
         logits = []
         for step in (decode_step.decode_and_sample, compiled):
             k, v = cache.k.clone(), cache.v.clone()
@@ -159,3 +158,18 @@ def test_the_fused_step_compiles_as_one_graph():
             logits.append(buffers.logits.clone())
             cache.k.copy_(k), cache.v.copy_(v)
     assert torch.allclose(logits[0], logits[1], atol=1e-4)
+
+
+def test_the_padded_output_projection_changes_nothing_and_copies_nothing():
+    from orca_space.tiny import build_model
+
+    model = build_model().eval()
+    ids = torch.tensor([[5, 600, 7000, 31999]])
+    with torch.no_grad():
+        before = model(ids).logits
+        weights = hf_weights.weights_from_hf(model)
+        padded = weights.lm_head_padded
+        assert padded.shape == (32064, weights.embed.shape[1]) and not padded[32002:].any(), "zero rows to 64"
+        assert model.lm_head.weight.data_ptr() == padded.data_ptr(), "the model's weight is a view of it"
+        assert torch.equal(model(ids).logits, before), "the model computes as before"
+    assert hf_weights.weights_from_hf(model).lm_head_padded is padded, "a second engine reuses it"

@@ -160,4 +160,6 @@ def decode(
     for index, layer in enumerate(weights.layers):
         x = layer_step(x, layer, weights.shape, context, cache.k[index, :batch], cache.v[index, :batch])
     hidden = norm(x[:, 0], weights.norm, weights.shape.eps, options)
+    if options.pad_vocab and weights.lm_head_padded is not None:
+        return F.linear(hidden, weights.lm_head_padded)[:, : weights.shape.vocab]  # [B, V], a view
     return F.linear(hidden, weights.lm_head)

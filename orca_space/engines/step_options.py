@@ -44,6 +44,9 @@ class StepOptions:
     # few longer rows over theirs (`fused_decode.grouped_attention`). Eager steps only: a
     # captured graph fixes which rows are which.
     key_groups: bool = False
+    # The logits come from the output projection padded to a multiple of 64 rows
+    # (`hf_weights.pad_lm_head`), then cut back to the vocabulary.
+    pad_vocab: bool = False
     # The graphs rung compiles the step first (torch.compile, a minute of warm-up on the 7B).
     compiled: bool = False
 
@@ -62,7 +65,7 @@ class StepOptions:
         return self.forward_parts() == BASELINE.forward_parts()
 
     def forward_parts(self) -> tuple:
-        return (self.mask, self.norm, self.rope, self.split_kv_up_to, self.key_groups)
+        return (self.mask, self.norm, self.rope, self.split_kv_up_to, self.key_groups, self.pad_vocab)
 
     def describe(self) -> str:
         changed = {k: v for k, v in asdict(self).items() if v != getattr(BASELINE, k)}
