@@ -40,10 +40,6 @@ class StepOptions:
     # (`fused_decode.split_kv_attention`): the matrix product splits the keys over the whole
     # GPU, where SDPA's memory-efficient kernel runs one block per (row, head). 0: never.
     split_kv_up_to: int = 0
-    # Rows whose keys fit a shorter bucket than the step's attend over that bucket only; the
-    # few longer rows over theirs (`fused_decode.grouped_attention`). Eager steps only: a
-    # captured graph fixes which rows are which.
-    key_groups: bool = False
     # The logits come from the output projection padded to a multiple of 64 rows
     # (`hf_weights.pad_lm_head`), then cut back to the vocabulary.
     pad_vocab: bool = False
@@ -65,7 +61,7 @@ class StepOptions:
         return self.forward_parts() == BASELINE.forward_parts()
 
     def forward_parts(self) -> tuple:
-        return (self.mask, self.norm, self.rope, self.split_kv_up_to, self.key_groups, self.pad_vocab)
+        return (self.mask, self.norm, self.rope, self.split_kv_up_to, self.pad_vocab)
 
     def describe(self) -> str:
         changed = {k: v for k, v in asdict(self).items() if v != getattr(BASELINE, k)}
