@@ -203,10 +203,23 @@ def start_rung(
         raise
 
 
+def stuck_rung_blocks_the_process(device) -> bool:
+    """Whether a rung stuck in its warm-up leaves the process unfit for the next: on CUDA it holds
+    the device (a capture under way, its memory); on the CPU there is nothing it shares."""
+    return device.type == "cuda"
+
+
 def close_and_release(engine: Engine, rung: str) -> str | None:
     """Close a failed rung and wait for its thread. None when the next rung may start in this
     process; else why not (its thread is stuck, or its failure left the device unusable)."""
     engine.close(timeout=STUCK_GRACE_S)  # a failed warm-up has already ended; a stuck capture may still
+    if engine.stats().alive and not stuck_rung_blocks_the_process(engine.device):
+        log.warning(
+            "the %s engine is still stuck in its warm-up; on the %s nothing it holds is shared",
+            rung,
+            engine.device.type,
+        )
+        return None
     if engine.stats().alive:
         # Stuck inside a CUDA call that cannot be interrupted. A device-wide sync or cache release
         # now could break it (or worse) under its feet, and a next rung would plan its memory
