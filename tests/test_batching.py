@@ -942,7 +942,9 @@ def test_rows_with_non_finite_logits_are_marked_and_the_others_are_untouched(all
 def test_non_finite_logits_fail_their_request_by_name_and_the_others_finish(
     new_engine, prompts, references, monkeypatch
 ):
-    engine = new_engine(slots=3)
+    from orca_space.engines.step_options import BASELINE
+
+    engine = new_engine(slots=3, step_options=BASELINE)  # today's step: `decode_step.decode` is its forward
     real_decode = decode_step.decode
     poisoned = []  # the request whose row overflows
 
