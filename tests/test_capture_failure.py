@@ -152,7 +152,9 @@ def test_slots_are_planned_after_a_failed_capture_left_the_cache_unreleasable(mo
     after_failure = device.default_slots(torch.device("cuda", 0), ShapeOnly(), 4608)
     fake_memory(monkeypatch, free=int(8.5 * GIB), reserved=6 * GIB, empty_cache_works=True)
     fresh = device.default_slots(torch.device("cuda", 0), ShapeOnly(), 4608)  # released: free only
-    assert after_failure == fresh == 10, "the cached blocks serve the next rung: as many slots as a fresh start"
+    assert after_failure == fresh == 10, (
+        "the cached blocks serve the next rung: as many slots as a fresh start"
+    )
 
 
 def test_releasing_cached_memory_never_raises_and_says_whether_it_did(monkeypatch):
