@@ -8,21 +8,30 @@ Each step has a time budget and the JSON is rewritten after every measurement, s
 short still returns what it measured; a watchdog ends the run at `--budget` seconds whatever a
 step is doing. Steps, in order:
 
-1) versions: torch, CUDA, cuDNN, transformers, the GPU, the attention kernel the engine picks;
-2) the `gpu`-marked tests (graph capture, replay == eager, fp16 greedy equality);
-3) the bandwidth floor: copy bandwidth / weight bytes, the best batch-1 decode rate possible;
+1) versions: torch, CUDA, cuDNN, transformers, the GPU, the attention kernel the engine picks,
+   and the torch the run certifies against the pinned one (a CUDA torch is too big to carry);
+2) the bandwidth floor: copy bandwidth / weight bytes, the best batch-1 decode rate possible;
+3) the decode-step variants side by side (`step_variants.py`: today's step, fused norm and rope,
+   one additive mask, split-KV attention, the compiled step), each checked against today's
+   logits and timed as a graph; the fastest correct one becomes the default the engine reads:
+   on CUDA it is written to orca_space/engines/step_defaults.json in this copy (so every step
+   after this one runs it) and to step-defaults.json beside --out, to be committed;
 4) the engine ladder on the full-size model: which rung `auto` picks, its warm-up, its self-check;
 5) greedy equality with `generate`: the first 64 tokens of a few prompts, or a near-tie said so;
-6) a conversation of 10 turns past 3,000 tokens: each turn's first token, continued from the
-   kept KV cache, against a fresh prompt of the same length (target: turn 10 within 40 ms);
-7) the engine's speed: single stream, time to first token at 512 and 4096, 8 and 64 streams;
+6) the engine's speed: single stream, time to first token at 512 and 4096, 8 and 64 streams;
    then the scheduling policies (issue 31): a short chat beside a 4096-token prompt and a
    stream's gaps, decode kept a graph (`budget`) against one eager mixed step (`mixed`);
-8) graph replay time per batch and key bucket;
-9) cuDNN against memory-efficient attention (the SDPA call, and the whole step as a graph);
-10) the compiled step, only if time is left;
-11) the app's load path: checkpoint on disk -> from_pretrained -> ready engine (slots, stranded);
-12) the slow baselines, short: generate + TextIteratorStreamer, the reference rung.
+7) a 24 GB card's plan (`plan_check.py`): ballast leaves 22 GiB, the engine at the default
+   context plans its slots and serves 10 streams at once without running out of memory;
+8) where a step's time goes (`profile_step.py`): kernels of today's step and the chosen one;
+9) the `gpu`-marked tests (graph capture, replay == eager, fp16 greedy equality);
+10) (after 5) a conversation of 10 turns past 3,000 tokens: each turn's first token, continued
+   from the kept KV cache, against a fresh prompt of the same length (turn 10 within 40 ms);
+11) graph replay time per batch and key bucket;
+12) cuDNN against memory-efficient attention (the SDPA call, and the whole step as a graph);
+13) the compiled step in the engine, only if time is left;
+14) the app's load path: checkpoint on disk -> from_pretrained -> ready engine (slots, stranded);
+15) the slow baselines, short: generate + TextIteratorStreamer, the reference rung.
 """
 
 from __future__ import annotations
@@ -50,10 +59,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import engine_bench  # noqa: E402
+import plan_check  # noqa: E402
+import profile_step  # noqa: E402
 import scheduling  # noqa: E402
+import step_variants  # noqa: E402
 from engine_bench import FULL, TINY, Workload, build_full_model, build_tiny_model, random_prompts  # noqa: E402
 
-from orca_space.engines import decode_step, device, hf_weights, kv_cache, ladder, mistral  # noqa: E402
+from orca_space.engines import decode_step, device, hf_weights, kv_cache, ladder, mistral, step_options  # noqa: E402
 from orca_space.engines.selfcheck import TOLERANCES, reference_logits  # noqa: E402
 from orca_space.params import SamplingParams  # noqa: E402
 
@@ -61,8 +73,7 @@ CONTEXT = 8192  # the app's default --context-length
 GREEDY_TOKENS = 64
 BUDGETS = {  # seconds per step; the whole run must stay inside --budget
     "versions": 10, "gpu_tests": 120, "floor": 10, "model": 30, "ladder": 90, "greedy": 45, "multiturn": 30,
-    "speed": 120,
-    "scheduling": 120,
+    "speed": 120, "scheduling": 120, "variants": 150, "plan_24gb": 60, "profile": 30,
     "graph_replay": 30, "attention": 30, "compiled_step": 150, "load_path": 100, "reference": 45,
 }  # fmt: skip
 
@@ -135,6 +146,8 @@ def versions(dev: torch.device) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "attention_kernel": device.attention_kernel_name(dev),
+        "pinned_torch": pinned("torch"),
+        "certified_torch": torch.__version__,  # what every figure below was measured with
     }
     if dev.type == "cuda":
         free, total = torch.cuda.mem_get_info()
@@ -146,6 +159,30 @@ def versions(dev: torch.device) -> dict:
             memory_free_gib=free / 2**30,
         )
     return info
+
+
+def pinned(package: str) -> str | None:
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        if line.strip().startswith(f"{package}=="):
+            return line.split("==", 1)[1].strip()
+    return None
+
+
+def variants(weights, tiny: bool, out: Path, record: dict) -> None:
+    """Step 3: measure every variant, choose, and write the choice where the engine reads it."""
+    shapes = step_variants.TINY_SHAPES if tiny else step_variants.FULL_SHAPES
+    names = [name for name in step_variants.VARIANTS if name != "compiled" or not tiny]
+    deadline = time.monotonic() + BUDGETS["variants"] - 10
+    # The CPU run (CI) never rewrites the repository's defaults; the GPU run makes its choice the
+    # engine's for the rest of this run, and hands it back beside --out.
+    decided = step_variants.decide(
+        weights, shapes, 3 if tiny else 20, names, deadline, out.with_name("step-defaults.json")
+    )
+    if not tiny:
+        step_options.write_defaults(
+            step_options.DEFAULTS_FILE, "cuda", step_options.StepOptions(**decided["chosen"]), decided["why"]
+        )
+    record.update(decided)
 
 
 def gpu_tests(record: dict, timeout: float, log_path: Path) -> None:
@@ -379,6 +416,14 @@ def reference_rung_rate(model, prompt: list[int], tokens: int) -> float:
         engine.close()
 
 
+def profile(weights, dev: torch.device, record: dict) -> None:
+    """Step 8: today's step and the chosen one, kernel by kernel, at batch 1 and the largest."""
+    chosen = step_options.defaults_for(dev.type)
+    for name, options in (("today", step_options.BASELINE), ("chosen", chosen)):
+        for batch in (1, 64) if dev.type == "cuda" else (1, 4):
+            record[f"{name}_b{batch}"] = profile_step.profile_batch(weights, batch, dev, options)
+
+
 def run(args) -> None:
     dev = torch.device("cpu" if args.tiny else "cuda")
     if not args.tiny and not torch.cuda.is_available():
@@ -395,9 +440,6 @@ def run(args) -> None:
     )
     with report.step("versions") as record:
         report.set("versions", versions(dev))
-    with report.step("gpu_tests", needs_cuda=True) as record:
-        if record is not None:
-            gpu_tests(record, BUDGETS["gpu_tests"], args.out.with_name("gpu-tests.log"))
     model = engine = None
     with report.step("model") as record:
         model = build_tiny_model() if args.tiny else build_full_model("cuda")
@@ -406,6 +448,10 @@ def run(args) -> None:
         bandwidth = engine_bench.copy_bandwidth(dev, (1 << 30) if dev.type == "cuda" else (256 << 20))
         report.set("floor_tok_s", bandwidth / engine_bench.weight_bytes(model))
         record["copy_bandwidth_gb_s"] = bandwidth / 1e9
+    with report.step("variants") as record:
+        if record is not None:
+            variants(hf_weights.weights_from_hf(model), args.tiny, args.out, record)
+            report.set("step_options", record["chosen"])
     figures: dict = {}
     report.set("engine", figures)
     with report.step("ladder") as record:
@@ -438,6 +484,20 @@ def run(args) -> None:
     with report.step("scheduling") as record:
         record["policies"] = scheduling.compare_policies(model, CONTEXT, 1000 if args.tiny else 4096)
     gc.collect(), device.release_cached_memory(dev)
+    with report.step("profile") as record:
+        if record is not None:
+            profile(hf_weights.weights_from_hf(model), dev, record)
+    with report.step("plan_24gb", needs_cuda=True) as record:
+        if record is not None:
+            held, model = model, None  # the plan check loads its own: the card must look 24 GB
+            del held
+            gc.collect(), torch.cuda.empty_cache()
+            prompts = random_prompts(plan_check.STREAMS, 512, seed=77)
+            plan_check.check_24gb_plan(lambda: build_full_model("cuda"), CONTEXT, prompts, 64, record)
+            model = build_full_model("cuda")
+    with report.step("gpu_tests", needs_cuda=True) as record:
+        if record is not None:
+            gpu_tests(record, BUDGETS["gpu_tests"], args.out.with_name("gpu-tests.log"))
     for name, measure in (("graph_replay", graph_replay), ("attention", attention_kernels)):
         with report.step(name, needs_cuda=True) as record:
             if record is not None:

@@ -7,7 +7,11 @@
 # install and the 8-minute budget, imports included, fit inside it):
 #   bash bench/device_check.sh
 # It writes $OUT/device-check.json after every measurement (and the log beside it): copy it to
-# bench/results/<date>-<device>.json and commit. Then give the machine back at once.
+# bench/results/<date>-<device>.json and commit. It also writes $OUT/step-defaults.json, the
+# decode-step variant the measurements chose for CUDA (bench/step_variants.py): copy its "cuda"
+# line into orca_space/engines/step_defaults.json and commit; the engine reads it from there
+# (step_options.defaults_for). The profile of today's step and the chosen one is in the JSON
+# (step "profile"). Then give the machine back at once.
 #
 # The lent machine has torch 2.11 and transformers 5.17 (Python 3.12); the app pins
 # transformers 5.24. The wheels carried (about 28 MB, all pure Python or manylinux x86_64):

@@ -3,11 +3,13 @@
     python bench/profile_step.py --out profile.json          # CUDA: Mistral-7B's shape, random fp16
     python bench/profile_step.py --tiny --out profile.json   # CPU: the tiny checkpoint (a smoke run)
 
-For each batch size it runs `decode_step.decode_and_sample` (the engine's step) over a cache filled
-with random keys, under torch.profiler, and reports the top kernels by time and the sum of all
-kernel times; on CUDA it also times the same step replayed as a graph (median of many). Graph
-time minus the kernel sum is what launch gaps cost; the kernel sum against bytes moved / copy
-bandwidth says how far the kernels themselves are from the memory floor.
+For each batch size and each step variant (today's, and the one the engine would run here:
+`step_options.defaults_for`) it runs `decode_step.decode_and_sample` (the engine's step) over a
+cache filled with random keys, under torch.profiler, and reports the top kernels by time, the sum
+of all kernel times and the aten ops the step dispatches (`op_count.py`); on CUDA it also times the
+same step replayed as a graph (median of many). Graph time minus the kernel sum is what launch
+gaps cost; the kernel sum against bytes moved / copy bandwidth says how far the kernels
+themselves are from the memory floor. `bench/device_check.py` runs it too (`profile_batch`).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine_bench import build_full_model, build_tiny_model, sync  # noqa: E402
+from op_count import count_aten_ops  # noqa: E402
 
 from orca_space.engines import decode_step, hf_weights, kv_cache  # noqa: E402
+from orca_space.engines.step_options import BASELINE, StepOptions, defaults_for  # noqa: E402
 
 BATCHES = (1, 8, 32, 64)
 KV_LEN = 1024  # a 512-token prompt plus its 256-token reply falls in this bucket
@@ -63,9 +67,9 @@ def kernel_table(step, device: torch.device) -> tuple[list[dict], float]:
     return top, total_ms
 
 
-def graph_ms(weights, cache, buffers, batch: int, repeats: int = 50) -> float:
+def graph_ms(weights, cache, buffers, batch: int, options: StepOptions, repeats: int = 50) -> float:
     """Median time of the step replayed as one CUDA graph, captured as the engine captures it."""
-    graphs = decode_step.DecodeGraphs(weights, cache, buffers)
+    graphs = decode_step.DecodeGraphs(weights, cache, buffers, options=options)
     graphs.capture(batch, KV_LEN)
     graphs.replay(batch, KV_LEN)
     times = []
@@ -77,6 +81,23 @@ def graph_ms(weights, cache, buffers, batch: int, repeats: int = 50) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def profile_batch(weights, batch: int, device: torch.device, options: StepOptions) -> dict:
+    """One batch size, one variant: top kernels, their sum, aten ops, and (CUDA) the graph's time."""
+    with torch.inference_mode():
+        cache, buffers = prepared_step(weights, batch, device)
+        step = functools.partial(
+            decode_step.decode_and_sample, weights, cache, buffers, batch, KV_LEN, options=options
+        )
+        top, total_ms = kernel_table(step, device)
+        row = {"kernel_sum_ms": total_ms, "aten_ops": count_aten_ops(step)[0], "top": top}
+        if device.type == "cuda":
+            row["graph_ms"] = graph_ms(weights, cache, buffers, batch, options)
+        del step, cache, buffers
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,24 +114,15 @@ def main(argv: list[str] | None = None) -> None:
         "device": str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
         "kv_len": KV_LEN,
     }
-    with torch.inference_mode():
+    for name, options in (("today", BASELINE), ("chosen", defaults_for(device.type))):
         for batch in BATCHES:
-            cache, buffers = prepared_step(weights, batch, device)
-            step = functools.partial(decode_step.decode_and_sample, weights, cache, buffers, batch, KV_LEN)
-            top, total_ms = kernel_table(step, device)
-            row = {"kernel_sum_ms": total_ms, "top": top}
-            if device.type == "cuda":
-                row["graph_ms"] = graph_ms(weights, cache, buffers, batch)
-            results[str(batch)] = row
+            row = results[f"{name}_b{batch}"] = profile_batch(weights, batch, device, options)
+            graph = f", graph {row['graph_ms']:.2f} ms" if "graph_ms" in row else ""
             print(
-                f"batch {batch}: kernels {total_ms:.2f} ms"
-                + (f", graph {row['graph_ms']:.2f} ms" if "graph_ms" in row else "")
+                f"{name} batch {batch}: {row['aten_ops']} aten ops, kernels {row['kernel_sum_ms']:.2f} ms{graph}"
             )
-            for entry in top[:6]:
+            for entry in row["top"][:6]:
                 print(f"    {entry['ms']:8.3f} ms  x{entry['calls']:<4d} {entry['name']}")
-            del step, cache, buffers
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
     args.out.write_text(json.dumps(results, indent=2) + "\n")
 
 

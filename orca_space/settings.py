@@ -85,7 +85,7 @@ OPTIONS = (
     Option(
         "--engine",
         "ORCA_ENGINE",
-        "local engine: auto (graphs, then eager, then reference), graphs, eager or reference",
+        "local engine: auto (graphs, then eager, then reference; compiled first where the device check chose it), compiled, graphs, eager or reference",
         "auto",
     ),
     Option(

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import atexit
+import json
 import logging
+import os
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from .chat import ChatLimits, ChatService, LocalBackend
 from .chatml import ChatEncoder
 from .engines.batched import CHUNK_SIZE
-from .engines.ladder import EngineChoice, rungs_to_try, start_engine
+from .engines.ladder import EngineChoice, FreshProcessNeeded, RungFailure, rungs_to_try, start_engine
 from .engines.selfcheck import PROBE_TOKENS
 from .loading import (
     LoadStatus,
@@ -33,6 +37,27 @@ DEMO_DIR = Path.home() / ".cache" / "orca-space" / "tiny"
 # depends on the GPU memory left after loading), so this is generous: the engine runs
 # `capacity` chats and queues the rest in order, telling each its place.
 LOCAL_CONCURRENCY = 64
+# Set for a process started again by `relaunch`: the rungs that failed before, as JSON.
+RESTART_ENV = "ORCA_ENGINE_LADDER_RESTART"
+
+
+def relaunch(needed: FreshProcessNeeded) -> None:
+    """Replace this process with a fresh one on the same command line, which goes on down the
+    ladder from where this one stopped (`earlier_failures`). What a failed capture can leave
+    behind (a wedged thread, an allocator or context that did not recover) goes with it."""
+    os.environ[RESTART_ENV] = json.dumps([asdict(failure) for failure in needed.failures])
+    log.critical("%s: %s", needed, " ".join(sys.orig_argv))
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def earlier_failures() -> tuple[RungFailure, ...]:
+    """The rungs an earlier process of this app left (see `relaunch`), in order; () if none."""
+    raw = os.environ.pop(RESTART_ENV, None)
+    if not raw:
+        return ()
+    return tuple(RungFailure(**failure) for failure in json.loads(raw))
 
 
 def chat_limits(settings: Settings) -> ChatLimits:
@@ -84,6 +109,7 @@ def start_local_runtime(settings: Settings) -> ChatRuntime:
     demo = settings.demo or is_tiny_checkpoint(settings.model)
     name = "tiny random-weight demo model" if demo else settings.model
     runtime = new_runtime(settings, name, demo, concurrency=LOCAL_CONCURRENCY)
+    earlier = earlier_failures()
 
     def load(status: LoadStatus) -> None:
         # Before any download: without a GPU, 14.5 GB of weights would be fetched for nothing.
@@ -98,16 +124,21 @@ def start_local_runtime(settings: Settings) -> ChatRuntime:
         tokenizer = load_tokenizer(checkpoint)
         model = load_model(checkpoint, device)
         encoder = ChatEncoder(tokenizer)
-        engine, choice = start_engine(
-            model,
-            encoder.controls.stop_ids,
-            settings.context_length,
-            probe_prompts(encoder, settings.context_length),
-            choice=settings.engine,
-            warmup_timeout=settings.warmup_timeout,
-            on_progress=lambda message, fraction: status.update("loading", message, fraction),
-            prefix_cache=settings.prefix_cache,
-        )
+        try:
+            engine, choice = start_engine(
+                model,
+                encoder.controls.stop_ids,
+                settings.context_length,
+                probe_prompts(encoder, settings.context_length),
+                choice=settings.engine,
+                warmup_timeout=settings.warmup_timeout,
+                on_progress=lambda message, fraction: status.update("loading", message, fraction),
+                prefix_cache=settings.prefix_cache,
+                earlier=earlier,
+            )
+        except FreshProcessNeeded as needed:
+            status.update("loading", f"Restarting: {needed}…")
+            relaunch(needed)
         atexit.register(engine.close)  # stop the model thread before the interpreter tears down
         runtime.engine, runtime.engine_choice = engine, choice
         runtime.service = new_service(runtime, LocalBackend(engine, encoder, tokenizer), encoder, settings)

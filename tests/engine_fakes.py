@@ -19,8 +19,8 @@ class FakeGraphs:
     on_replay: Callable[[decode_step.DecodeBuffers, int], None] | None = None  # after each replay
     captured: list[tuple[int, int]] = []
 
-    def __init__(self, weights, cache, buffers, compile_step=False) -> None:
-        self.weights, self.cache, self.buffers = weights, cache, buffers
+    def __init__(self, weights, cache, buffers, compile_step=False, options=decode_step.BASELINE) -> None:
+        self.weights, self.cache, self.buffers, self.options = weights, cache, buffers, options
         self.graphs: dict[tuple[int, int], None] = {}
 
     def capture(self, batch: int, kv_len: int) -> None:
@@ -31,7 +31,9 @@ class FakeGraphs:
 
     def replay(self, batch: int, kv_len: int) -> None:
         assert (batch, kv_len) in self.graphs, f"no graph captured for batch {batch} over {kv_len} keys"
-        decode_step.decode_and_sample(self.weights, self.cache, self.buffers, batch, kv_len, keep_logits=True)
+        decode_step.decode_and_sample(
+            self.weights, self.cache, self.buffers, batch, kv_len, keep_logits=True, options=self.options
+        )
         if FakeGraphs.on_replay is not None:
             FakeGraphs.on_replay(self.buffers, batch)
 
@@ -45,7 +47,9 @@ def use_fake_graphs(monkeypatch, on_capture=None, on_replay=None) -> type[FakeGr
     monkeypatch.setattr(FakeGraphs, "on_replay", staticmethod(on_replay) if on_replay else None)
     monkeypatch.setattr(FakeGraphs, "captured", [])
     real = ladder.rungs_to_try
-    monkeypatch.setattr(ladder, "rungs_to_try", lambda choice, cuda: real(choice, True))
+    monkeypatch.setattr(
+        ladder, "rungs_to_try", lambda choice, cuda, compiled_first=False: real(choice, True, compiled_first)
+    )
     return FakeGraphs
 
 

@@ -14,6 +14,7 @@ from orca_space.engines import kv_cache, ladder
 from orca_space.engines.batched import BatchedEngine
 from orca_space.engines.reference import ReferenceEngine
 from orca_space.engines.selfcheck import PROBE_TOKENS, TOLERANCES, CheckFailed, check_step, run_self_check
+from orca_space.engines.step_options import StepOptions
 from orca_space.loading import ModelLoadError
 from orca_space.startup import probe_prompts
 from tests.engine_fakes import hanging, perturbing, raising, use_fake_graphs
@@ -71,31 +72,58 @@ def test_a_capture_that_raises_leads_to_eager_and_says_why(tiny_model, encoder, 
         engine.close()
 
 
-def test_a_capture_that_hangs_past_the_deadline_is_left_and_released_later(
-    tiny_model, encoder, probes, monkeypatch
-):
+def test_a_capture_that_hangs_is_never_run_beside_the_next_rung(tiny_model, encoder, probes, monkeypatch):
+    """Wedged for good (on CUDA): nothing more runs in this process; the app goes on in a fresh one."""
     release = threading.Event()
     fake = use_fake_graphs(monkeypatch, on_capture=hanging(release))
+    monkeypatch.setattr(ladder, "STUCK_GRACE_S", 1.0)
+    monkeypatch.setattr(ladder, "stuck_rung_blocks_the_process", lambda device: True)  # as on CUDA
     built: list[BatchedEngine] = []
     real_build = ladder.build_rung
     monkeypatch.setattr(ladder, "build_rung", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
     started = time.monotonic()
-    engine, chosen = start(
-        tiny_model, encoder, probes, warmup_timeout=3.0
-    )  # the eager rung must warm up within it too
     try:
+        with pytest.raises(ladder.FreshProcessNeeded) as needed:
+            start(tiny_model, encoder, probes, warmup_timeout=2.0)
         assert time.monotonic() - started < 15, "the Space does not wait on a wedged capture"
-        assert chosen.engine == "eager"
-        assert chosen.fallback[0].reason == "its warm-up ran past the 3 s deadline"
-        stuck = built[0]
-        assert stuck.use_graphs and stuck._thread.is_alive(), "still inside the capture"
-        release.set()  # the capture returns; the abandoned engine stops at its next stage
-        stuck._thread.join(10)
-        assert not stuck._thread.is_alive() and stuck.cache is None, "and lets its KV cache go"
-        assert len(fake.captured) == 1, "no capture after being abandoned"
-        assert engine.submit(probes[0], chosen_params()).collect(30)[-1].finish_reason == "length"
+        assert len(built) == 1 and built[0]._thread.is_alive(), "no second rung beside the stuck one"
+        assert needed.value.rungs == ["eager", "reference"]
+        assert needed.value.failures[0].reason == "its warm-up ran past the 2 s deadline"
     finally:
         release.set()
+        built[0]._thread.join(10)
+    assert built[0].cache is None and len(fake.captured) == 1, "it lets go once the capture returns"
+
+
+def test_a_capture_that_returns_late_is_waited_for_before_the_next_rung(
+    tiny_model, encoder, probes, monkeypatch
+):
+    release = threading.Event()
+    use_fake_graphs(monkeypatch, on_capture=hanging(release))
+    built: list[BatchedEngine] = []
+    alive_when_built: list[bool] = []
+    real_build = ladder.build_rung
+
+    def build(*args, **kwargs):
+        alive_when_built.extend(engine._thread.is_alive() for engine in built)
+        built.append(real_build(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(ladder, "build_rung", build)
+    real_close = BatchedEngine.close
+    # The capture returns while the ladder waits for the closed rung's thread.
+    monkeypatch.setattr(
+        BatchedEngine, "close", lambda self, timeout=10.0: (release.set(), real_close(self, timeout))
+    )
+    engine, chosen = start(tiny_model, encoder, probes, warmup_timeout=2.0)
+    try:
+        assert (
+            chosen.engine == "eager" and chosen.fallback[0].reason == "its warm-up ran past the 2 s deadline"
+        )
+        assert alive_when_built == [False], "the stuck rung had ended before eager was built"
+        assert built[0].cache is None, "and let its KV cache go"
+        assert engine.submit(probes[0], chosen_params()).collect(30)[-1].finish_reason == "length"
+    finally:
         engine.close()
 
 
@@ -223,3 +251,45 @@ def test_a_probe_that_fails_in_the_engine_fails_the_check(tiny_model, encoder, p
 
     result = run_self_check(FailingEngine(), tiny_model, probes, 10)
     assert not result.passed and "probe 1 failed in the engine: the GPU ran out of memory" in result.problem
+
+
+def test_the_compiled_rung_is_tried_first_only_where_the_device_check_chose_it(
+    tiny_model, encoder, probes, monkeypatch
+):
+    assert ladder.rungs_to_try("auto", cuda=True, compiled_first=True) == [
+        "compiled",
+        "graphs",
+        "eager",
+        "reference",
+    ]
+    assert ladder.rungs_to_try("auto", cuda=False, compiled_first=True) == ["eager", "reference"]
+    with pytest.raises(ModelLoadError, match="--engine compiled replays CUDA graphs"):
+        ladder.rungs_to_try("compiled", cuda=False)
+
+    def compiling_fails(batch, kv_len):
+        raise RuntimeError("InductorError: no C compiler (injected)")
+
+    compiled_flags = []
+    fake = use_fake_graphs(monkeypatch, on_capture=compiling_fails)
+    real_init = fake.__init__
+
+    def init(self, weights, cache, buffers, compile_step=False, options=None):
+        compiled_flags.append(compile_step)
+        fake.on_capture = staticmethod(compiling_fails) if compile_step else None
+        real_init(self, weights, cache, buffers, compile_step, options or decode_step_baseline())
+
+    monkeypatch.setattr(fake, "__init__", init)
+    monkeypatch.setattr(ladder, "defaults_for", lambda device_type: StepOptions(compiled=True))
+    engine, chosen = start(tiny_model, encoder, probes)
+    try:
+        assert compiled_flags == [True, False], "the compiled step first, then the plain graphs"
+        assert chosen.engine == "graphs" and [f.rung for f in chosen.fallback] == ["compiled"]
+        assert "no C compiler" in chosen.fallback[0].reason
+    finally:
+        engine.close()
+
+
+def decode_step_baseline():
+    from orca_space.engines.step_options import BASELINE
+
+    return BASELINE

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from . import decode_step, device, hf_weights, kv_cache, mistral, packed
+from . import capture, decode_step, device, hf_weights, kv_cache, mistral, packed
 from .requests import (
     NON_FINITE_MESSAGE,
     RequestHandle,
@@ -53,8 +53,9 @@ from .requests import (
 from .sampling import NON_FINITE, LogprobRows
 from .scheduling import POLICIES, Slot, budget_rows, eager_shortcuts, prefill_rows
 from .slots import MoveFailed, SlotTable
+from .step_options import StepOptions, defaults_for
 from .token_masks import GRAMMAR_REFUSED, TokenMasks
-from .warmup import WarmUpAbandoned, WarmUpFailed, capture_every_shape, stage
+from .warmup import WarmUpAbandoned, WarmUpFailed, capture_every_shape, stage, time_replays
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class BatchedEngine(RequestQueue):
         prefix_cache: str = "private",
         policy: str = "budget",
         prompt_chunk: int | None = None,
+        step_options: StepOptions | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -105,6 +107,9 @@ class BatchedEngine(RequestQueue):
         self.capacity = slots or device.default_slots(self.device, self.weights, self.cache_len)
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self.compile_step = compile_step  # with graphs only: see `decode_step.DecodeGraphs`
+        # Which decode-step variant runs (step_options.py): the device check's choice by default.
+        self.step_options = step_options or defaults_for(self.device.type)
+        self.step_ms: dict[str, float] = {}  # replay times measured at warm-up (CUDA graphs)
         self.pad_batches = self.use_graphs  # round decode batches up to the captured sizes
         self.batch_sizes = decode_step.batch_buckets(self.capacity, smallest=2 if compile_step else 1)
         device.choose_attention_kernels(self.device)
@@ -118,6 +123,9 @@ class BatchedEngine(RequestQueue):
         self.warmup_message = "Starting the engine…"
         self.ready_s: float | None = None  # seconds from construction to serving
         self._settled = threading.Event()  # set once warm-up has finished or failed
+        # Set when a failed capture left the device or its allocator unusable (capture.py): the
+        # ladder then goes on in a fresh process, not in this one.
+        self.device_untrusted = False
         self.window = window = self.weights.shape.sliding_window
         self.table = SlotTable(self.capacity, self.cache_len, window, prefix_cache, self._wakeup)
         self._slots = self.table.live  # row -> the live request in it (the table's own list)
@@ -193,7 +201,9 @@ class BatchedEngine(RequestQueue):
 
     def _capture_graphs(self) -> None:
         with stage("setting up CUDA-graph capture"):
-            self.graphs = decode_step.DecodeGraphs(self.weights, self.cache, self.buffers, self.compile_step)
+            self.graphs = decode_step.DecodeGraphs(
+                self.weights, self.cache, self.buffers, self.compile_step, self.step_options
+            )
         capture_every_shape(
             self.graphs,
             self.batch_sizes,
@@ -205,6 +215,11 @@ class BatchedEngine(RequestQueue):
         if self.device.type == "cuda":
             with stage("capturing the decode step"):
                 torch.cuda.synchronize(self.device)  # a capture's failure can surface only here
+            with stage("timing the decode step"):
+                smallest = kv_cache.kv_buckets(self.cache_len)[0]
+                shapes = [(self.batch_sizes[0], smallest), (self.capacity, smallest)]
+                self.step_ms = time_replays(self.graphs, shapes)
+            log.info("decode step (%s): %s", self.step_options.describe(), self.step_ms)
 
     def _release_device_state(self) -> None:
         """Graphs, buffers and cache go (a closed or failed engine holds no GPU memory)."""
@@ -225,6 +240,7 @@ class BatchedEngine(RequestQueue):
             self._fail_all(self.failure)
         except WarmUpFailed as exc:
             self.failure = str(exc)
+            self.device_untrusted = isinstance(exc.__cause__, capture.DeviceUntrusted)
             log.error("engine warm-up failed: %s", exc, exc_info=exc.__cause__)
             self._settled.set()
             self._fail_all(self.failure)
@@ -502,6 +518,7 @@ class BatchedEngine(RequestQueue):
             keep_logits,
             keep_logprobs,
             apply_mask,
+            self.step_options,
         )
 
     def _accept(

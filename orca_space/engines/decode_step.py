@@ -12,10 +12,12 @@ from dataclasses import dataclass
 import torch
 
 from ..params import MAX_TOP_LOGPROBS, SamplingParams
+from . import capture, fused_decode
 from .hf_weights import MistralWeights
 from .kv_cache import KVCache
 from .mistral import decode
 from .sampling import LogprobRows, SamplingTensors, sample_next_tokens
+from .step_options import BASELINE, StepOptions
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ def decode_and_sample(
     keep_logits: bool = False,
     keep_logprobs: bool = False,
     apply_mask: bool = True,
+    options: StepOptions = BASELINE,
 ) -> None:
     """The whole decode step for slots [0, batch): forward, per-row sampling, `seen` update.
 
@@ -122,10 +125,14 @@ def decode_and_sample(
     milliseconds); an eager step only when asked. `keep_logprobs` likewise writes each row's
     log-probabilities into `buffers.logprobs` (see `sample_next_tokens`). `apply_mask` applies
     `buffers.allowed` (the grammars of constrained rows): graphs always do; an eager step only
-    when a row is constrained.
+    when a row is constrained. `options` picks the forward: today's (`mistral.decode`) or the
+    fused one (`fused_decode.decode`), see `step_options.py`.
     """
     tokens, positions, _, _ = buffers.rows(batch)
-    logits = decode(weights, cache, tokens, positions, kv_len)  # [B, V]
+    if options.is_baseline:
+        logits = decode(weights, cache, tokens, positions, kv_len)  # [B, V]
+    else:
+        logits = fused_decode.decode(weights, cache, tokens, positions, kv_len, options)
     sample_decoded(buffers, logits, batch, all_greedy, top_k_bound, keep_logits, keep_logprobs, apply_mask)
 
 
@@ -214,9 +221,14 @@ class DecodeGraphs:
     """
 
     def __init__(
-        self, weights: MistralWeights, cache: KVCache, buffers: DecodeBuffers, compile_step: bool = False
+        self,
+        weights: MistralWeights,
+        cache: KVCache,
+        buffers: DecodeBuffers,
+        compile_step: bool = False,
+        options: StepOptions = BASELINE,
     ) -> None:
-        self.weights, self.cache, self.buffers = weights, cache, buffers
+        self.weights, self.cache, self.buffers, self.options = weights, cache, buffers, options
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle()
         # One side stream for every warm-up: the caching allocator keeps blocks per stream.
@@ -228,21 +240,28 @@ class DecodeGraphs:
         )
 
     def capture(self, batch: int, kv_len: int) -> None:
+        """Warm up, prove the step capturable, capture it (see `capture.py` for what a failed
+        capture does to the process, and how this leaves it usable)."""
+
         def step() -> None:
             self.step_fn(
-                self.weights, self.cache, self.buffers, batch, kv_len, keep_logits=True, keep_logprobs=True
+                self.weights,
+                self.cache,
+                self.buffers,
+                batch,
+                kv_len,
+                keep_logits=True,
+                keep_logprobs=True,
+                options=self.options,
             )
 
         side = self.warmup_stream
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up runs: lazy inits, workspaces, compiles happen outside capture
             step()
-            step()
+            capture.check_capturable(step)  # a host sync fails here, named, before any capture
         torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            step()
-        self.graphs[(batch, kv_len)] = graph
+        self.graphs[(batch, kv_len)] = capture.capture_graph(step, self.pool, self.weights.device)
 
     def replay(self, batch: int, kv_len: int) -> None:
         self.graphs[(batch, kv_len)].replay()

@@ -25,14 +25,23 @@ def default_slots(device: torch.device, weights: MistralWeights, cache_len: int)
     """How many requests fit at once: the KV-cache slots the free GPU memory holds."""
     if device.type != "cuda":
         return CPU_SLOTS
-    torch.cuda.empty_cache()  # what the allocator caches but no tensor uses, back to the driver
+    # What the allocator caches but no tensor uses goes back to the driver first. If it cannot
+    # (an allocator a failed capture left behind: see capture.py), those cached blocks still
+    # serve this engine's allocations, so they count as free: `mem_get_info` alone would leave a
+    # failed rung's KV cache out, and a 24 GB card would plan no slot at all.
+    released = release_cached_memory(device)
     free_bytes, _ = torch.cuda.mem_get_info(device)
-    # What stays cached is a hole between live tensors: no use to a KV cache allocated whole.
-    # `mistral.stacked_rows` restacks through the host so that it leaves none; logged, so a GPU
-    # run shows whether any remain.
-    stranded = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if not released:
+        free_bytes += cached
+    # Otherwise what stays cached is a hole between live tensors: no use to a KV cache allocated
+    # whole. `mistral.stacked_rows` restacks through the host so that it leaves none; logged, so
+    # a GPU run shows whether any remain.
     log.info(
-        "planning KV slots: %.1f GiB free, %.2f GiB cached in holes", free_bytes / 2**30, stranded / 2**30
+        "planning KV slots: %.1f GiB free, %.2f GiB cached%s",
+        free_bytes / 2**30,
+        cached / 2**30,
+        " (counted as free: the cache could not be released)" if not released else " in holes",
     )
     bytes_per_token = weights.shape.kv_bytes_per_token(weights.dtype)
     slots = kv_cache.plan_capacity(free_bytes, bytes_per_token, cache_len)
@@ -125,22 +134,47 @@ class HostStaging:
 # -- errors and memory --
 
 
+# An allocation the device refused, raised outside the caching allocator (cuBLAS creating its
+# workspace, a kernel's own cudaMalloc): the context is fine, only that step could not run.
+ALLOCATION_FAILURES = ("out of memory", "alloc_failed", "cudaerrormemoryallocation")
+# Errors that leave the CUDA context unusable for every later call (they are "sticky").
+STICKY_FAILURES = (
+    "device-side assert",
+    "illegal memory access",
+    "illegal instruction",
+    "misaligned address",
+    "unspecified launch failure",
+    "hardware stack error",
+    "uncorrectable ecc",
+    "launch timed out",
+)
+
+
 def is_fatal_device_error(exc: BaseException) -> bool:
     """A device-side assert or illegal address poisons the CUDA context for the whole process;
-    only running out of memory is a failure of the one step."""
+    running out of memory, wherever it is raised, is a failure of the one step."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return False
+    text = str(exc).lower()
+    if any(sticky in text for sticky in STICKY_FAILURES):
+        return True
+    if any(failure in text for failure in ALLOCATION_FAILURES):
+        return False
     accelerator_error = getattr(torch, "AcceleratorError", ())
-    return isinstance(exc, accelerator_error) or (isinstance(exc, RuntimeError) and "CUDA error" in str(exc))
+    return isinstance(exc, accelerator_error) or (isinstance(exc, RuntimeError) and "cuda error" in text)
 
 
-def release_cached_memory(device: torch.device) -> None:
+def release_cached_memory(device: torch.device) -> bool:
     """Hand memory no tensor uses back to the driver (after a failure, or an engine closing).
-    Never raises: a CUDA context that is gone has nothing left to release."""
+    Never raises: a CUDA context that is gone has nothing left to release, and an allocator a
+    failed capture left in capture mode asserts (capture.py). False when nothing was released."""
     if device.type != "cuda":
-        return
+        return True
     try:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-    except Exception:
-        log.warning("could not release cached GPU memory", exc_info=True)
+    except Exception as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        log.warning("could not release cached GPU memory: %s: %s", type(exc).__name__, first_line)
+        return False
+    return True

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+# The logits product's rows rounded up to this (32002 -> 32064 for Mistral), as vLLM pads its
+# vocabulary: a matrix product whose size is a multiple of 64 gets the aligned tensor-core tiles.
+VOCAB_MULTIPLE = 64
 # Rope variants whose frequencies depend on the sequence length cannot use a fixed table.
 DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
 
@@ -53,6 +56,9 @@ class MistralWeights:
     lm_head: torch.Tensor  # [V, hidden]
     inv_freq: torch.Tensor  # float32 [D / 2]: the rotary frequencies transformers itself uses
     rope_scale: float  # transformers' `attention_scaling` (1.0 for the default rope)
+    # [V rounded up to VOCAB_MULTIPLE, hidden], zero rows past V; `lm_head` is a view of it
+    # (see `pad_lm_head`). The same tensor when V is already a multiple.
+    lm_head_padded: torch.Tensor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -162,6 +168,32 @@ def layer_weights(layer) -> LayerWeights:
     )
 
 
+def pad_lm_head(model) -> torch.Tensor:
+    """The output projection with zero rows up to a multiple of `VOCAB_MULTIPLE`; the model's own
+    weight becomes a view of its first V rows (it computes exactly as before, and no second copy
+    stays: on CUDA the weight goes through the host, as `restack_layer` does). A tied head (the
+    embedding's weight) is left as it is. A second call returns the first's."""
+    linear = model.lm_head
+    weight = linear.weight
+    padded = getattr(linear, "orca_padded", None)
+    if padded is not None and padded.data_ptr() == weight.data_ptr():
+        return padded
+    vocab, hidden = weight.shape
+    rows = -(-vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if rows == vocab or weight is model.model.embed_tokens.weight:
+        return weight
+    with torch.no_grad():
+        through_host = restack_through_host(weight.device)
+        source = weight.detach().to("cpu", copy=True) if through_host else weight.detach()
+        if through_host:
+            linear.weight.data = weight.data.new_empty(0)  # frees its memory for the padded copy
+        padded = torch.zeros(rows, hidden, dtype=source.dtype, device=weight.device)
+        padded[:vocab] = source
+        linear.weight.data = padded[:vocab]
+    object.__setattr__(linear, "orca_padded", padded)  # a plain attribute: not a parameter
+    return padded
+
+
 def weights_from_hf(model) -> MistralWeights:
     """The weights of a loaded `MistralForCausalLM`, without copies; raises ValueError for what we
     can't run. The q/k/v and gate/up projections are stacked (see `restack_layer`), so the model's
@@ -183,12 +215,14 @@ def weights_from_hf(model) -> MistralWeights:
         eps=config.rms_norm_eps,
     )
     layers = tuple(layer_weights(layer) for layer in model.model.layers)
+    lm_head_padded = pad_lm_head(model)
     return MistralWeights(
         shape=shape,
         embed=model.model.embed_tokens.weight,
         layers=layers,
         norm=model.model.norm.weight,
         lm_head=model.lm_head.weight,
+        lm_head_padded=lm_head_padded,
         inv_freq=rotary.inv_freq.detach().float(),
         rope_scale=float(getattr(rotary, "attention_scaling", 1.0)),
     )

@@ -1,5 +1,7 @@
 """Which local engine serves: the ladder of engines, fastest first, each tried until one passes.
 
+0) `compiled`: `graphs` with the decode step compiled first (torch.compile; a minute more of
+   warm-up). `auto` tries it only where the device check found it fastest (`step_options.py`);
 1) `graphs`: the batched engine with its decode step replayed as CUDA graphs (CUDA only);
 2) `eager`: the same batched engine, each step launched kernel by kernel;
 3) `reference`: transformers' `generate` with a streamer, one request at a time.
@@ -7,9 +9,12 @@
 `auto` walks them in order. A rung fails when building it raises, when its warm-up fails or runs
 past the deadline (a hung capture must not hang the Space), or when its self-check
 (`selfcheck.py`) disagrees with the model's own forward. A failed rung is closed (its graphs, KV
-cache and thread released; a warm-up stuck inside one capture lets go when that returns) before
-the next is built. The log tells the story in order: which rung was tried, why it was left, which
-one serves. A named engine (`--engine eager`) is tried alone: its failure is the app's.
+cache and thread released) before the next is built, and the next is never built while the
+failed rung's thread lives: a warm-up stuck inside a CUDA call past `STUCK_GRACE_S`, or a failed
+capture the device did not recover from (`capture.DeviceUntrusted`), leaves a process nothing
+more should run in, and `FreshProcessNeeded` asks the app to go on from the next rung in a fresh
+one. The log tells the story in order: which rung was tried, why it was left, which one serves.
+A named engine (`--engine eager`) is tried alone: its failure is the app's.
 """
 
 from __future__ import annotations
@@ -26,12 +31,17 @@ from .options import DEFAULT_WARMUP_TIMEOUT_S, ENGINE_CHOICES, RUNGS
 from .reference import ReferenceEngine
 from .requests import Engine
 from .selfcheck import SelfCheckResult, run_self_check
+from .step_options import defaults_for
 
 log = logging.getLogger(__name__)
 
 SELF_CHECK_TIMEOUT_S = 120.0  # seconds, not minutes, even for the slowest rung
+# How long a closed rung's thread may take to end: a capture returns within seconds of its
+# deadline, or it is wedged inside the driver.
+STUCK_GRACE_S = 10.0
 # What the page says each rung costs, in plain words.
 RUNG_SPEED = {
+    "compiled": "the fastest engine",
     "graphs": "the fastest engine",
     "eager": "slower than the CUDA-graph engine (every step launched kernel by kernel)",
     "reference": "much slower: one reply at a time, the others wait in line",
@@ -67,17 +77,32 @@ class EngineChoice:
 
 
 class RungFailed(Exception):
-    """This rung cannot serve; the message says why."""
+    """This rung cannot serve; the message says why. `untrusted` says why nothing more should
+    run in this process, when that is so."""
+
+    untrusted: str | None = None
 
 
-def rungs_to_try(choice: str, cuda: bool) -> list[str]:
+class FreshProcessNeeded(Exception):
+    """A rung failed in a way that leaves this process unfit for the next: go on from `rungs`
+    in a fresh process, the story so far in `failures` (see `startup.relaunch`)."""
+
+    def __init__(self, failures: tuple[RungFailure, ...], rungs: list[str]) -> None:
+        last = failures[-1]
+        super().__init__(f"the {last.rung} engine failed ({last.reason}); going on in a fresh process")
+        self.failures, self.rungs = failures, rungs
+
+
+def rungs_to_try(choice: str, cuda: bool, compiled_first: bool = False) -> list[str]:
+    """The rungs to try in order; `compiled_first`: the device check chose the compiled step."""
     if choice not in ENGINE_CHOICES:
         raise ModelLoadError(f"--engine must be one of {', '.join(ENGINE_CHOICES)}, got {choice!r}.")
     if choice == "auto":
-        return [rung for rung in RUNGS if cuda or rung != "graphs"]
-    if choice == "graphs" and not cuda:
+        skipped = {"compiled", "graphs"} if not cuda else set() if compiled_first else {"compiled"}
+        return [rung for rung in RUNGS if rung not in skipped]
+    if choice in ("graphs", "compiled") and not cuda:
         raise ModelLoadError(
-            "--engine graphs replays CUDA graphs and needs a CUDA GPU, which this machine does not have; "
+            f"--engine {choice} replays CUDA graphs and needs a CUDA GPU, which this machine does not have; "
             "use --engine eager (or auto)."
         )
     return [choice]
@@ -94,7 +119,8 @@ def build_rung(
         model,
         stop_ids,
         context_length,
-        use_graphs=rung == "graphs",
+        use_graphs=rung in ("graphs", "compiled"),
+        compile_step=rung == "compiled",
         on_progress=on_progress,
         prefix_cache=prefix_cache,
     )
@@ -109,12 +135,17 @@ def start_engine(
     warmup_timeout: float = DEFAULT_WARMUP_TIMEOUT_S,
     on_progress: ProgressCallback | None = None,
     prefix_cache: str = "private",
+    earlier: tuple[RungFailure, ...] = (),
 ) -> tuple[Engine, EngineChoice]:
-    """The first rung that warms up and passes its self-check, and the story of the ladder."""
+    """The first rung that warms up and passes its self-check, and the story of the ladder.
+    `earlier`: rungs that failed in an earlier process (`FreshProcessNeeded`), not tried again."""
     progress = on_progress or (lambda message, fraction=None: None)
-    rungs = rungs_to_try(choice, model.device.type == "cuda")
-    failures: list[RungFailure] = []
-    for rung in rungs:
+    left_behind = {failure.rung for failure in earlier}
+    compiled_first = defaults_for("cuda").compiled  # on a CPU there is no graphs rung to compile
+    rungs = [rung for rung in rungs_to_try(choice, model.device.type == "cuda", compiled_first)]
+    rungs = [rung for rung in rungs if rung not in left_behind]
+    failures: list[RungFailure] = list(earlier)
+    for number, rung in enumerate(rungs):
         above = f" ({failures[-1].rung} failed: {failures[-1].reason})" if failures else ""
         progress(f"Starting the {rung} engine{above}…", None)
         log.info("engine ladder: trying the %s engine", rung)
@@ -125,6 +156,9 @@ def start_engine(
         except RungFailed as exc:
             log.warning("engine ladder: the %s engine failed: %s", rung, exc)
             failures.append(RungFailure(rung, str(exc)))
+            if exc.untrusted and rungs[number + 1 :]:
+                log.error("engine ladder: %s; the next engine starts in a fresh process", exc.untrusted)
+                raise FreshProcessNeeded(tuple(failures), rungs[number + 1 :]) from None
             continue
         chosen = EngineChoice(rung, tuple(failures), check)
         log.info("engine ladder: %s", chosen.story())
@@ -161,18 +195,38 @@ def start_rung(
         if not check.passed:
             raise RungFailed(f"its self-check failed: {check.problem}")
         return engine, check
+    except RungFailed as exc:
+        exc.untrusted = close_and_release(engine, rung)
+        raise
     except BaseException:
         close_and_release(engine, rung)
         raise
 
 
-def close_and_release(engine: Engine, rung: str) -> None:
-    engine.close(timeout=2.0)  # a failed warm-up has already ended its thread; a stuck one won't
-    if engine.stats().alive:
-        # Stuck inside a capture: it lets its memory go when that returns. A device-wide sync or
-        # cache release now could break that capture (or worse) under its feet: leave it be.
+def stuck_rung_blocks_the_process(device) -> bool:
+    """Whether a rung stuck in its warm-up leaves the process unfit for the next: on CUDA it holds
+    the device (a capture under way, its memory); on the CPU there is nothing it shares."""
+    return device.type == "cuda"
+
+
+def close_and_release(engine: Engine, rung: str) -> str | None:
+    """Close a failed rung and wait for its thread. None when the next rung may start in this
+    process; else why not (its thread is stuck, or its failure left the device unusable)."""
+    engine.close(timeout=STUCK_GRACE_S)  # a failed warm-up has already ended; a stuck capture may still
+    if engine.stats().alive and not stuck_rung_blocks_the_process(engine.device):
         log.warning(
-            "the %s engine is still stuck in its warm-up; it releases its memory when it returns", rung
+            "the %s engine is still stuck in its warm-up; on the %s nothing it holds is shared",
+            rung,
+            engine.device.type,
         )
-        return
+        return None
+    if engine.stats().alive:
+        # Stuck inside a CUDA call that cannot be interrupted. A device-wide sync or cache release
+        # now could break it (or worse) under its feet, and a next rung would plan its memory
+        # around what the stuck one still holds: leave this process to it.
+        log.warning("the %s engine is still stuck in its warm-up after %g s", rung, STUCK_GRACE_S)
+        return f"the {rung} engine's warm-up is stuck inside a CUDA call and cannot be stopped"
+    if getattr(engine, "device_untrusted", False):
+        return f"the GPU did not recover from the {rung} engine's failed capture"
     release_cached_memory(engine.device)
+    return None

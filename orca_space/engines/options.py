@@ -7,7 +7,9 @@ that needs them.
 
 from __future__ import annotations
 
-RUNGS = ("graphs", "eager", "reference")  # the ladder's rungs, fastest first (see `ladder.py`)
+# The ladder's rungs, fastest first (see `ladder.py`); `auto` tries `compiled` only where the
+# device check found the compiled step fastest (engines/step_defaults.json).
+RUNGS = ("compiled", "graphs", "eager", "reference")
 ENGINE_CHOICES = ("auto", *RUNGS)
 DEFAULT_WARMUP_TIMEOUT_S = 300.0  # the 7B model captures its graphs in seconds; compiling takes a minute
 PREFIX_CACHE_MODES = ("private", "shared", "off")  # see `prefix_cache.py`; `off` keeps nothing

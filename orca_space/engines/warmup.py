@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from . import kv_cache
+from . import capture, kv_cache
 
 
 class WarmUpFailed(RuntimeError):
@@ -30,8 +30,13 @@ def stage(what: str) -> Iterator[None]:
     except (WarmUpAbandoned, WarmUpFailed):
         raise
     except Exception as exc:
-        oom = isinstance(exc, torch.cuda.OutOfMemoryError)
-        detail = f"the GPU ran out of memory ({exc})" if oom else f"{type(exc).__name__}: {exc}"
+        cause = capture.root_cause(exc)  # not "operation failed due to a previous error during capture"
+        if isinstance(cause, torch.cuda.OutOfMemoryError):
+            detail = f"the GPU ran out of memory ({cause})"
+        elif isinstance(exc, (capture.CaptureFailed, capture.DeviceUntrusted)):
+            detail = str(exc)  # already names the real cause
+        else:
+            detail = capture.describe(exc)
         raise WarmUpFailed(f"{what} failed: {detail}") from exc
 
 
@@ -59,3 +64,20 @@ def capture_every_shape(
         progress(message, done / len(shapes))
         with stage(what):
             graphs.capture(batch, kv_len)
+
+
+def time_replays(graphs, shapes: list[tuple[int, int]], repeats: int = 10) -> dict[str, float]:
+    """Median milliseconds of a replay of each captured (batch, keys) shape, for the log and the
+    ladder's story: what the rung's step costs on this GPU, measured where it serves."""
+    timings = {}
+    for batch, kv_len in shapes:
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graphs.replay(batch, kv_len)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        timings[f"batch {batch} over {kv_len} keys"] = sorted(times)[len(times) // 2]
+    return timings
