@@ -4,6 +4,7 @@ settings that are safe on a public link."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -162,6 +163,7 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
         ],
     }
     refuse_remote_downloads()
+    distrust_forwarded_headers(settings.trusted_proxy_hops)
     if settings.mcp:
         add_mcp_tool(demo, admission, settings.access_key)
         app_kwargs["lifespan"] = expose_only_the_tool(demo)
@@ -196,6 +198,17 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
         log.debug("launch failed", exc_info=True)
         print(f"app.py: error: {cannot_listen(settings, exc)}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def distrust_forwarded_headers(trusted_proxy_hops: int) -> None:
+    """The app's own rule (`--trusted-proxy-hops`, `ratelimit.client_key`) is the only one that
+    reads X-Forwarded-For. uvicorn, which gradio starts with its defaults, otherwise believes the
+    header from 127.0.0.1 (`FORWARDED_ALLOW_IPS`) and replaces the client's address with whatever
+    a local caller wrote there, before the app sees it: every request a new address to the rate
+    limits. Trusting no host turns that off; with hops > 0 the operator runs proxies, and the
+    environment (uvicorn's own setting) is left as they made it."""
+    if trusted_proxy_hops == 0:
+        os.environ["FORWARDED_ALLOW_IPS"] = ""  # read by uvicorn.Config, which gradio makes at launch
 
 
 # gradio 6.31's OSError for any failure to bind (a port in use, an address not this machine's).
