@@ -21,6 +21,7 @@ from .access import AccessGate
 from .admission import Admission
 from .api.mcp_tool import add_mcp_tool, expose_only_the_tool, quiet_state_warning
 from .api.openai_api import OpenAIApi
+from .json_numbers import OverlongIntegers
 from .media_policy import SameOriginMedia
 from .page.assets import CSS, LIVE_PAGE_HEAD, page_theme
 from .page.link_page import LINK_PAGE_CSS
@@ -158,6 +159,7 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
             Middleware(RemoteFetchGuard),  # no fetching of URLs for clients: see remote_fetch_guard.py
             Middleware(SameOriginMedia),  # no picture in a message calls home: see media_policy.py
             Middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES),
+            Middleware(OverlongIntegers),  # a named 400, not a parser's 500: see json_numbers.py
             # /v1 and gradio's MCP mount are not behind gradio's login: see access.py.
             Middleware(AccessGate, keys=settings.access_key, login_required=settings.auth is not None),
         ],

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
@@ -368,3 +369,7 @@ def parse_json(raw: bytes) -> Any:
         raise ApiError(f"the request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise ApiError("the request body is nested too deeply") from None
+    except ValueError:  # Python reads no integer of more than 4,300 digits (sys.get_int_max_str_digits)
+        raise ApiError(
+            f"the request body holds an integer of more than {sys.get_int_max_str_digits():,} digits"
+        ) from None
