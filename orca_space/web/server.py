@@ -26,6 +26,7 @@ from .media_policy import SameOriginMedia
 from .page.assets import CSS, LIVE_PAGE_HEAD, page_theme
 from .page.link_page import LINK_PAGE_CSS
 from .remote_fetch_guard import RemoteFetchGuard, refuse_remote_downloads
+from .session_bounds import MAX_SESSIONS, bound_sessions
 
 log = logging.getLogger(__name__)
 # Bigger request bodies are refused before anything parses them. Every chat turn the page sends
@@ -165,6 +166,7 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
         ],
     }
     refuse_remote_downloads()
+    bound_sessions(demo, runtime)  # what gradio keeps per session, and for how many: see session_bounds.py
     distrust_forwarded_headers(settings.trusted_proxy_hops)
     if settings.mcp:
         add_mcp_tool(demo, admission, settings.access_key)
@@ -185,6 +187,7 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
         # Static file workers (GRADIO_NUM_WORKERS) would serve /file= behind gradio's SSR front,
         # where the middleware above never sees the request.
         num_workers=0,
+        state_session_capacity=MAX_SESSIONS,
         max_file_size=0,  # the chat takes no files: refuse uploads instead of storing any size for anyone
         footer_links=["api", "gradio"],
         theme=page_theme(),
