@@ -23,6 +23,7 @@ from .api.mcp_tool import add_mcp_tool, expose_only_the_tool, quiet_state_warnin
 from .api.openai_api import OpenAIApi
 from .json_numbers import OverlongIntegers
 from .media_policy import SameOriginMedia
+from .own_origin_cors import install_own_origin_cors
 from .page.assets import CSS, LIVE_PAGE_HEAD, page_theme
 from .page.link_page import LINK_PAGE_CSS
 from .remote_fetch_guard import RemoteFetchGuard, refuse_remote_downloads
@@ -165,8 +166,13 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
             Middleware(AccessGate, keys=settings.access_key, login_required=settings.auth is not None),
         ],
     }
+    if settings.auth is not None:
+        # FastAPI's own schema of every route is not behind gradio's login (gradio's
+        # /gradio_api/openapi.json is); gradio already turns off /docs and /redoc.
+        app_kwargs["openapi_url"] = None
     refuse_remote_downloads()
     bound_sessions(demo, runtime)  # what gradio keeps per session, and for how many: see session_bounds.py
+    install_own_origin_cors()  # credentialed CORS for the app's own origin only: see own_origin_cors.py
     distrust_forwarded_headers(settings.trusted_proxy_hops)
     if settings.mcp:
         add_mcp_tool(demo, admission, settings.access_key)
