@@ -22,7 +22,8 @@ from orca_space.web.session_bounds import SessionLimits, TooLarge, stored_size
 from tests.helpers import chat_and_sync_ids, chat_through_api, page_in_process
 
 NEW_SESSIONS_A_MINUTE = 4  # the app's --rate-limit here
-LIMITS = SessionLimits(max_list_items=2_000, max_session_bytes=8 << 20, max_total_bytes=12 << 20)
+LIMITS = SessionLimits(max_list_items=2_000, max_session_bytes=8 << 20)  # all sessions: --session-memory-mb
+TOTAL_MB = 12
 
 
 def test_gradio_still_stores_where_the_bounds_look():
@@ -47,14 +48,8 @@ def test_stored_size_refuses_long_lists_and_big_values():
 def page(tiny_dir):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(session_bounds, "DEFAULT_LIMITS", LIMITS)
-        args = (
-            "--model",
-            str(tiny_dir),
-            "--trusted-proxy-hops",
-            "1",
-            "--rate-limit",
-            str(NEW_SESSIONS_A_MINUTE),
-        )
+        args = ("--model", str(tiny_dir), "--trusted-proxy-hops", "1")
+        args += ("--rate-limit", str(NEW_SESSIONS_A_MINUTE), "--session-memory-mb", str(TOTAL_MB))
         with page_in_process(*args) as (url, runtime, demo):
             with httpx.Client(base_url=url, timeout=60) as http:
                 yield http, demo, chat_and_sync_ids(http)["sync"]
@@ -121,5 +116,5 @@ def test_forged_sessions_stay_within_the_budget_and_the_chat_answers(page):
     for index in range(12):
         assert forge(http, sync_id, largest, f"10.4.0.{index}").status_code == 200
     kept = kept_bytes(demo)
-    assert kept <= LIMITS.max_total_bytes, f"12 forged sessions keep {kept >> 20} MB, over the budget"
+    assert kept <= TOTAL_MB << 20, f"12 forged sessions keep {kept >> 20} MB, over the budget"
     assert chat_through_api(http.base_url.__str__().rstrip("/"), "Hello")[-1], "a real chat still answers"

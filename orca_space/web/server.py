@@ -171,7 +171,8 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
         # /gradio_api/openapi.json is); gradio already turns off /docs and /redoc.
         app_kwargs["openapi_url"] = None
     refuse_remote_downloads()
-    bound_sessions(demo, runtime)  # what gradio keeps per session, and for how many: see session_bounds.py
+    # What gradio keeps per session, and for how many: see session_bounds.py.
+    bound_sessions(demo, runtime, settings.session_memory_mb << 20)
     install_own_origin_cors()  # credentialed CORS for the app's own origin only: see own_origin_cors.py
     distrust_forwarded_headers(settings.trusted_proxy_hops)
     if settings.mcp:

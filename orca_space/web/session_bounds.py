@@ -31,7 +31,7 @@ import sys
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import gradio as gr
@@ -53,7 +53,7 @@ class SessionLimits:
     # A 1 MB conversation (an import's limit) shown, in the history states, saved and being
     # imported is about 12 MB of Python objects; a session never needs more than this.
     max_session_bytes: int = 24 << 20
-    max_total_bytes: int = 160 << 20  # every session together
+    max_total_bytes: int = 160 << 20  # every session together (--session-memory-mb)
     idle_s: float = 6 * 3600  # a session unused this long is dropped
 
 
@@ -250,8 +250,13 @@ DEFAULT_LIMITS = SessionLimits()
 
 
 def bound_sessions(
-    page: gr.Blocks, runtime: ChatRuntime, limits: SessionLimits | None = None
+    page: gr.Blocks, runtime: ChatRuntime, max_total_bytes: int | None = None
 ) -> SessionBounds:
-    bounds = SessionBounds(runtime, limits or DEFAULT_LIMITS)
+    """Install the bounds on `page` (before launch): `DEFAULT_LIMITS`, all sessions together within
+    `max_total_bytes` when given (`--session-memory-mb`)."""
+    limits = DEFAULT_LIMITS
+    if max_total_bytes is not None:
+        limits = replace(limits, max_total_bytes=max_total_bytes)
+    bounds = SessionBounds(runtime, limits)
     bounds.bound(page)
     return bounds
