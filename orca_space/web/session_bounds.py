@@ -5,14 +5,15 @@ of every component an event read or wrote (`SessionState.config_values`) and of 
 an event wrote (`state_data`), for up to 10,000 sessions (`state_session_capacity`), for as long
 as the process lives (a State's `time_to_live` drops the State's value only, not the components').
 Each event takes whatever it is sent: 9 forged sessions, each sent one 4 MB history of 62,902
-tiny messages, took 587 MB (issue #27); 230 would take a 15 GB Space down.
+tiny messages, took the server from 629 to 1,216 MB (issue #27); 230 would take a 15 GB Space down.
 
 `SessionBounds` puts limits on that, around the two places gradio stores a session's values
 (instance overrides of `Blocks.process_api` and `Blocks.postprocess_data`; the test in
 tests/test_session_bounds.py fails if a gradio upgrade moves them):
 
-1. before anything is stored, each value an event brings in (its inputs) or leaves (its outputs)
-   is measured (`stored_size`: Python's own size of every object in it). A list longer than
+1. before anything is stored, each value an event brings in (its inputs) or leaves (its outputs;
+   of a streamed reply, its first update: the later ones grow it by one reply at most) is
+   measured (`stored_size`: Python's own size of every object in it). A list longer than
    `max_list_items` (a history of more messages than a chat can hold, notes included) or a session
    over `max_session_bytes` is refused, in words, and nothing of it is kept;
 2. a new session counts against the chat's rate limit, per address, in a limiter of its own (a
@@ -24,6 +25,7 @@ tests/test_session_bounds.py fails if a gradio upgrade moves them):
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import inspect
 import logging
@@ -43,6 +45,8 @@ from ..runtime import ChatRuntime
 from .refusals import refusal
 
 log = logging.getLogger(__name__)
+# Whether gradio is running an event's first step (not a streamed update), for postprocess_data.
+FIRST_STEP: contextvars.ContextVar[bool] = contextvars.ContextVar("first_step", default=False)
 MAX_SESSIONS = 2_000  # gradio's state_session_capacity (its default is 10,000)
 
 
@@ -124,14 +128,19 @@ class SessionBounds:
             if state is not None and call.get("iterator") is None and not block_fn.batch:  # a first step
                 self.admit(state, call.get("request"))
                 self.check(state, block_fn.inputs, call["inputs"], inputs=True)
+                first_step = FIRST_STEP.set(True)
                 try:
                     return await process_api(*args, **kwargs)
                 finally:
+                    FIRST_STEP.reset(first_step)
                     self.keep_within_budget(state)
             return await process_api(*args, **kwargs)
 
         async def bounded_postprocess_data(block_fn, predictions, state):
-            if state is not None and not block_fn.batch:
+            # A streamed reply's later updates are not measured: each is the first one grown by
+            # at most one reply (max new tokens), and measuring a long chat 20 times a second per
+            # stream would cost more than gradio's own work; the next event measures it whole.
+            if state is not None and not block_fn.batch and FIRST_STEP.get():
                 self.check(
                     state, block_fn.outputs, output_values(block_fn.outputs, predictions), inputs=False
                 )
