@@ -259,7 +259,19 @@ def check_text(name: str, value: object, max_chars: int, allow_empty: bool = Tru
         raise ValueError(f"{name} is {len(value):,} characters; the limit is {max_chars:,}")
     if "\x00" in value:
         raise ValueError(f"{name} contains a NUL character")
+    if (where := lone_surrogate(value)) is not None:
+        raise ValueError(f"{name} {where}")
     return value
+
+
+def lone_surrogate(text: str) -> str | None:
+    """Where `text` holds half of a UTF-16 surrogate pair ("\\ud800" in JSON), which is no character
+    and cannot be encoded (the tokenizer raised TypeError on it), as words; None when it holds none."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"contains a lone UTF-16 surrogate (U+{ord(text[exc.start]):04X} at character {exc.start:,}), which is not text"
+    return None
 
 
 def normalize_history(history: object, max_chars: int = MAX_HISTORY_MESSAGE_CHARS) -> list[Message]:

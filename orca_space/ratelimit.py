@@ -1,7 +1,9 @@
-"""Per-user rate limiting, keyed so that a client cannot reset its own limit.
+"""Per-client rate limiting, keyed so that a client cannot reset its own limit.
 
-The key is the logged-in Hugging Face user when there is one. Otherwise it is the client's
-address: the TCP peer, or, behind proxies we trust, the address the nearest trusted proxy saw.
+The key is the client's address: the TCP peer, or, behind proxies we trust, the address the
+nearest trusted proxy saw. Not the login: `--auth` is one account that everyone with the
+password shares, so keyed by it, one of them could spend the limit for all (issue #27). Not the
+page's session either: a client makes up a new one with every request.
 `X-Forwarded-For` is a list that every hop appends to, so a client can put anything at its
 front; only the entries our own proxies appended (counted from the right) are believed.
 """
@@ -16,11 +18,7 @@ from collections.abc import Callable
 MAX_TRACKED_CLIENTS = 100_000
 
 
-def client_key(
-    username: str | None, peer_host: str | None, forwarded_for: str | None, trusted_proxy_hops: int
-) -> str:
-    if username:
-        return f"user:{username}"
+def client_key(peer_host: str | None, forwarded_for: str | None, trusted_proxy_hops: int) -> str:
     if trusted_proxy_hops > 0 and forwarded_for:
         hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
         if len(hops) >= trusted_proxy_hops:

@@ -64,7 +64,7 @@ OPTIONS = (
         "--max-message-chars", "ORCA_MAX_MESSAGE_CHARS", "longest message accepted", MAX_MESSAGE_CHARS, int
     ),
     Option("--max-input-tokens", "ORCA_MAX_INPUT_TOKENS", "longest message accepted, in tokens", 4096, int),
-    Option("--rate-limit", "ORCA_RATE_LIMIT", "messages per minute per user or address (0 = off)", 30, int),
+    Option("--rate-limit", "ORCA_RATE_LIMIT", "messages per minute per address (0 = off)", 30, int),
     Option(
         "--api-rate-limit",
         "ORCA_API_RATE_LIMIT",
@@ -73,6 +73,13 @@ OPTIONS = (
         int,
     ),
     Option("--max-queue", "ORCA_MAX_QUEUE", "waiting chats; beyond it new ones are told to retry", 64, int),
+    Option(
+        "--session-memory-mb",
+        "ORCA_SESSION_MEMORY_MB",
+        "memory the page's sessions may keep together, in MB (least recently used dropped first)",
+        160,
+        int,
+    ),
     Option(
         "--trusted-proxy-hops",
         "ORCA_TRUSTED_PROXY_HOPS",
@@ -172,6 +179,7 @@ class Settings:
     rate_limit: int = 30
     api_rate_limit: int | None = None  # None: as rate_limit (see `api_requests_per_minute`)
     max_queue: int = 64
+    session_memory_mb: int = 160
     trusted_proxy_hops: int = 0
     backend: str = "local"
     engine: str = "auto"
@@ -212,7 +220,7 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
         parser.error(f"--port must be between 1 and {MAX_PORT}, got {values['port']}")
     if values["context_length"] < MIN_CONTEXT_LENGTH:
         parser.error(f"--context-length must be at least {MIN_CONTEXT_LENGTH}")
-    for name in ("max_message_chars", "max_input_tokens", "max_queue"):
+    for name in ("max_message_chars", "max_input_tokens", "max_queue", "session_memory_mb"):
         if values[name] < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if values["rate_limit"] < 0 or values["trusted_proxy_hops"] < 0 or (values["api_rate_limit"] or 0) < 0:

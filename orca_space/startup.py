@@ -27,7 +27,7 @@ from .loading import (
 from .ratelimit import RateLimiter
 from .runtime import ChatRuntime
 from .settings import Settings, api_requests_per_minute
-from .sharing.links import ConversationLinks
+from .sharing.links import ConversationLinks, ExpiredLinksPurge
 from .sharing.store import StoreLimits
 from .tiny import is_tiny_checkpoint, write_tiny_checkpoint
 
@@ -101,7 +101,9 @@ def conversation_links(settings: Settings) -> ConversationLinks | None:
         expiry_s=settings.link_expiry_days * 86400 or None,
     )
     log.info("Conversation links are kept in %s", settings.data_dir)
-    return ConversationLinks.in_directory(Path(settings.data_dir), limits, settings.links_per_hour)
+    links = ConversationLinks.in_directory(Path(settings.data_dir), limits, settings.links_per_hour)
+    ExpiredLinksPurge(links.store).start()  # expired links gone from the disk within a minute
+    return links
 
 
 def start_local_runtime(settings: Settings) -> ChatRuntime:

@@ -136,6 +136,14 @@ BAD_PAYLOADS = [
     ("megabyte-system", {"system": json.dumps("x" * MEGABYTE)}, "system message is 1,048,576 characters"),
     ("null-system", {"system": "null"}, "system message must be text"),
     ("too-many-new-tokens", {"max_new_tokens": "4097"}, r"Max new tokens must be in \[1, 4096\]"),
+    # Half of a UTF-16 pair is valid JSON but no text: the tokenizer raised TypeError (a bare
+    # "unexpected error", and a traceback in the log).
+    (
+        "lone-surrogate-message",
+        {"message": '"a\\ud800b"'},
+        r"message contains a lone UTF-16 surrogate \(U\+D800",
+    ),
+    ("lone-surrogate-system", {"system": '"\\udfff"'}, "system message contains a lone UTF-16 surrogate"),
 ]
 
 
@@ -174,6 +182,45 @@ def test_huge_integer_is_an_error_naming_the_parameter(http):
     status, events, _ = call_chat(http, raw_body(max_new_tokens=BIG))
     assert_still_serving(http)
     assert "Max new tokens" in error_text(events)
+
+
+OVERLONG = "1" + "0" * 4400  # an integer of more digits than Python reads (4,300)
+
+
+@pytest.mark.parametrize("route", ["call", "join", "predict", "v1"])
+def test_an_integer_python_cannot_read_is_a_named_400(http, endpoints, route):
+    """Python's digit limit raised ValueError inside the JSON parsers: /v1 answered a bare 500,
+    gradio's routes an unnamed 400."""
+    values = [json.dumps(v) for v in GOOD.values()]
+    values[2] = OVERLONG  # max_new_tokens
+    data = "[" + ", ".join(values) + "]"
+    with_state = "[" + ", ".join([values[0], "null", *values[1:]]) + "]"
+    path, body = {
+        "call": ("/gradio_api/call/chat", '{"data": %s}' % data),
+        "join": (
+            "/gradio_api/queue/join",
+            '{"data": %s, "fn_index": %d, "session_hash": "n"}' % (with_state, endpoints["chat"]),
+        ),
+        "predict": (
+            "/gradio_api/run/predict",
+            '{"data": [%s], "fn_index": %d, "session_hash": "n"}' % (OVERLONG, endpoints["sync"]),
+        ),
+        "v1": (
+            "/v1/chat/completions",
+            '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": %s}' % OVERLONG,
+        ),
+    }[route]
+    response = http.post(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, f"{path} answered {response.status_code}: {response.text[:200]}"
+    assert "an integer of 4,401 digits" in response.text, response.text[:300]
+    assert_still_serving(http)
+
+
+def test_a_long_number_inside_text_is_text(http):
+    """Digits in a JSON string are text: a field the API ignores may hold 5,000 of them."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "note": "7" * 5000}
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text[:300]
 
 
 @pytest.mark.parametrize(
@@ -218,10 +265,9 @@ def text_part(text: str) -> list[dict]:
 def forge_history_then_chat(http, endpoints, history: list[dict]) -> tuple[int, list[dict]]:
     """Write `history` into a fresh session as the page's chatbot sync does, then chat in it."""
     session = f"forged-{time.monotonic_ns()}"
-    sync = http.post(
-        "/gradio_api/run/predict",
-        json={"data": [history], "fn_index": endpoints["sync"], "session_hash": session},
-    )
+    # json.dumps escapes what httpx's own encoder cannot write (half a UTF-16 pair, as "\ud800").
+    body = json.dumps({"data": [history], "fn_index": endpoints["sync"], "session_hash": session})
+    sync = http.post("/gradio_api/run/predict", content=body, headers={"content-type": "application/json"})
     if sync.status_code != 200:
         return sync.status_code, []
     values = list(GOOD.values())
@@ -265,6 +311,11 @@ FORGED_HISTORIES = [
         f"history has {MAX_HISTORY_MESSAGES + 1} messages",
     ),
     ("nul", [{"role": "user", "content": text_part("a\x00b")}], "history[0] contains a NUL character"),
+    (
+        "lone-surrogate",
+        [{"role": "user", "content": text_part("a\ud800")}, {"role": "assistant", "content": text_part("b")}],
+        "history[0] contains a lone UTF-16 surrogate",
+    ),
 ]
 
 

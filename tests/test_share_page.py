@@ -126,7 +126,8 @@ def test_a_refused_share_says_why_and_counts_per_visitor(runtime):
     with pytest.raises(gr.Error, match="3 an hour"):
         share(runtime, client="10.0.0.1")
     share(runtime, client="10.0.0.2")
-    share(runtime, username="alice")
+    with pytest.raises(gr.Error, match="3 an hour"):  # the shared --auth login is no fresh limit
+        share(runtime, client="10.0.0.1", username="alice")
 
 
 def test_an_unusable_store_is_a_sentence_on_both_pages(runtime):
@@ -148,8 +149,9 @@ def test_links_are_built_from_the_page_the_browser_shows():
         assert link_url(odd, link_id) == f"./shared?id={link_id}"
 
 
-def test_a_visitor_is_the_logged_in_user_else_the_address(runtime):
-    assert visitor(runtime, request(username="alice")) == "user:alice"
+def test_a_visitor_is_the_address_logged_in_or_not(runtime):
+    # --auth is one account that everyone with the password shares: it names nobody.
+    assert visitor(runtime, request(client="1.2.3.4", username="alice")) == "ip:1.2.3.4"
     assert visitor(runtime, request(client="1.2.3.4", forwarded="9.9.9.9")) == "ip:1.2.3.4"
     runtime.trusted_proxy_hops = 1
     assert visitor(runtime, request(client="1.2.3.4", forwarded="9.9.9.9")) == "ip:9.9.9.9"

@@ -6,12 +6,13 @@ import contextlib
 import json
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from orca_space.reply_stats import ReplyFigures, reply_message, stats_note
-from orca_space.sharing.links import ConversationLinks
+from orca_space.sharing.links import ConversationLinks, ExpiredLinksPurge
 from orca_space.sharing.snapshot import SnapshotRefused, read_snapshot, take_snapshot
 from orca_space.sharing.store import (
     DB_FILENAME,
@@ -130,6 +131,57 @@ def test_links_expire_and_expired_ones_make_room(tmp_path):
         assert store.used_bytes() == 100
         raw = b"".join(path.read_bytes() for path in tmp_path.iterdir())
         assert b"EXPIRING-" not in raw, "an expired snapshot's text stays readable on disk"
+
+
+def files_hold(folder: Path, text: bytes) -> bool:
+    """Whether the database or its -wal or -shm file holds `text`."""
+    return any(text in path.read_bytes() for path in folder.iterdir())
+
+
+def wait_until_gone(folder: Path, text: bytes, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while files_hold(folder, text):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.mark.parametrize("when", ["at-start", "on-the-timer"])
+def test_an_expired_link_is_purged_from_the_files_with_no_new_link_made(tmp_path, when):
+    """Expired means gone from the disk: not only unreadable through the app, and not only once
+    someone makes another link."""
+    clock = Clock()
+    store = LinkStore(tmp_path / DB_FILENAME, StoreLimits(expiry_s=3600), clock=clock)
+    link = store.create("EXPIRING-" * 40)
+    store.limits = StoreLimits(expiry_s=7200)  # as after a restart with a longer --link-expiry-days
+    kept = store.create("KEPT-" * 40)
+    with contextlib.closing(sqlite3.connect(store.path)) as other:  # another reader keeps the log open
+        other.execute("SELECT count(*) FROM links").fetchone()
+        if when == "at-start":
+            clock.now += 3601
+            purge = ExpiredLinksPurge(store, interval_s=3600).start()  # only its first round runs
+        else:
+            purge = ExpiredLinksPurge(store, interval_s=0.02).start()
+            clock.now += 3601
+        try:
+            assert wait_until_gone(tmp_path, b"EXPIRING-"), "the expired link's text is still on disk"
+        finally:
+            purge.stop()
+    assert store.get(link.id) is None and store.used_bytes() == len("KEPT-" * 40)
+    assert store.get(kept.id) is not None, "a link not yet expired stays"
+
+
+def test_the_app_purges_expired_links_as_it_starts(tmp_path):
+    from orca_space.settings import parse_settings
+    from orca_space.startup import conversation_links
+
+    day = 86400
+    old = LinkStore(tmp_path / DB_FILENAME, StoreLimits(expiry_s=day), clock=lambda: time.time() - 2 * day)
+    old.create("STALE-" * 40)
+    settings = parse_settings(["--data-dir", str(tmp_path), "--link-expiry-days", "1"], {})
+    assert conversation_links(settings) is not None
+    assert wait_until_gone(tmp_path, b"STALE-"), "a link that expired while the app was down stays on disk"
 
 
 def test_limits_are_checked_when_made():

@@ -8,6 +8,8 @@ with every backend (local, remote, ZeroGPU) and while the model is still loading
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,10 @@ from ..transcript import Transcript
 from .snapshot import read_snapshot, take_snapshot
 from .store import DB_FILENAME, LinkError, LinkRefused, LinkStore, NewLink, StoreLimits
 
+log = logging.getLogger(__name__)
 HOUR_S = 3600.0
+# How often expired links are purged: "expired" means gone from the disk within this (and at start).
+PURGE_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -80,3 +85,36 @@ class ConversationLinks:
 
     def delete(self, link_id: object, delete_token: object) -> bool:
         return self.store.delete(link_id, delete_token)
+
+
+class ExpiredLinksPurge:
+    """Purges expired links from the store at start and every `interval_s`, on a daemon thread of
+    its own: without it an expired link's text stayed in the file until someone made a link."""
+
+    def __init__(self, store: LinkStore, interval_s: float = PURGE_INTERVAL_S) -> None:
+        self.store = store
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="link-expiry-purge", daemon=True)
+
+    def start(self) -> ExpiredLinksPurge:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def purge_once(self) -> int:
+        try:
+            purged = self.store.purge_expired()
+        except LinkError:  # unavailable now (the store logged why); the next round tries again
+            return 0
+        if purged:
+            log.info("conversation links: purged %d expired link(s)", purged)
+        return purged
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.purge_once()
+            self._stop.wait(self.interval_s)

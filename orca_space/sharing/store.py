@@ -171,7 +171,7 @@ class LinkStore:
             expires_at=None if expiry is None else now + expiry,
         )
         with self._writing() as db:
-            expired = db.execute("DELETE FROM links WHERE expires_at <= ?", (now,)).rowcount
+            expired = delete_expired(db, now)
             (used,) = db.execute("SELECT bytes FROM usage").fetchone()
             if used + size > self.limits.max_total_bytes:
                 raise LinkRefused(
@@ -186,6 +186,17 @@ class LinkStore:
         if expired:
             self._checkpoint()  # as after a delete: no expired text left in the log
         return link
+
+    def purge_expired(self) -> int:
+        """Delete every expired link, its text gone from the files as after a delete; how many.
+        Nothing, not even a file, while there is no database yet (see the module docstring)."""
+        if not self.path.exists():
+            return 0
+        with self._writing() as db:
+            expired = delete_expired(db, self._clock())
+        if expired:
+            self._checkpoint()
+        return expired
 
     def get(self, link_id: object) -> StoredLink | None:
         """The link's snapshot, or None: no such link (deleted, expired, or a wrong id)."""
@@ -220,7 +231,7 @@ class LinkStore:
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
 
     def used_bytes(self) -> int:
-        """The snapshots' total size, expired ones included until the next link is made."""
+        """The snapshots' total size, expired ones included until they are purged."""
         with self._reading() as db:
             return db.execute("SELECT bytes FROM usage").fetchone()[0]
 
@@ -297,6 +308,10 @@ class LinkStore:
         reason = next((text for code, text in UNAVAILABLE.items() if name.startswith(code)), CANNOT_WRITE)
         log.error("conversation links: %s: %s (%s)", self.path, exc, name or type(exc).__name__)
         return StoreUnavailable(reason)
+
+
+def delete_expired(db: sqlite3.Connection, now: float) -> int:
+    return db.execute("DELETE FROM links WHERE expires_at <= ?", (now,)).rowcount
 
 
 def readable_size(size: int) -> str:

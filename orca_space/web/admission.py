@@ -92,4 +92,4 @@ def request_client(
     address, read as the page reads it."""
     if key_index is not None:
         return f"key:{key_index}"
-    return client_key(None, peer, forwarded_for, runtime.trusted_proxy_hops)
+    return client_key(peer, forwarded_for, runtime.trusted_proxy_hops)

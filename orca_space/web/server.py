@@ -4,6 +4,7 @@ settings that are safe on a public link."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -22,12 +23,15 @@ from .admission import Admission
 from .announce import announce_start
 from .api.mcp_tool import add_mcp_tool, expose_only_the_tool, quiet_state_warning
 from .api.openai_api import OpenAIApi
+from .json_numbers import OverlongIntegers
 from .media_policy import SameOriginMedia
+from .own_origin_cors import install_own_origin_cors
 from .page.assets import CSS, LIVE_PAGE_HEAD, page_theme
 from .page.link_page import LINK_PAGE_CSS
 from .page.saved_chats import SIDEBAR_CSS, SIDEBAR_HEAD
 from .page.slider_notes import SLIDER_NOTES_CSS, SLIDER_NOTES_HEAD
 from .remote_fetch_guard import RemoteFetchGuard, refuse_remote_downloads
+from .session_bounds import MAX_SESSIONS, bound_sessions
 
 log = logging.getLogger(__name__)
 # Bigger request bodies are refused before anything parses them. Every chat turn the page sends
@@ -162,11 +166,20 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
             Middleware(RemoteFetchGuard),  # no fetching of URLs for clients: see remote_fetch_guard.py
             Middleware(SameOriginMedia),  # no picture in a message calls home: see media_policy.py
             Middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES),
+            Middleware(OverlongIntegers),  # a named 400, not a parser's 500: see json_numbers.py
             # /v1 and gradio's MCP mount are not behind gradio's login: see access.py.
             Middleware(AccessGate, keys=settings.access_key, login_required=settings.auth is not None),
         ],
     }
+    if settings.auth is not None:
+        # FastAPI's own schema of every route is not behind gradio's login (gradio's
+        # /gradio_api/openapi.json is); gradio already turns off /docs and /redoc.
+        app_kwargs["openapi_url"] = None
     refuse_remote_downloads()
+    # What gradio keeps per session, and for how many: see session_bounds.py.
+    bound_sessions(demo, runtime, settings.session_memory_mb << 20)
+    install_own_origin_cors()  # credentialed CORS for the app's own origin only: see own_origin_cors.py
+    distrust_forwarded_headers(settings.trusted_proxy_hops)
     if settings.mcp:
         add_mcp_tool(demo, admission, settings.access_key)
         app_kwargs["lifespan"] = expose_only_the_tool(demo)
@@ -186,6 +199,7 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
         # Static file workers (GRADIO_NUM_WORKERS) would serve /file= behind gradio's SSR front,
         # where the middleware above never sees the request.
         num_workers=0,
+        state_session_capacity=MAX_SESSIONS,
         max_file_size=0,  # the chat takes no files: refuse uploads instead of storing any size for anyone
         footer_links=["api", "gradio"],
         theme=page_theme(),
@@ -206,6 +220,17 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
         log.debug("launch failed", exc_info=True)
         print(f"app.py: error: {cannot_listen(settings, exc)}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def distrust_forwarded_headers(trusted_proxy_hops: int) -> None:
+    """The app's own rule (`--trusted-proxy-hops`, `ratelimit.client_key`) is the only one that
+    reads X-Forwarded-For. uvicorn, which gradio starts with its defaults, otherwise believes the
+    header from 127.0.0.1 (`FORWARDED_ALLOW_IPS`) and replaces the client's address with whatever
+    a local caller wrote there, before the app sees it: every request a new address to the rate
+    limits. Trusting no host turns that off; with hops > 0 the operator runs proxies, and the
+    environment (uvicorn's own setting) is left as they made it."""
+    if trusted_proxy_hops == 0:
+        os.environ["FORWARDED_ALLOW_IPS"] = ""  # read by uvicorn.Config, which gradio makes at launch
 
 
 # gradio 6.31's OSError for any failure to bind (a port in use, an address not this machine's).

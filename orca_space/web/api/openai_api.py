@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -480,3 +481,7 @@ def parse_json(raw: bytes) -> Any:
         raise ApiError(f"the request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise ApiError("the request body is nested too deeply") from None
+    except ValueError:  # Python reads no integer of more than 4,300 digits (sys.get_int_max_str_digits)
+        raise ApiError(
+            f"the request body holds an integer of more than {sys.get_int_max_str_digits():,} digits"
+        ) from None

@@ -228,23 +228,22 @@ def warn_if_turns_were_left_out(runtime: ChatRuntime, chat: PreparedChat) -> Non
 
 
 def visitor_scope(runtime: ChatRuntime, request: gr.Request | None) -> str | None:
-    """Whose kept KV caches a reply may start from (engines/prefix_cache.py): the logged-in
-    user, else this page's gradio session (one tab; a reload starts a new one), else the
-    address as the rate limit reads it."""
+    """Whose kept KV caches a reply may start from (engines/prefix_cache.py): this page's gradio
+    session (one tab; a reload starts a new one), logged in or not: `--auth` is one account that
+    everyone with the password shares, and one person's cache must not answer another's guess
+    (issue #27); else the address as the rate limit reads it."""
     if request is None:
         return None
-    if request.session_hash and not request.username:
+    if request.session_hash:
         return f"session:{request.session_hash}"
     return page_client(runtime, request)
 
 
 def page_client(runtime: ChatRuntime, request: gr.Request) -> str:
-    """Whom the page's limits count (messages a minute, links an hour): the logged-in user, else
-    the address, trusting only our own proxies' X-Forwarded-For (`ratelimit.client_key`)."""
+    """Whom the page's limits count (messages a minute, links an hour): the address, trusting only
+    our own proxies' X-Forwarded-For (`ratelimit.client_key`), not the shared login."""
     peer = request.client.host if request.client else None
-    return client_key(
-        request.username, peer, request.headers.get("x-forwarded-for"), runtime.trusted_proxy_hops
-    )
+    return client_key(peer, request.headers.get("x-forwarded-for"), runtime.trusted_proxy_hops)
 
 
 def enforce_rate_limit(runtime: ChatRuntime, request: gr.Request | None) -> None:

@@ -127,6 +127,5 @@ def link_url(page_base: object, link_id: str) -> str:
 
 
 def visitor(runtime: ChatRuntime, request: gr.Request | None) -> str:
-    """Whom the links-per-hour limit counts: the logged-in user, else the address (as the chat's
-    rate limit reads it, trusting only our own proxies' X-Forwarded-For)."""
+    """Whom the links-per-hour limit counts: the address, as the chat's rate limit reads it."""
     return "unknown" if request is None else page_client(runtime, request)
