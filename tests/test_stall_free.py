@@ -114,9 +114,9 @@ class StepLog:
             self.step += 1
             real_iteration()
 
-        def accept(slot, token, logits=None):
+        def accept(slot, token, *rest):
             self.tokens.append((self.step, slot.handle.id))
-            real_accept(slot, token, logits)
+            real_accept(slot, token, *rest)
 
         monkeypatch.setattr(engine, "_iteration", iteration)
         monkeypatch.setattr(engine, "_accept", accept)
