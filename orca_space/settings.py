@@ -68,9 +68,10 @@ OPTIONS = (
     Option(
         "--api-rate-limit",
         "ORCA_API_RATE_LIMIT",
-        "/v1 requests per minute per access key, or per address without one (0 = off; default: --rate-limit)",
+        "/v1 requests per minute per access key, or per address without one (0 = off)",
         None,
         int,
+        default_text="--rate-limit's",
     ),
     Option("--max-queue", "ORCA_MAX_QUEUE", "waiting chats; beyond it new ones are told to retry", 64, int),
     Option(
