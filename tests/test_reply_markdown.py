@@ -85,7 +85,7 @@ ISSUE_SHAPES = {
     "a tag right after a www. link": "www.example.com<form action=/x>",
     "a code span after a bare URL is the URL's to marked": "http://example.com/`<form action=/x>`",
     "a quote's fence closed by the quote's end": "> ```\n> a\n\n<form action=/x>\n```",
-    "a list item's fence ends with the item": "- ```\n  a\n\n<form action=/x>\n```",
+    "a list item's fence ends with the item": "- item\n\n  ```\n  a\n\n<form action=/x>\n  ```",
 }
 
 
@@ -94,6 +94,14 @@ def test_the_issues_shapes_are_escaped(reply):
     shown = shown_reply(reply)
     assert "<form" not in shown, f"the tag is left for the browser to draw: {shown!r}"
     assert written_reply(shown) == reply
+
+
+def test_a_tag_starting_a_line_in_a_code_span_is_escaped():
+    """Found by the browser property test: a code span going on over a line that starts with a
+    block tag is cut by the HTML block that tag starts (CommonMark, and marked), so the tag is
+    escaped even though the span's first line made it look like code."""
+    assert shown_reply("x ``a\n<form action=/x>`` y") == "x ``a\n&lt;form action=/x>`` y"
+    assert shown_reply("x `a <form>` y") == "x `a <form>` y", "within a line a code span is code"
 
 
 def test_code_in_quotes_and_lists_stays_code():

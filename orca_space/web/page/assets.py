@@ -166,10 +166,20 @@ LIVE_PAGE_HEAD = """
     const write = navigator.clipboard.writeText.bind(navigator.clipboard);
     navigator.clipboard.writeText = (text) => write(typeof text === "string" ? typed(text) : text);
   }
+  const named = new WeakMap();  // a user's message -> the name this script gave it
   const keep = () => {
     for (const message of document.querySelectorAll('#chatbot [data-testid="user"][aria-label]')) {
       const label = message.getAttribute("aria-label");
-      if (label.startsWith(USER_PREFIX) && typed(label) !== label) message.setAttribute("aria-label", typed(label));
+      if (!label.startsWith(USER_PREFIX)) continue;
+      if (named.get(message) !== label) {
+        named.set(message, typed(label));
+        message.setAttribute("aria-label", typed(label));
+      }
+      // gradio takes LaTeX out before Markdown and puts it back in one pass, so a span inside
+      // another (`\\($$x$$\\)`) comes back as its placeholder: the block gets the typed text.
+      const code = message.querySelector("code.language-as-typed");
+      const text = named.get(message).slice(USER_PREFIX.length);
+      if (code && code.textContent.includes("%%%LATEX_BLOCK_")) code.textContent = text.endsWith("\\n") ? text : text + "\\n";
     }
     for (const box of document.querySelectorAll("#chatbot textarea.edit-textarea")) {
       if (typed(box.value) === box.value) continue;

@@ -61,6 +61,7 @@ BLOCK_ONLY = re.compile(r"m|&(?:amp;)*#109;")
 # marked's GFM autolink starts at these anywhere in a word and runs to the next space or `<`.
 BARE_URL = re.compile(r"(?:ftp|https?)://|www\.")
 BLANK_LINE = re.compile(r"\n[ \t]*\n")
+LINE_PREFIX = re.compile(r"[ \t>]*")
 ALL_ESCAPED = "\u2060"  # ends a reply shown with every special character escaped, code included
 # Private-use characters stand for the special characters while markdown-it parses.
 SENTINELS = [chr(c) for c in range(0xE000, 0xF900)]
@@ -155,10 +156,22 @@ def rewrite(text: str, pattern: re.Pattern, change: Change) -> str | None:
     in_blocks, in_spans = code_sentinels(with_sentinels(text, matches))
     kept = [
         SENTINELS[index] in in_blocks
-        or (SENTINELS[index] in in_spans and not BLOCK_ONLY.fullmatch(match.group()))
+        or (
+            SENTINELS[index] in in_spans
+            and not BLOCK_ONLY.fullmatch(match.group())
+            and not starts_a_line(text, match)
+        )
         for index, match in enumerate(matches)
     ]
     return replace(text, [match for match, keep in zip(matches, kept) if not keep], change)
+
+
+def starts_a_line(text: str, match: re.Match) -> bool:
+    """Whether only spaces and quote marks come before `match` on its line. A `<` there, kept
+    in a code span that goes on from the line above, would start an HTML block in the browser's
+    Markdown and cut the span short (the parse above saw no tag: the `<` was a sentinel)."""
+    line_start = text.rfind("\n", 0, match.start()) + 1
+    return LINE_PREFIX.fullmatch(text, line_start, match.start()) is not None
 
 
 def replace_all(text: str, pattern: re.Pattern, change: Change) -> str:
