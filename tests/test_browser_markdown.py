@@ -317,8 +317,9 @@ def test_markdown_code_tables_and_latex_still_render(page, tmp_path):
 def test_a_users_message_is_named_copied_and_edited_as_typed(page, tmp_path):
     """gradio puts the text it was sent (a verbatim block) in the message's name, its copy button
     and its edit box: the page's script gives each the typed text."""
-    typed = "Copy me: **as typed** <i>tags</i> ```fences``` $x$"
-    draw(page, tmp_path, [{"role": "user", "content": typed}, {"role": "assistant", "content": "ok"}])
+    typed = "Copy me: **as typed** <i>tags</i> ```fences``` $x$ and \\($$y$$\\)"
+    drawn = draw(page, tmp_path, [{"role": "user", "content": typed}, {"role": "assistant", "content": "ok"}])
+    assert drawn[0]["text"] == as_drawn(typed), "LaTeX inside LaTeX shows as typed too"
     message = page.locator("#chatbot [data-testid=user]").last
     expect(message).to_have_attribute("aria-label", f"user's message: {typed}")
     user_buttons = page.locator("#chatbot .icon-button-wrapper:has(button[aria-label=Edit])").last
@@ -358,3 +359,18 @@ def test_no_form_posts_elsewhere_and_nothing_draws_outside_its_bubble(page, tmp_
     )
     page.wait_for_function("() => window.violations.some((v) => v.startsWith('form-action'))")
     assert page.url.startswith("http://127.0.0.1"), "the form took the page elsewhere"
+
+
+def test_another_site_cannot_frame_the_page(page, app):
+    """frame-ancestors: Chromium refuses to show the app in a frame on another origin (the page's
+    load waits for its frames)."""
+    framer = page.context.new_page()
+    framing_page = f'<iframe src="{app}/" width="800" height="600"></iframe>'
+    framer.route(
+        "http://framer.example/", lambda route: route.fulfill(content_type="text/html", body=framing_page)
+    )
+    framer.goto("http://framer.example/")
+    assert framer.frames[1].url == "chrome-error://chromewebdata/", (
+        f"another site framed the app: {framer.frames[1].url}"
+    )
+    framer.close()
