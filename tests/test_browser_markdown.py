@@ -15,9 +15,12 @@ is the long run.
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import itertools
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -361,16 +364,37 @@ def test_no_form_posts_elsewhere_and_nothing_draws_outside_its_bubble(page, tmp_
     assert page.url.startswith("http://127.0.0.1"), "the form took the page elsewhere"
 
 
+@contextlib.contextmanager
+def framing_site(app: str):
+    """A site on another loopback port whose page shows `app` in a frame."""
+    body = f'<iframe src="{app}/" width="800" height="600"></iframe>'.encode()
+
+    class Framer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.send_header("content-type", "text/html")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Framer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://localhost:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_another_site_cannot_frame_the_page(page, app):
     """frame-ancestors: Chromium refuses to show the app in a frame on another origin (the page's
     load waits for its frames)."""
     framer = page.context.new_page()
-    framing_page = f'<iframe src="{app}/" width="800" height="600"></iframe>'
-    framer.route(
-        "http://framer.example/", lambda route: route.fulfill(content_type="text/html", body=framing_page)
-    )
-    framer.goto("http://framer.example/")
-    assert framer.frames[1].url == "chrome-error://chromewebdata/", (
-        f"another site framed the app: {framer.frames[1].url}"
-    )
+    with framing_site(app) as site:
+        framer.goto(site)
+        assert framer.frames[1].url == "chrome-error://chromewebdata/", (
+            f"another site framed the app: {framer.frames[1].url}"
+        )
     framer.close()
