@@ -9,7 +9,7 @@ Each drawn conversation is also exported and compared with what was imported: th
 through the browser is exact.
 
 `ORCA_MARKDOWN_EXAMPLES` sets how many conversations the property test draws (CI: 25, each of up
-to 8 messages); `ORCA_MARKDOWN_EXAMPLES=400 pytest tests/test_browser_markdown.py -k property`
+to 8 messages); `ORCA_MARKDOWN_EXAMPLES=400 pytest tests/test_browser_markdown.py -k property --timeout 0`
 is the long run.
 """
 

@@ -65,8 +65,16 @@ LINE_PREFIX = re.compile(r"[ \t>]*")
 ALL_ESCAPED = "\u2060"  # ends a reply shown with every special character escaped, code included
 # Private-use characters stand for the special characters while markdown-it parses.
 SENTINELS = [chr(c) for c in range(0xE000, 0xF900)]
-# markdown-it as close to marked's GFM as matters for code: CommonMark, tables, strikethrough.
-PARSER = MarkdownIt("commonmark").enable(["table", "strikethrough"])
+# markdown-it as close to marked's GFM as matters for what is code: CommonMark and tables. What
+# cannot change where code is, given that no `<` that starts a tag and no `![` is left (they are
+# sentinels), is left out, which halves the time a parse takes: emphasis, strikethrough, entities,
+# raw HTML, autolinks and pictures.
+PARSER = (
+    MarkdownIt("commonmark")
+    .enable(["table"])
+    .disable(["emphasis", "entity", "html_inline", "html_block", "autolink", "image"])
+)
+SENTINEL_SET = frozenset(SENTINELS)
 CACHED = 256  # a streaming reply re-sends the whole chat, whose earlier replies have not changed
 
 
@@ -149,9 +157,9 @@ Change = Callable[[str, re.Match], tuple[int, str]]  # (where the replacement st
 def rewrite(text: str, pattern: re.Pattern, change: Change) -> str | None:
     """`text` with each match of `pattern` in prose replaced by `change`; matches in code or
     LaTeX stay as they are. None if there are more matches than sentinels, or the text holds
-    one of those it would use."""
+    a private-use character of their range (then the caller escapes everything)."""
     matches = list(pattern.finditer(text))
-    if len(matches) > len(SENTINELS) or set(text) & set(SENTINELS[: len(matches)]):
+    if len(matches) > len(SENTINELS) or not SENTINEL_SET.isdisjoint(text):
         return None
     in_blocks, in_spans = code_sentinels(with_sentinels(text, matches))
     kept = [
@@ -201,7 +209,7 @@ def code_sentinels(text: str) -> tuple[set[str], set[str]]:
     Those in LaTeX spans count as code: the browser renders them with KaTeX, never as HTML. A
     fence's info string is not code: marked makes it a class name, and nothing in it is kept."""
     markdown = as_marked_gets_it(text)
-    sentinels = set(SENTINELS)
+    sentinels = SENTINEL_SET
     in_blocks: set[str] = set()
     in_spans = set(text) - set(markdown)  # in LaTeX
     for token in PARSER.parse(markdown):
