@@ -257,6 +257,7 @@ ISSUE_REPLIES = {
     "a tag right after a bare URL": f"See http://example.com{FORM}",
     "a tag right after a www. link": f"See www.example.com{COVER}",
     "a Markdown picture": f"![chart](/{MARK}/chart.png) and ![r](http://example.com/{MARK}.png)",
+    "(found by the property test) one tilde across a code span": f"~x | `~ {FORM}`",
     "a mermaid block": f'```mermaid\ngraph TD; A["<img src=/{MARK}/m.png title={MARK}>"]\n```',
 }
 ISSUE_USER_MESSAGE = f"![pic](/{MARK}/y.png) <img src=/{MARK}/x.png> ![r](http://example.com/{MARK}/a.png)"

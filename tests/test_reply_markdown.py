@@ -104,6 +104,13 @@ def test_a_tag_starting_a_line_in_a_code_span_is_escaped():
     assert shown_reply("x `a <form>` y") == "x `a <form>` y", "within a line a code span is code"
 
 
+def test_a_code_span_that_marked_may_not_see_is_escaped():
+    """Found by the browser property test: marked's one-tilde strikethrough runs over a backtick,
+    so `~x | `~ <a>`` is struck text and then a tag there, not a code span as in CommonMark."""
+    assert shown_reply("~x | `~ <a title=x>`") == "~x | `~ &lt;a title=x>`"
+    assert shown_reply("See http://a.example/`<b>`") == "See http://a.example/`&lt;b>`"
+
+
 def test_code_in_quotes_and_lists_stays_code():
     for reply in ("> ```\n> <b>\n> ```", "- item\n\n  ```\n  <b>\n  ```", "1. ~~~\n   <b>\n   ~~~"):
         assert shown_reply(reply) == reply, "code shows as written, however it is nested"

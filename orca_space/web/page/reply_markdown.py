@@ -58,8 +58,10 @@ SHOWN_ENTITY = re.compile(r"&(?:amp;)*(?:lt;|#33;|#109;(?=ermaid))")
 # Kept as written only in a code block's text, not in a code span: gradio's mermaid extension
 # to marked also starts a block where CommonMark sees a code span ("x```mermaid ...```").
 BLOCK_ONLY = re.compile(r"m|&(?:amp;)*#109;")
-# marked's GFM autolink starts at these anywhere in a word and runs to the next space or `<`.
-BARE_URL = re.compile(r"(?:ftp|https?)://|www\.")
+# Where marked may take a code span's backticks into something else: its GFM autolink starts at
+# these anywhere in a word and runs to the next space or `<`, and its strikethrough (one tilde is
+# enough) runs over a backtick (`~a `~ <b>`` is struck text, then a tag).
+UNSURE_SPANS = re.compile(r"(?:ftp|https?)://|www\.|~")
 BLANK_LINE = re.compile(r"\n[ \t]*\n")
 LINE_PREFIX = re.compile(r"[ \t>]*")
 ALL_ESCAPED = "\u2060"  # ends a reply shown with every special character escaped, code included
@@ -218,16 +220,16 @@ def code_sentinels(text: str) -> tuple[set[str], set[str]]:
         for child in token.children or []:
             if child.type == "code_inline":
                 in_spans.update(child.content)
-    unsure = after_bare_urls(markdown)
+    unsure = unsure_paragraphs(markdown)
     return in_blocks & sentinels, (in_spans & sentinels) - (unsure - (set(text) - set(markdown)))
 
 
-def after_bare_urls(markdown: str) -> set[str]:
-    """Sentinels in paragraphs that hold a bare URL: marked's autolink may take a code span's
-    backticks there, so what is in code spans is not surely code. (Blocks are found first.)"""
+def unsure_paragraphs(markdown: str) -> set[str]:
+    """Sentinels in paragraphs where marked may not see a code span where CommonMark does (a
+    bare URL, a tilde): what is in their code spans is not surely code. (Blocks are found first.)"""
     found: set[str] = set()
     for paragraph in BLANK_LINE.split(markdown):
-        if BARE_URL.search(paragraph):
+        if UNSURE_SPANS.search(paragraph):
             found.update(paragraph)
     return found
 
