@@ -321,9 +321,9 @@ def test_markdown_code_tables_and_latex_still_render(page, tmp_path):
 def test_a_users_message_is_named_copied_and_edited_as_typed(page, tmp_path):
     """gradio puts the text it was sent (a verbatim block) in the message's name, its copy button
     and its edit box: the page's script gives each the typed text."""
-    typed = "Copy me: **as typed** <i>tags</i> ```fences``` $x$ and \\($$y$$\\)"
+    typed = "Copy me: **as typed** <i>tags</i> ```fences``` $x$ and \\($$y$$\\) and $$&lt;$$"
     drawn = draw(page, tmp_path, [{"role": "user", "content": typed}, {"role": "assistant", "content": "ok"}])
-    assert drawn[0]["text"] == as_drawn(typed), "LaTeX inside LaTeX shows as typed too"
+    assert drawn[0]["text"] == as_drawn(typed), "LaTeX inside LaTeX, an entity in LaTeX: as typed too"
     message = page.locator("#chatbot [data-testid=user]").last
     expect(message).to_have_attribute("aria-label", f"user's message: {typed}")
     user_buttons = page.locator("#chatbot .icon-button-wrapper:has(button[aria-label=Edit])").last

@@ -175,11 +175,13 @@ LIVE_PAGE_HEAD = """
         named.set(message, typed(label));
         message.setAttribute("aria-label", typed(label));
       }
-      // gradio takes LaTeX out before Markdown and puts it back in one pass, so a span inside
-      // another (`\\($$x$$\\)`) comes back as its placeholder: the block gets the typed text.
+      // gradio takes LaTeX out before Markdown and puts it back as HTML, in one pass: a span inside
+      // another (`\\($$x$$\\)`) comes back as its placeholder, and an entity in a span (`$&lt;$`)
+      // as its character. The block's text (text only: nothing is parsed) is set to the typed text.
       const code = message.querySelector("code.language-as-typed");
       const text = named.get(message).slice(USER_PREFIX.length);
-      if (code && code.textContent.includes("%%%LATEX_BLOCK_")) code.textContent = text.endsWith("\\n") ? text : text + "\\n";
+      const drawn = text.endsWith("\\n") ? text : text + "\\n";
+      if (code && code.textContent !== drawn) code.textContent = drawn;
     }
     for (const box of document.querySelectorAll("#chatbot textarea.edit-textarea")) {
       if (typed(box.value) === box.value) continue;
