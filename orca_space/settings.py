@@ -19,6 +19,9 @@ from .sharing.store import DEFAULT_MAX_SNAPSHOT_BYTES, default_data_dir
 from .tiny import MODEL_ID
 
 ZERO_GPU_ENV = "SPACES_ZERO_GPU"
+# Who may show the page in a frame (CSP frame-ancestors): the app itself and Hugging Face, whose
+# Space page embeds the app in an iframe.
+FRAME_ANCESTORS = "'self' https://huggingface.co https://*.hf.space"
 TRUE_VALUES = ("1", "t", "true")  # what `spaces` itself takes for "on" (spaces/config.py)
 
 
@@ -145,6 +148,12 @@ OPTIONS = (
         0.0,
         float,
     ),
+    Option(
+        "--frame-ancestors",
+        "ORCA_FRAME_ANCESTORS",
+        "sites that may show the page in a frame, as CSP frame-ancestors sources, space-separated",
+        FRAME_ANCESTORS,
+    ),
 )
 # Spaces and gradio deployments set these; honour them when ours are unset.
 FALLBACK_ENV = {
@@ -195,6 +204,7 @@ class Settings:
     links_per_hour: int = 20
     links_max_mb: int = 1024
     link_expiry_days: float = 0.0
+    frame_ancestors: str = FRAME_ANCESTORS
     hf_token: str | None = None
 
 
@@ -250,9 +260,20 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
         parser.error("--links-per-hour cannot be negative and --links-max-mb must be at least 1")
     if not 0 <= values["link_expiry_days"] < math.inf:
         parser.error("--link-expiry-days must be 0 (no expiry) or a positive number of days")
+    if problem := frame_ancestors_problem(values["frame_ancestors"]):
+        parser.error(f"--frame-ancestors: {problem}")
     values["data_dir"] = values["data_dir"] or str(default_data_dir(environ))
     values["zerogpu"] = values["zerogpu"] or on_zerogpu(environ)
     return Settings(**values, hf_token=environ.get("HF_TOKEN") or None)
+
+
+def frame_ancestors_problem(sources: str) -> str | None:
+    """Why `sources` is not a list of CSP sources that stays one directive, or None."""
+    if not sources.strip():
+        return "give at least one source ('none' for no frame at all)"
+    if bad := sorted({c for c in sources if c in ";," or ord(c) < 0x21 and c != " " or ord(c) > 0x7E}):
+        return f"a source cannot hold {' '.join(repr(c) for c in bad)}"
+    return None
 
 
 def variables_for(option: Option) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ from orca_space.web.page.page_state import is_plain_data
 from orca_space.web.page.panels import import_conversation, read_import
 from orca_space.web.page.prompt_view import PromptView
 from orca_space.web.page.replying import make_continue, make_respond
+from orca_space.web.page.typed_message import shown_message
 from orca_space.web.page.ui import build_ui, choose_preset, status_markdown
 
 PARAMS = (100, 0.4, 0.95, 40, 1.1)
@@ -355,8 +356,9 @@ def test_import_loads_everything_or_nothing():
 
 def test_the_chat_goes_to_the_browser_as_written_and_comes_back_so(page):
     """What the browser gets is what it sends back as the next turn's history: a reply's raw HTML
-    is made literal on the way out and restored on the way in; nothing else is rewritten (gradio's
-    cleandoc took the indentation and tabs of a pasted snippet before)."""
+    is made literal and a user's message a verbatim block on the way out, both restored on the
+    way in; nothing else is rewritten (gradio's cleandoc took the indentation and tabs of a
+    pasted snippet before)."""
     chatbot = next(block for block in page.blocks.values() if isinstance(block, gr.Chatbot))
     # gradio rebuilds a session's chatbot from its constructor arguments when an event sets one of
     # its properties (opening a saved conversation does): the rebuilt one must send as written too.
@@ -375,7 +377,7 @@ def assert_sent_as_written(chatbot):
     ]
     sent = chatbot.postprocess(history)
     texts = [message.content[0].text for message in sent.root]
-    assert texts[:2] == [typed, "See \\<b>this\\</b>, `<i>code</i>` and $a<b$."]
+    assert texts[:2] == [shown_message(typed), "See &lt;b>this&lt;/b>, `<i>code</i>` and $a<b$."]
     back = chatbot.preprocess(sent)
     assert [part["text"] for message in back for part in message["content"]] == [typed, reply, ""]
     assert read_figures(back[2]) == ReplyFigures(3, ending="stop"), "the note's figures survive"

@@ -164,7 +164,8 @@ def launch(demo: gr.Blocks, runtime: ChatRuntime, settings: Settings, **override
         "routes": [health_route(runtime), metrics_route(runtime), *api.routes()],
         "middleware": [
             Middleware(RemoteFetchGuard),  # no fetching of URLs for clients: see remote_fetch_guard.py
-            Middleware(SameOriginMedia),  # no picture in a message calls home: see media_policy.py
+            # No picture in a message calls home, no form posts elsewhere: see media_policy.py.
+            Middleware(SameOriginMedia, frame_ancestors=settings.frame_ancestors),
             Middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES),
             Middleware(OverlongIntegers),  # a named 400, not a parser's 500: see json_numbers.py
             # /v1 and gradio's MCP mount are not behind gradio's login: see access.py.

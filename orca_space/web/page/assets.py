@@ -58,9 +58,19 @@ CSS = """
 #load-status { overflow: visible; }
 #prompt-text { max-height: 24rem; overflow-y: auto; }
 
-/* A user's message as typed (see LIVE_PAGE_HEAD): its spaces and line breaks kept, long tokens
-   wrapped rather than overflowing. */
-#chatbot .md.as-typed { white-space: pre-wrap; overflow-wrap: anywhere; }
+/* A user's message reaches Markdown as a verbatim block (typed_message): drawn as the message's
+   own text, its spaces and line breaks kept, long tokens wrapped rather than overflowing, no
+   code box and no copy-code button. */
+#chatbot .code_wrap:has(> pre > code.language-as-typed) { margin: 0; position: static; }
+#chatbot .code_wrap:has(> pre > code.language-as-typed) > .copy_code_button { display: none; }
+#chatbot pre:has(> code.language-as-typed), #chatbot code.language-as-typed {
+  margin: 0; padding: 0; border: none; border-radius: 0; background: none; box-shadow: none;
+  color: inherit; font: inherit; white-space: pre-wrap; overflow-wrap: anywhere; overflow: visible; }
+
+/* Nothing in a message draws outside its bubble: a `style` gradio's sanitizer keeps (KaTeX needs
+   them) cannot pin an element over the page; `contain: paint` makes the bubble the containing
+   block of fixed and absolute descendants and clips them to it. */
+#chatbot .message-content { contain: paint; }
 
 /* Whole words on narrow screens: gradio's highlighted text breaks anywhere (`break-all`) and a
    narrow table column breaks its words; a word too long for the line (a URL) may still wrap. */
@@ -141,32 +151,50 @@ OPEN_SIDEBAR_ON_WIDE_SCREENS_JS = """
 """
 
 
-# gradio's chatbot renders every message as Markdown with raw HTML, a user's too, and offers no
-# setting for one role: `hi</s><s> and <b>bold?</b>` showed bold and struck-through, `</s>` gone.
-# The message's own text is in the aria-label gradio gives it ("user's message: " + the text), so
-# the rendered body is replaced by that text (replies keep their Markdown: chat_hooks); an
-# observer's callback runs before the browser paints, so the rendered form is never seen. The
-# textbox and its send and stop buttons get names (gradio's buttons are bare icons), and the
-# examples' `role="list"`,
-# whose items are buttons, becomes a group. In the page's <head>, so that it watches from the
-# first render. tests/test_browser_polish.py fails if a gradio upgrade moves what it relies on.
+# A user's message reaches the browser as a verbatim block (`typed_message`), so the text gradio
+# puts where a person meets it is that block: the message's accessible name (gradio's aria-label,
+# "user's message: " + the text), the box that edits it, and what the copy buttons copy. The
+# script gives each the typed text back. The textbox and its send and stop buttons get names
+# (gradio's buttons are bare icons), and the examples' `role="list"`, whose items are buttons,
+# becomes a group. In the page's <head>, so that it watches from the first render; an observer's
+# callback runs before the browser paints. tests/test_browser_polish.py fails if a gradio upgrade
+# moves what it relies on.
 LIVE_PAGE_HEAD = """
 <script>
 (() => {
   const USER_PREFIX = "user's message: ";
+  // typed_message.shown_message: a fence longer than any run of backticks inside, `as-typed`.
+  const SHOWN = /(`{3,})as-typed\\n([\\s\\S]*?)\\n\\1(?!`)/g;
+  const typed = (text) => text.replace(SHOWN, (_, fence, inner) => inner);
   // gradio wraps the textbox and its buttons in one <label>, so the box's name took in the button's.
   const NAMES = {
     "textarea": "Message", "button.submit-button": "Send message", "button.stop-button": "Stop the reply",
   };
+  if (navigator.clipboard) {
+    const write = navigator.clipboard.writeText.bind(navigator.clipboard);
+    navigator.clipboard.writeText = (text) => write(typeof text === "string" ? typed(text) : text);
+  }
+  const named = new WeakMap();  // a user's message -> the name this script gave it
   const keep = () => {
     for (const message of document.querySelectorAll('#chatbot [data-testid="user"][aria-label]')) {
       const label = message.getAttribute("aria-label");
-      const body = message.querySelector(".message-content > .md");
-      if (!body || !label.startsWith(USER_PREFIX)) continue;
-      const typed = label.slice(USER_PREFIX.length);
-      if (body.childElementCount === 0 && body.textContent === typed) continue;
-      body.textContent = typed;
-      body.classList.add("as-typed");
+      if (!label.startsWith(USER_PREFIX)) continue;
+      if (named.get(message) !== label) {
+        named.set(message, typed(label));
+        message.setAttribute("aria-label", typed(label));
+      }
+      // gradio takes LaTeX out before Markdown and puts it back as HTML, in one pass: a span inside
+      // another (`\\($$x$$\\)`) comes back as its placeholder, and an entity in a span (`$&lt;$`)
+      // as its character. The block's text (text only: nothing is parsed) is set to the typed text.
+      const code = message.querySelector("code.language-as-typed");
+      const text = named.get(message).slice(USER_PREFIX.length);
+      const drawn = text.endsWith("\\n") ? text : text + "\\n";
+      if (code && code.textContent !== drawn) code.textContent = drawn;
+    }
+    for (const box of document.querySelectorAll("#chatbot textarea.edit-textarea")) {
+      if (typed(box.value) === box.value) continue;
+      box.value = typed(box.value);
+      box.dispatchEvent(new Event("input", {bubbles: true}));
     }
     for (const [selector, name] of Object.entries(NAMES)) {
       for (const control of document.querySelectorAll(`#message-box ${selector}`)) {

@@ -2,9 +2,10 @@
 
 The chat and the read-only view of a conversation link (`link_page`) both build their Chatbot
 here, so that Markdown, code and LaTeX look the same in both, and whatever keeps a message's
-text from running as HTML or script in one keeps it so in the other: every message goes to the
-browser as written and comes back so (`send_messages_as_written`), a user's shown as typed by the
-page's script (`assets.LIVE_PAGE_HEAD`), a reply's raw HTML as text (`reply_markdown`).
+text from running as HTML or script, or making the browser fetch anything, in one keeps it so in
+the other: every message goes to the browser as written and comes back so
+(`send_messages_as_written`), a user's as typed (`typed_message`), a reply's Markdown rendered
+but its raw HTML and pictures as text (`reply_markdown`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import gradio as gr
 
 from .reply_markdown import LATEX_DELIMITERS, shown_reply, written_reply
+from .typed_message import shown_message, written_message
 
 # Marks the page's chatbots, whose messages go to the browser as written (send_messages_as_written).
 AS_WRITTEN = "as-written"
@@ -40,15 +42,16 @@ def conversation_chatbot(**layout: Any) -> gr.Chatbot:
 
 @functools.cache
 def send_messages_as_written() -> None:
-    """Send every message of a chatbot marked AS_WRITTEN to the browser as written, a reply's raw
-    HTML as text, and take the chat the browser sends back (the next turn's history) as written.
+    """Send every message of a chatbot marked AS_WRITTEN to the browser as written, a user's as
+    typed and a reply's raw HTML as text, and take the chat the browser sends back (the next
+    turn's history) as written.
 
     gradio's Chatbot passes text content through `inspect.cleandoc` on its way out (the first
     line's indentation, a common indentation and trailing blank lines dropped, tabs made spaces),
     and the browser sends that back, so from the second turn on the model saw changed messages.
     Text given as a typed part is sent as it is. A reply's text goes out through `shown_reply`
-    and comes back through `written_reply`, its exact inverse; a user's message is shown as
-    typed, Markdown and all, by the page's script (`assets.LIVE_PAGE_HEAD`).
+    and comes back through `written_reply`, its exact inverse; a user's through `shown_message`
+    and `written_message`.
 
     The class's methods are wrapped, not one chatbot's: gradio rebuilds a session's chatbot from
     its constructor arguments whenever an event sets one of its properties
@@ -81,10 +84,11 @@ def class_list(classes: str | list[str] | None) -> list[str]:
 
 
 def message_as_shown(message: object) -> object:
-    """A history message with its text as typed parts, a reply's through `shown_reply`."""
+    """A history message with its text as typed parts, through `shown_reply` (a reply) or
+    `shown_message` (anyone else's)."""
     if not isinstance(message, dict) or "content" not in message:
         return message  # gradio's own message objects: none on this page
-    show = shown_reply if message.get("role") == "assistant" else str
+    show = shown_reply if message.get("role") == "assistant" else shown_message
     content = message["content"]
     if isinstance(content, str):
         return {**message, "content": {"type": "text", "text": show(content)}}
@@ -102,7 +106,7 @@ def text_part(part: object, show: Callable[[str], str]) -> object:
 
 
 def message_as_written(message: dict) -> dict:
-    """A message from the browser, a reply's text parts through `written_reply`."""
-    if message.get("role") != "assistant":
-        return message
-    return {**message, "content": [text_part(part, written_reply) for part in message["content"]]}
+    """A message from the browser, its text parts through `written_reply` (a reply) or
+    `written_message`."""
+    written = written_reply if message.get("role") == "assistant" else written_message
+    return {**message, "content": [text_part(part, written) for part in message["content"]]}
