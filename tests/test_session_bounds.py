@@ -21,7 +21,8 @@ from orca_space.web import session_bounds
 from orca_space.web.session_bounds import SessionLimits, TooLarge, stored_size
 from tests.helpers import chat_and_sync_ids, chat_through_api, page_in_process
 
-NEW_SESSIONS_A_MINUTE = 4  # the app's --rate-limit here
+RATE_LIMIT = 4  # the app's --rate-limit here: new sessions a minute are 4 times that
+NEW_SESSIONS_A_MINUTE = RATE_LIMIT * session_bounds.SESSIONS_PER_MESSAGE
 LIMITS = SessionLimits(max_list_items=2_000, max_session_bytes=8 << 20)  # all sessions: --session-memory-mb
 TOTAL_MB = 12
 
@@ -49,7 +50,7 @@ def page(tiny_dir):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(session_bounds, "DEFAULT_LIMITS", LIMITS)
         args = ("--model", str(tiny_dir), "--trusted-proxy-hops", "1")
-        args += ("--rate-limit", str(NEW_SESSIONS_A_MINUTE), "--session-memory-mb", str(TOTAL_MB))
+        args += ("--rate-limit", str(RATE_LIMIT), "--session-memory-mb", str(TOTAL_MB))
         with page_in_process(*args) as (url, runtime, demo):
             with httpx.Client(base_url=url, timeout=60) as http:
                 yield http, demo, chat_and_sync_ids(http)["sync"]

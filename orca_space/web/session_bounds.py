@@ -16,8 +16,9 @@ tests/test_session_bounds.py fails if a gradio upgrade moves them):
    measured (`stored_size`: Python's own size of every object in it). A list longer than
    `max_list_items` (a history of more messages than a chat can hold, notes included) or a session
    over `max_session_bytes` is refused, in words, and nothing of it is kept;
-2. a new session counts against the chat's rate limit, per address, in a limiter of its own (a
-   person opens a tab or two a minute; a script forging sessions opens thousands);
+2. new sessions are rate limited per address, in a limiter of their own at
+   `SESSIONS_PER_MESSAGE` times the chat's rate limit (a person opens a tab or two a minute and
+   a classroom behind one address a few dozen; a script forging sessions opens thousands);
 3. after the event, all sessions together stay under `max_total_bytes` (each also counting what a
    bare session costs gradio), the least recently used going first, and a session unused for
    `idle_s` is dropped. gradio's own cap, `MAX_SESSIONS`, is passed at launch.
@@ -45,6 +46,10 @@ from ..runtime import ChatRuntime
 from .refusals import refusal
 
 log = logging.getLogger(__name__)
+# New sessions a minute per address, for each chat message the rate limit allows: a page load,
+# a reload and every gradio_client or link reader is a session, and many people may share an
+# address (a classroom, an office), while forging sessions to crowd others out takes thousands.
+SESSIONS_PER_MESSAGE = 4
 # Whether gradio is running an event's first step (not a streamed update), for postprocess_data.
 FIRST_STEP: contextvars.ContextVar[bool] = contextvars.ContextVar("first_step", default=False)
 MAX_SESSIONS = 2_000  # gradio's state_session_capacity (its default is 10,000)
@@ -103,7 +108,11 @@ class SessionBounds:
         self.limits = limits
         self.clock = clock
         limiter = runtime.limiter
-        self.new_sessions = None if limiter is None else RateLimiter(limiter.limit, limiter.window, clock)
+        self.new_sessions = (
+            None
+            if limiter is None
+            else RateLimiter(limiter.limit * SESSIONS_PER_MESSAGE, limiter.window, clock)
+        )
         # Per session (gradio's SessionState, dropped with it): bytes kept per block id.
         self.sizes: weakref.WeakKeyDictionary[Any, dict[int, int]] = weakref.WeakKeyDictionary()
         self.last_used: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
