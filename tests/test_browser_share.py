@@ -26,6 +26,7 @@ from orca_space.sharing.store import DB_FILENAME, StoreLimits
 from orca_space.startup import new_runtime
 from orca_space.web.page.link_page import DELETED, WRONG_TOKEN
 from orca_space.web.page.share_panel import NOT_HERE, PANEL_LABEL
+from orca_space.web.page.typed_message import written_message
 from orca_space.web.page.ui import build_ui
 from orca_space.web.server import launch
 from tests.browser_flow import (
@@ -300,7 +301,8 @@ def test_twenty_shares_at_once_from_different_sessions_are_all_readable(app_url)
         for index, link in links.items():
             header, messages, *_ = open_over_http(http, ids["open"], LINK_ID.search(link).group(1))
             assert "A shared conversation" in header, header
-            assert messages[0]["content"][0]["text"] == f"n{index}", "each link holds its own conversation"
+            shown = messages[0]["content"][0]["text"]  # drawn as typed: a verbatim block (typed_message.py)
+            assert written_message(shown) == f"n{index}", "each link holds its own conversation"
         assert len(set(links.values())) == 20
 
 
