@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from . import capture, decode_step, device, hf_weights, kv_cache, mistral, packed
+from . import capture, decode_step, device, hf_weights, key_groups, kv_cache, mistral, packed
 from .requests import (
     NON_FINITE_MESSAGE,
     RequestHandle,
@@ -111,6 +111,7 @@ class BatchedEngine(RequestQueue):
         self.step_options = step_options or defaults_for(self.device.type)
         self.step_ms: dict[str, float] = {}  # replay times measured at warm-up (CUDA graphs)
         self.pad_batches = self.use_graphs  # round decode batches up to the captured sizes
+        self.step_cost: key_groups.StepCost | None = None  # set at the first decode step
         self.batch_sizes = decode_step.batch_buckets(self.capacity, smallest=2 if compile_step else 1)
         device.choose_attention_kernels(self.device)
         self.attention = device.attention_kernel_name(self.device)
@@ -417,44 +418,64 @@ class BatchedEngine(RequestQueue):
         rows = [s for s in self._slots if s is not None and s.decoding]
         if not rows:
             return
-        batch = max(s.index for s in rows) + 1
-        if self.pad_batches:
-            batch = decode_step.batch_bucket(batch, self.batch_sizes)
+        results: dict[int, tuple] = {}
         try:
-            tokens = self._run_decode_step(batch)
-            recorded = self._recorded_logits(rows, lambda i, slot: self.buffers.logits[slot.index])
-            asked = token_logprobs(rows, self.buffers.logprobs, [slot.index for slot in rows])
+            for group in self._key_groups(rows):
+                tokens = self._run_decode_step(group.batch, group.kv_len, group.rows)
+                ours = [slot for slot in rows if slot.index in group.rows]
+                recorded = self._recorded_logits(ours, lambda i, slot: self.buffers.logits[slot.index])
+                asked = token_logprobs(ours, self.buffers.logprobs, [slot.index for slot in ours])
+                for slot in ours:
+                    results[slot.index] = (
+                        tokens[slot.index],
+                        recorded.get(slot.index),
+                        asked.get(slot.index),
+                    )
         except Exception as exc:  # every request in the step
             self._fail(rows, exc)
             return
         for slot in rows:
-            self._accept(slot, tokens[slot.index], recorded.get(slot.index), asked.get(slot.index))
+            self._accept(slot, *results[slot.index])
 
-    def _run_decode_step(self, batch: int) -> list[int]:
-        """Fill rows [0, batch) of the input buffers, run the step, read the sampled tokens back."""
-        kv_len, masked = self._decode_inputs(batch)
+    def _key_groups(self, rows: list[Slot]) -> list[key_groups.KeyGroup]:
+        """One launch, or two when one long chat would make every row read its keys (key_groups.py)."""
+        positions = {slot.index: slot.prompt_len + slot.generated - 1 for slot in rows}  # slot.next_position
+        if self.step_cost is None:
+            self.step_cost = key_groups.step_cost(self.weights, self.cache)
+        return key_groups.key_groups(positions, self.cache_len, self._step_batch, self.step_cost)
+
+    def _step_batch(self, rows: int) -> int:
+        """The batch a step over slots [0, rows) runs at: a captured size with graphs."""
+        return decode_step.batch_bucket(rows, self.batch_sizes) if self.pad_batches else rows
+
+    def _run_decode_step(self, batch: int, kv_len: int, live: tuple[int, ...]) -> list[int]:
+        """Fill rows [0, batch) of the input buffers (`live` decoding, the others riding along),
+        run the step over `kv_len` keys, read the sampled tokens back."""
+        masked = self._decode_inputs(batch, live)[1]
         if self.graphs is not None:
             self.graphs.replay(batch, kv_len)
         else:
-            decoding = [s for s in self._slots[:batch] if s is not None and s.decoding]
+            decoding = [self._slots[index] for index in live]
             keep_logits = any(s.handle.record_logits for s in decoding)
             shortcuts = eager_shortcuts([s.handle.params for s in decoding])
             self.eager_step(batch, kv_len, *shortcuts, keep_logits, wants_logprobs(decoding), masked)
-        return self.buffers.next[:batch].tolist()  # the one host sync per step
+        return self.buffers.next[:batch].tolist()  # the one host sync per launch
 
-    def _decode_inputs(self, batch: int) -> tuple[int, bool]:
+    def _decode_inputs(self, batch: int, live: tuple[int, ...] | None = None) -> tuple[int, bool]:
         """Fill rows [0, batch) of the decode input buffers (tokens, positions and the grammar
-        masks); returns the step's key length and whether any row is constrained.
-        Rows with nothing to decode ride along at position -1 (see `mistral.step_context`)."""
+        masks) for the decoding slots among them (those in `live`, if given); returns the key
+        length they need and whether any of them is constrained. Other rows ride along at
+        position -1 (see `mistral.step_context`)."""
         tokens, positions = [0] * batch, [-1] * batch
+        decoding_rows: list = [None] * batch
         for index in range(batch):
             slot = self._slots[index]
-            if slot is not None and slot.decoding:
+            if slot is not None and slot.decoding and (live is None or index in live):
                 position = positions[index] = slot.prompt_len + slot.generated - 1  # slot.next_position
                 tokens[index] = slot.last_token
                 slot.high_water = max(slot.high_water, position + 1)
+                decoding_rows[index] = slot.handle
         kv_len = kv_cache.kv_bucket(max(positions) + 1, self.cache_len)
-        decoding_rows = [s.handle if s is not None and s.decoding else None for s in self._slots[:batch]]
         masked = self.masks.step_mask(decoding_rows, self.buffers.allowed)
         self.staging.copy_into(
             [self.buffers.tokens[:batch], self.buffers.positions[:batch]], [tokens, positions]

@@ -160,8 +160,11 @@ def sample_decoded(
         logits, params, seen, seeds, positions, all_greedy, top_k_bound, counts, logprobs, allowed
     )  # [B]
     column = chosen.clamp(min=0)[:, None]  # a NON_FINITE row's request ends anyway
-    seen.scatter_(1, column, True)
-    counts.scatter_add_(1, column, torch.ones_like(column, dtype=counts.dtype))
+    # A row riding along (position -1) may be a live request decoding in the step's other launch
+    # (key_groups.py): its `seen` and `counts` stay as they were.
+    live = positions[:, None] >= 0  # [B, 1]
+    seen.scatter_(1, column, seen.gather(1, column) | live)
+    counts.scatter_add_(1, column, live.to(counts.dtype))
     buffers.next[:batch].copy_(chosen)
 
 

@@ -36,6 +36,7 @@ from .mistral import (
     attention_mask,
     grouped_mask,
     logits_of,
+    prefill_bias,
     rms_norm,
     rope_cos_sin,
     step_context,
@@ -52,7 +53,7 @@ class PromptRow:
     end: int  # one past its last
     entries: torch.Tensor  # long [T]: the ring entries its keys go to
     kv_len: int  # ring entries its queries attend over
-    mask: torch.Tensor  # bool [1, 1, G * T, kv_len]
+    mask: torch.Tensor  # bool [1, 1, G * T, kv_len], or its additive bias (`mistral.prefill_bias`)
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def prefill(
         ]
     )
     rows = [
-        prompt_row(shape, chunk, begin, end, positions, cache.cache_len)
+        prompt_row(weights, chunk, begin, end, positions, cache.cache_len)
         for chunk, begin, end in zip(chunks, [0, *ends[:-1]], ends)
     ]
     x = F.embedding(tokens, weights.embed)[None]  # [1, N, hidden]
@@ -120,15 +121,15 @@ def prefill(
 
 
 def prompt_row(
-    shape: ModelShape, chunk: PromptChunk, begin: int, end: int, positions: torch.Tensor, cache_len: int
+    weights: MistralWeights, chunk: PromptChunk, begin: int, end: int, positions: torch.Tensor, cache_len: int
 ) -> PromptRow:
     """A chunk's ring entries and mask, built once per forward (every layer shares them)."""
+    shape = weights.shape
     own = positions[begin:end]  # [T]
     kv_len = min(cache_len, chunk.start + len(chunk.tokens))
     visible = attention_mask(own[None], kv_len, cache_len, shape.sliding_window)  # [1, 1, T, L]
-    return PromptRow(
-        chunk.slot, begin, end, torch.remainder(own, cache_len), kv_len, grouped_mask(visible, shape.groups)
-    )
+    mask = prefill_bias(grouped_mask(visible, shape.groups), weights.dtype)
+    return PromptRow(chunk.slot, begin, end, torch.remainder(own, cache_len), kv_len, mask)
 
 
 def packed_layer(
