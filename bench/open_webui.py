@@ -16,8 +16,13 @@ What it does:
 4. In headless Chromium (/usr/bin/chromium) with Open WebUI's defaults (no setting changed):
    sends a message and watches the reply stream in (the text seen growing), presses
    "Continue Response" and watches the reply grow again, and waits for the chat's title to be
-   generated (Open WebUI's title task, sent without max_tokens).
-5. Prints the result and writes it as JSON. Each step is recorded as passed or failed with what
+   generated (Open WebUI's title task; 0.12.4 sends it with max_tokens 1000, its follow-up and
+   tag tasks with none). Continue's growth is read from the chat Open WebUI saved (the page renders the demo model's
+   random `$` and `\\` as LaTeX, so its text is no measure), and the proxy counts the content
+   deltas and finish reason of each streamed answer.
+5. Sends Open WebUI's own chat and continue requests to the Space again, unstreamed, for one
+   token, to read how many prompt tokens they take (its tools included) of the 8192 context.
+6. Prints the result and writes it as JSON. Each step is recorded as passed or failed with what
    was seen, so a failure names where it broke; the exit status is 1 if any step failed.
 
 Heavy (Open WebUI installs torch and friends; it starts in about a minute): not part of CI.
@@ -33,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,6 +153,23 @@ def watch_reply(page: Page, seen, kind: str, count: int) -> list[int]:
     raise TimeoutError(f"no end of the {kind} reply within {REPLY_TIMEOUT_S:.0f}s (lengths {lengths[-5:]})")
 
 
+STORED_REPLY_JS = """async () => {
+  const id = location.pathname.split('/').pop();
+  const r = await fetch(`/api/v1/chats/${id}`, {headers: {Authorization: `Bearer ${localStorage.token}`}});
+  const history = (await r.json()).chat.history;
+  return history.messages[history.currentId].content;
+}"""
+
+
+def stored_reply(page: Page) -> str | None:
+    """The last reply as Open WebUI saved it. The page's text is no measure of length: the demo
+    model's random tokens hold `$` and `\\` that Open WebUI renders as LaTeX, which can shrink."""
+    try:
+        return page.evaluate(STORED_REPLY_JS)
+    except Exception:  # an API that changed shape: the page's text is used instead
+        return None
+
+
 def open_chat(page: Page, url: str) -> dict:
     page.goto(url, wait_until="domcontentloaded")
     expect(page.locator(CHAT_INPUT)).to_be_visible(timeout=120_000)
@@ -170,13 +193,14 @@ def send_message(page: Page, seen) -> dict:
 
 
 def continue_reply(page: Page, seen) -> dict:
-    before = last_reply(page)
+    before = stored_reply(page) or last_reply(page)
     page.locator(ASSISTANT_TEXT).last.hover()
     button = page.locator(CONTINUE_BUTTON).last
     expect(button).to_be_visible(timeout=20_000)
     button.click()
     lengths = watch_reply(page, seen, "continue", 1)
-    after = last_reply(page)
+    stored = stored_reply(page)
+    after = stored or last_reply(page)
     request = seen.finished("continue")[0]
     if request["status"] != 200:
         raise AssertionError(f"the Space answered {request['status']}: {request.get('answer')}")
@@ -187,6 +211,7 @@ def continue_reply(page: Page, seen) -> dict:
             f"now ends {after[-200:]!r}"
         )
     return {
+        "measured_on": "stored reply" if stored is not None else "page text",
         "chars_before": len(before),
         "chars_after": len(after),
         "distinct_lengths_seen": len(set(lengths)),
@@ -244,6 +269,23 @@ def drive(url: str, seen, shots: Path) -> dict:
     return steps.results
 
 
+def prompt_tokens(space: str, seen) -> dict[str, int | str]:
+    """How many tokens of the context Open WebUI's chat and continue prompts take (its tools
+    included): each request sent again as it was, unstreamed, for one token, to read its usage."""
+    sizes: dict[str, int | str] = {}
+    for kind, raw in seen.bodies.items():
+        body = {**json.loads(raw), "stream": False, "max_tokens": 1}
+        request = urllib.request.Request(
+            f"{space}/v1/chat/completions", json.dumps(body).encode(), {"content-type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=300) as response:
+                sizes[kind] = json.load(response)["usage"]["prompt_tokens"]
+        except OSError as error:
+            sizes[kind] = f"not measured: {error}"
+    return sizes
+
+
 def space_v1_lines(log: Path) -> list[str]:
     return [line.rstrip() for line in log.read_text(errors="replace").splitlines() if "/v1" in line]
 
@@ -281,8 +323,9 @@ def main() -> None:
                 print(f"Open WebUI {OPEN_WEBUI_VERSION} answered after {start_s}s; driving it", flush=True)
                 shots = args.out.with_suffix(".png")
                 steps = drive(url, seen, shots)
+                sizes = prompt_tokens(space, seen)
             except Exception as error:
-                start_s, steps = None, {"start": {"ok": False, "error": str(error)}}
+                start_s, steps, sizes = None, {"start": {"ok": False, "error": str(error)}}, {}
             finally:
                 webui.terminate()
                 try:
@@ -296,6 +339,8 @@ def main() -> None:
             "date": today,
             "open_webui_start_s": start_s,
             "steps": steps,
+            "prompt_tokens_of_open_webui_requests": sizes,
+            "space_context_length": 8192,  # app.py's default --context-length, which this run uses
             "requests_to_space": seen.snapshot(),
             "space_v1_log": space_v1_lines(space_log),
             "open_webui_log_tail": webui_tail
@@ -323,9 +368,17 @@ def print_summary(result: dict) -> None:
             if "fields" in r
             else ""
         )
+        if "finish_reason" in r:
+            extra += (
+                f" content_deltas={r['content_deltas']} content_chars={r['content_chars']}"
+                f" tool_call_deltas={r['tool_call_deltas']} finish_reason={r['finish_reason']}"
+            )
         print(f"  {r['method']} {r['path']} -> {r['status']}{extra}")
         if not isinstance(r["status"], int) or r["status"] >= 400:
             print(f"      answer: {r.get('answer') or r.get('error')}")
+    print(
+        f"prompt tokens (of the Space's {result['space_context_length']}): {result['prompt_tokens_of_open_webui_requests']}"
+    )
     print("the Space's log lines about /v1:")
     for line in result["space_v1_log"]:
         print(f"  {line}")

@@ -62,11 +62,39 @@ def answer_content(raw: bytes) -> str:
         return raw[:300].decode("utf-8", "replace")
 
 
+class StreamTally:
+    """What a streamed chat answer held: its content deltas, their characters, tool-call deltas
+    and the finish reason, read from the SSE lines as they pass."""
+
+    def __init__(self) -> None:
+        self.pending = b""
+        self.tally = {"content_deltas": 0, "content_chars": 0, "tool_call_deltas": 0, "finish_reason": None}
+
+    def feed(self, chunk: bytes) -> None:
+        self.pending += chunk
+        *lines, self.pending = self.pending.split(b"\n")
+        for line in lines:
+            if not line.startswith(b"data: {"):
+                continue
+            try:
+                choice = json.loads(line[6:])["choices"][0]
+            except (ValueError, KeyError, IndexError):
+                continue
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                self.tally["content_deltas"] += 1
+                self.tally["content_chars"] += len(delta["content"])
+            if delta.get("tool_calls"):
+                self.tally["tool_call_deltas"] += 1
+            self.tally["finish_reason"] = choice.get("finish_reason") or self.tally["finish_reason"]
+
+
 @dataclass
 class Seen:
     """The requests that went through, in order."""
 
     requests: list[dict] = field(default_factory=list)
+    bodies: dict[str, bytes] = field(default_factory=dict)  # the last chat and continue request
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, entry: dict) -> None:
@@ -94,6 +122,8 @@ def make_handler(upstream_port: int, seen: Seen):
             raw = self.rfile.read(length) if length else b""
             entry = {"method": self.command, "path": self.path, "status": None}
             entry.update(summarize(raw) if raw else {})
+            if entry.get("kind") in ("chat", "continue"):
+                seen.bodies[entry["kind"]] = raw
             seen.add(entry)  # in flight until its status is set
             started = time.monotonic()
             try:
@@ -115,14 +145,19 @@ def make_handler(upstream_port: int, seen: Seen):
             self.send_header("Connection", "close")
             self.end_headers()
             kept = bytearray()  # the answer's start (all of an error's)
+            stream = StreamTally() if entry.get("stream") else None
             try:
                 while chunk := response.read1(65536):
                     kept += chunk[: max(0, 8192 - len(kept))]
+                    if stream:
+                        stream.feed(chunk)
                     self.wfile.write(chunk)
                     self.wfile.flush()
             finally:
                 upstream.close()
                 entry["status"] = response.status
+                if stream and response.status == 200:
+                    entry.update(stream.tally)
                 if response.status >= 400:
                     entry["answer"] = kept.decode("utf-8", "replace")[:1000]
                     entry["request_body"] = raw.decode("utf-8", "replace")[:4000]
