@@ -321,7 +321,7 @@ def main() -> None:
                 wait_for_url(f"{url}/health", timeout=START_TIMEOUT_S, proc=webui)
                 start_s = round(time.monotonic() - started, 1)
                 print(f"Open WebUI {OPEN_WEBUI_VERSION} answered after {start_s}s; driving it", flush=True)
-                shots = args.out.with_suffix(".png")
+                shots = VENV.parent / "last-run.png"  # the page at the end (git-ignored)
                 steps = drive(url, seen, shots)
                 sizes = prompt_tokens(space, seen)
             except Exception as error:
