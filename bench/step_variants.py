@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from orca_space.engines import decode_step, hf_weights, kv_cache  # noqa: E402
 from orca_space.engines.selfcheck import TOLERANCES  # noqa: E402
 from orca_space.engines.step_options import BASELINE, StepOptions, write_defaults  # noqa: E402
+from orca_space.engines.warmup import time_replays  # noqa: E402
 
 FUSED_ALL = StepOptions(mask="additive", norm="fused", rope="fused")
 VARIANTS = {
@@ -100,15 +101,7 @@ def time_step(
         graphs = decode_step.DecodeGraphs(weights, cache, buffers, compile_step=False, options=options)
         graphs.step_fn = step
         graphs.capture(batch, kv_len)
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graphs.replay(batch, kv_len)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+        return next(iter(time_replays(graphs, [(batch, kv_len)], repeats).values()))
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
