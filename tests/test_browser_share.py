@@ -98,6 +98,12 @@ def texts(page, selector: str) -> list[str]:
     return [text.strip() for text in page.locator(selector).all_inner_texts()]
 
 
+def expect_texts(page, selector: str, wanted: list[str]) -> None:
+    """Waits until the messages read `wanted`: a message is drawn a moment after its bubble
+    appears (a bare read right after the count once saw one of three still empty)."""
+    expect(page.locator(selector)).to_have_text(wanted, use_inner_text=True)
+
+
 def test_share_open_read_only_continue_and_delete(app_url, person):
     sharer = person()
     open_page(sharer, app_url)
@@ -117,10 +123,13 @@ def test_share_open_read_only_continue_and_delete(app_url, person):
     for page in (sharer, reader):  # a page reached only by links: no navigation bar on either
         expect(page.get_by_role("link", name="Home")).to_have_count(0)
     expect(reader.locator(USER_MESSAGES)).to_have_count(3)
-    assert texts(reader, USER_MESSAGES) == asked and texts(reader, BOT_MESSAGES) == answered
+    expect_texts(reader, USER_MESSAGES, asked)
+    expect_texts(reader, BOT_MESSAGES, answered)
     expect(reader.locator("#chatbot .thought-group .title").first).to_contain_text("hit max new tokens")
     # A message shows as typed, as in the chat (its `**` and `$` too): no Markdown, no LaTeX.
-    assert texts(reader, USER_MESSAGES)[1] == "And about **dolphins**, with $x^2$?"
+    expect(reader.locator(USER_MESSAGES).nth(1)).to_have_text(
+        "And about **dolphins**, with $x^2$?", use_inner_text=True
+    )
     assert reader.locator(CHAT_TEXTBOX).count() == 0, "the link page has nowhere to type"
     assert reader.get_by_role("button", name="Edit").count() == 0, "and nothing to edit"
     expect(reader.get_by_role("button", name="Clear")).to_be_hidden()
@@ -131,7 +140,7 @@ def test_share_open_read_only_continue_and_delete(app_url, person):
     expect(reader.locator(CHAT_TEXTBOX)).to_be_visible()
     expect(reader.locator(USER_MESSAGES)).to_have_count(3)
     assert "continue=" not in reader.url, "a reload must not load the link over the new chat"
-    assert texts(reader, USER_MESSAGES) == asked
+    expect_texts(reader, USER_MESSAGES, asked)
     chat_and_wait(reader, "Now tell me about whales.", max_new_tokens=8)
     expect(reader.locator(BOT_MESSAGES)).to_have_count(4)
     expect(reader.locator("#conversations").get_by_text("Tell me about orcas.")).to_have_count(1)
