@@ -34,7 +34,12 @@ class FittedChat:
 
 
 class PromptTooLong(ValueError):
-    """The system message plus the new message alone do not fit the budget."""
+    """The system message plus the new message alone do not fit the budget: the prompt needs
+    `needed` tokens where `budget` (the context less the new tokens) fit."""
+
+    def __init__(self, message: str, needed: int = 0, budget: int = 0):
+        super().__init__(message)
+        self.needed, self.budget = needed, budget
 
 
 def group_turns(history: Sequence[Message]) -> list[list[Message]]:
@@ -71,7 +76,9 @@ def fit_history(
     if needed > budget:
         raise PromptTooLong(
             f"the message needs {needed} tokens with the system message, but only {budget} fit "
-            "(context length minus max new tokens); shorten it or lower max new tokens"
+            "(context length minus max new tokens); shorten it or lower max new tokens",
+            needed=needed,
+            budget=budget,
         )
     turns = group_turns(history)
     costs = [[message_cost(m) for m in turn] for turn in turns]  # each message tokenized once

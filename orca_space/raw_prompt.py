@@ -38,6 +38,8 @@ def prepare_raw_prompt(
     if len(ids) + params.max_new_tokens > context:
         raise PromptTooLong(
             f"the prompt is {len(ids):,} tokens; with {params.max_new_tokens} new tokens it does not fit "
-            f"the {context:,}-token context; shorten it or ask for fewer tokens"
+            f"the {context:,}-token context; shorten it or ask for fewer tokens",
+            needed=len(ids),
+            budget=context - params.max_new_tokens,
         )
     return PreparedChat([], params, len(ids), 0, prompt_ids=tuple(ids))

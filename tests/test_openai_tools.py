@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import operator
+import re
 from typing import Literal
 
 import jsonschema
@@ -18,6 +19,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from orca_space.web.api.tool_calls import MUST_CALL, assistant_text, tool_results_text
 from tests.helpers import running_app
 
 WEATHER_PARAMETERS = {
@@ -130,7 +132,7 @@ def test_none_and_auto_let_the_model_write_text(client, model, choice, stream):
     assert content and not calls and finish in ("stop", "length")
 
 
-def test_a_full_tool_round_trip(client, model):
+def test_a_full_tool_round_trip(client, model, encoder):
     first = client.chat.completions.create(
         model=model, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, **SAMPLED
     )
@@ -152,9 +154,13 @@ def test_a_full_tool_round_trip(client, model):
         model=model, messages=history, tools=TOOLS, tool_choice="auto", **{**SAMPLED, "max_tokens": 12}
     )
     assert second.choices[0].message.content and not second.choices[0].message.tool_calls
-    call_tokens = first.usage.completion_tokens
-    assert second.usage.prompt_tokens > first.usage.prompt_tokens + call_tokens, (
-        "the calls and results are in the prompt"
+    # The calls as written back and the results, re-encoded (the reply's own tokens may split
+    # differently: random weights pick odd spellings of the same text).
+    written = assistant_text("", [(c.function.name, c.function.arguments) for c in message.tool_calls])
+    results = tool_results_text(['{"forecast": "sunny"}'] * len(message.tool_calls))
+    added = len(encoder.encode_message("assistant", written)) + len(encoder.encode_message("user", results))
+    assert second.usage.prompt_tokens >= first.usage.prompt_tokens + added - len(MUST_CALL) // 2, (
+        "the calls and results are in the prompt (the first prompt's extra is its must-call line)"
     )
 
 
@@ -233,6 +239,34 @@ def test_bad_tools_and_formats_are_named_400s(client, model, fields, param, word
         client.chat.completions.create(model=model, messages=ASK, **fields)
     error = caught.value.body
     assert error["param"] == param and words in error["message"]
+
+
+def test_tools_that_fill_the_context_are_named_in_the_refusal(client, model):
+    """A front end adds its tools to every chat without its user knowing: when the prompt no longer
+    fits, the refusal says how much of it the tools take and to send fewer, and mentions no
+    max_tokens the client never sent."""
+    many = [
+        {
+            "type": "function",
+            "function": {"name": f"tool_{i}", "description": f"Tool {i} " + "does it. " * 120},
+        }
+        for i in range(40)
+    ]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=model, messages=ASK, tools=many)
+    error = caught.value.body
+    assert (error["param"], error["code"]) == ("messages", "context_length_exceeded")
+    tools_share = re.search(r"40 tools' descriptions take about ([\d,]+) of them", error["message"])
+    assert tools_share and int(tools_share[1].replace(",", "")) > 8_192, error["message"]
+    assert "fewer tools" in error["message"] and "max_tokens" not in error["message"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=model, messages=ASK, tools=many, max_completion_tokens=9)
+    assert "a lower max_completion_tokens" in caught.value.body["message"]
+    # The same tools, with tool_choice none, stay out of the prompt: the chat is answered.
+    answer = client.chat.completions.create(
+        model=model, messages=ASK, tools=many, tool_choice="none", max_tokens=3
+    )
+    assert answer.choices[0].finish_reason == "length"
 
 
 # -- langchain-openai -----------------------------------------------------------------------------

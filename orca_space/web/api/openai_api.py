@@ -193,7 +193,8 @@ def prepare(
     try:
         chat = encode_conversation(service, conversation, raw)
     except PromptTooLong as exc:
-        raise ApiError(str(exc), param="messages", code="context_length_exceeded") from None
+        message = too_long_message(exc, service, rules, request.new_tokens is not None and limit_name)
+        raise ApiError(message, param="messages", code="context_length_exceeded") from None
     except ValueError as exc:
         param = error_param(str(exc), conversation, limit_name)
         raise ApiError(in_api_words(str(exc), param), param=param) from None
@@ -208,6 +209,26 @@ def prepare(
         )
     chat = with_default_limit(chat, request, context, DEFAULT_MAX_TOKENS)
     return replace(chat, params=replace(chat.params, constraint=constraint))
+
+
+def too_long_message(exc: PromptTooLong, service: ChatService, rules: OutputRules, limit_name) -> str:
+    """The refusal in the API's words: what the prompt takes (the tools' part of it, which a
+    front end adds without its user knowing), what the reply needs, and what to change."""
+    context = service.limits.context_length
+    reply = context - exc.budget
+    tools = ""
+    fixes = ["fewer or shorter messages"]
+    if suffix := rules.system_suffix():
+        tokens = len(service.encoder.encode_message("system", suffix))
+        tools = f" ({len(rules.tools)} tools' descriptions take about {tokens:,} of them)"
+        fixes.append("fewer tools")
+    if limit_name:
+        fixes.append(f"a lower {limit_name}")
+    choices = ", ".join(fixes[:-1]) + " or " + fixes[-1] if len(fixes) > 1 else fixes[0]
+    return (
+        f"the prompt takes {exc.needed:,} tokens{tools} and the reply needs room for {reply:,} at least; "
+        f"the context holds {context:,}. Send {choices}"
+    )
 
 
 def encode_conversation(service: ChatService, conversation: Conversation, raw: dict) -> PreparedChat:

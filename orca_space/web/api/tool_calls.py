@@ -2,8 +2,11 @@
 
 The format is Hermes's (NousResearch Hermes 2 Pro; what vLLM's `hermes` tool parser reads):
 
-- the tools are described at the end of the system message (`tools_prompt`), each as the
-  OpenAI tool JSON inside `<tools></tools>`, with the layout of a call;
+- the tools are described at the end of the system message (`tools_prompt`) inside
+  `<tools></tools>`, one a line, each as compact JSON of its `name`, `description` and
+  `parameters` (`tool_line`: OpenAI's wrapper and the schema's annotations that constrain
+  nothing, such as pydantic's `title` on every field, left out: a front end such as Open WebUI
+  sends 36 tools with every chat, and their prompt must leave the conversation room);
 - a call is `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` in the reply,
   written under a grammar (`orca_space/grammar.py`), so it is valid JSON matching its tool's
   parameter schema;
@@ -40,12 +43,68 @@ MUST_CALL = "\nYou must call a function now."
 MUST_CALL_NAMED = "\nYou must call the function {name} now."
 
 
+# Schema keywords that only annotate (JSON Schema's "meta-data" vocabulary and $-keys):
+# the grammar ignores them too. `description`, `default` and `examples` tell the model
+# something and stay.
+ANNOTATIONS = frozenset({"title", "$schema", "$id", "$comment", "readOnly", "writeOnly", "deprecated"})
+# Keywords whose value maps names to schemas, and those whose value is one schema or a list.
+SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+SCHEMA_VALUES = frozenset(
+    {
+        "items",
+        "additionalProperties",
+        "not",
+        "if",
+        "then",
+        "else",
+        "contains",
+        "propertyNames",
+        "unevaluatedProperties",
+        "unevaluatedItems",
+        "anyOf",
+        "oneOf",
+        "allOf",
+        "prefixItems",
+    }
+)
+
+
 def tools_prompt(tools: Sequence[Mapping[str, Any]], forced_name: str | None, required: bool) -> str:
-    """The system message's tool section: each tool as its OpenAI JSON, one a line."""
-    text = TOOLS_PROMPT.format(tools="\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools))
+    """The system message's tool section: each tool on a line of its own (`tool_line`)."""
+    text = TOOLS_PROMPT.format(tools="\n".join(tool_line(tool) for tool in tools))
     if forced_name is not None:
         return text + MUST_CALL_NAMED.format(name=forced_name)
     return text + MUST_CALL if required else text
+
+
+def tool_line(tool: Mapping[str, Any]) -> str:
+    """A tool as the model reads it: `{"name":...,"description":...,"parameters":...}` in
+    compact JSON, the parameter schema without its annotations."""
+    function = tool.get("function", {})
+    entry = {key: function[key] for key in ("name", "description") if function.get(key)}
+    if "parameters" in function:
+        entry["parameters"] = without_annotations(function["parameters"])
+    return json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
+
+
+def without_annotations(schema: Any) -> Any:
+    """`schema` less the keywords in `ANNOTATIONS`, at every level; a property *named* `title`
+    stays (only schema objects lose keywords, never the name maps inside them)."""
+    if not isinstance(schema, Mapping):
+        return schema
+    kept: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in ANNOTATIONS:
+            continue
+        if key in SCHEMA_MAPS and isinstance(value, Mapping):
+            kept[key] = {name: without_annotations(sub) for name, sub in value.items()}
+        elif key in SCHEMA_VALUES and isinstance(value, list):
+            kept[key] = [without_annotations(sub) for sub in value]
+        elif key in SCHEMA_VALUES:
+            kept[key] = without_annotations(value)
+        else:
+            kept[key] = value
+    return kept
 
 
 # -- history -------------------------------------------------------------------------------------
