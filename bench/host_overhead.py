@@ -46,7 +46,12 @@ def hollow_engine(slots: int) -> BatchedEngine:
     # called through the modules, so this replaces them for the engine too (packed: the default
     # policy's forward; mistral: the padded one of `policy="fcfs"`)
     mistral.prefill = lambda weights, cache, chunks, *rest: torch.zeros(len(chunks), vocab)
-    packed.prefill = lambda weights, cache, chunks, *rest, **options: (torch.zeros(len(chunks), vocab), None)
+
+    def packed_prefill(weights, cache, chunks, to_device=None, decode_rows=None, logits_for=None):
+        rows = len(chunks) if logits_for is None else len(logits_for)
+        return torch.zeros(rows, vocab), None
+
+    packed.prefill = packed_prefill
     return engine
 
 

@@ -43,7 +43,9 @@ from orca_space.params import SamplingParams  # noqa: E402
 CONTEXT = 3584
 SLOTS = 64
 SHORT, LONG = 48, 3000  # prompt tokens of a short chat and of a pasted document
-CONFIGS = "fcfs:512,budget:512:16,mixed:512:16,budget:512:32"
+# The policy before; the defaults on a GPU (budget, the decode step a graph) and on a CPU (mixed,
+# 4-token chunks beside streams, prompts up to 64 tokens whole); mixed with larger chunks.
+CONFIGS = "fcfs:512,budget:512:16,mixed:512:4:64,mixed:512:16:64"
 
 
 def greedy(tokens: int) -> SamplingParams:
@@ -80,30 +82,42 @@ def short_beside_long_s(engine: BatchedEngine, prompts: Prompts, lag_s: float, l
 
 
 def stream_gaps(
-    engine: BatchedEngine, prompts: Prompts, before: int = 24, tokens: int = 160, long_len: int = LONG
+    engine: BatchedEngine, prompts: Prompts, before: int = 24, long_len: int = LONG, tokens: int | None = None
 ) -> dict:
-    """A stream runs; after `before` tokens a long prompt arrives. Its gaps before and after."""
+    """A stream runs; after `before` tokens a long prompt arrives (none when `long_len` is 0: the
+    control, the machine's own noise). The stream runs on until the long prompt is in: its gaps
+    before and after, and the long prompt's own first-token time beside it."""
+    chunk = engine.prompt_chunk if engine.policy != "fcfs" else engine.chunk_size
+    tokens = tokens or before + -(-long_len // chunk) + 40
     times: list[float] = []
-    arrived = threading.Event()
-    handle = engine.submit(prompts(SHORT), greedy(tokens))
-    long = None
-    for event in handle:
+    long_first: list[float] = []
+
+    def read_long(handle, submitted: float) -> None:
+        next(iter(handle))
+        long_first.append(time.perf_counter() - submitted)
+        list(handle)
+
+    reader = None
+    for event in engine.submit(prompts(SHORT), greedy(tokens)):
         if event.token is None:
             continue
         times.append(time.perf_counter())
-        if len(times) == before:
+        if len(times) == before and long_len:
             long = engine.submit(prompts(long_len), greedy(1))
-            arrived.set()
-    long_done = list(long)
-    assert long_done[-1].finish_reason == "length", "the long prompt finished"
+            reader = threading.Thread(target=read_long, args=(long, time.perf_counter()))
+            reader.start()
+    if reader is not None:
+        reader.join()
     gaps = [b - a for a, b in zip(times, times[1:])]
-    median_before = statistics.median(gaps[: before - 1])
-    largest_after = max(gaps[before - 1 :])
+    median_before, after = statistics.median(gaps[: before - 1]), sorted(gaps[before - 1 :])
+    p99 = after[min(len(after) - 1, int(0.99 * len(after)))]
     return {
         "median_gap_ms": 1000 * median_before,
-        "largest_gap_ms": 1000 * largest_after,
-        "ratio": largest_after / median_before,
-        "median_gap_after_ms": 1000 * statistics.median(gaps[before - 1 :]),
+        "largest_gap_ms": 1000 * after[-1],
+        "ratio": after[-1] / median_before,
+        "p99_ratio": p99 / median_before,
+        "median_gap_after_ms": 1000 * statistics.median(after),
+        "long_first_token_beside_stream_ms": 1000 * long_first[0] if long_first else None,
     }
 
 
@@ -126,9 +140,16 @@ def throughput(engine: BatchedEngine, prompts: Prompts, streams: int, tokens: in
     return sum(counts) / (time.perf_counter() - started)
 
 
-def measure(model, policy: str, budget: int, prompt_chunk: int | None, args) -> dict:
+def measure(model, policy: str, budget: int, prompt_chunk: int | None, whole: int | None, args) -> dict:
     engine = BatchedEngine(
-        model, (), CONTEXT, slots=SLOTS, chunk_size=budget, policy=policy, prompt_chunk=prompt_chunk or budget
+        model,
+        (),
+        CONTEXT,
+        slots=SLOTS,
+        chunk_size=budget,
+        policy=policy,
+        prompt_chunk=prompt_chunk or budget,
+        whole_prompt=whole,
     )
     assert engine.wait_ready(60), engine.stats().failure
     prompts = Prompts()
@@ -142,11 +163,13 @@ def measure(model, policy: str, budget: int, prompt_chunk: int | None, args) -> 
             "policy": policy,
             "budget": budget,
             "prompt_chunk": engine.prompt_chunk if policy != "fcfs" else None,
+            "whole_prompt": whole,
             "short_alone_ms": 1000 * statistics.median(alone),
             "short_beside_long_ms": 1000 * statistics.median(beside),
             "short_ratio": statistics.median(beside) / statistics.median(alone),
             "long_alone_ms": 1000 * first_token_s(engine, prompts(LONG)),
             "stream": stream_gaps(engine, prompts),
+            "control": stream_gaps(engine, prompts, long_len=0, tokens=160),
         }
         for streams in (8, 64):
             runs = [throughput(engine, prompts, streams, args.tokens) for _ in range(args.throughput_runs)]
@@ -188,14 +211,16 @@ def compare_policies(model, context: int, long_len: int, slots: int = 8) -> dict
 def table(results: list[dict]) -> str:
     lines = [
         f"{'policy':>7} {'budget':>6} {'chunk':>5} | {'short alone':>11} {'beside long':>11} {'ratio':>5} | "
-        f"{'median gap':>10} {'largest':>8} {'ratio':>5} | {'tok/s 8':>7} {'tok/s 64':>8} | {'long alone':>10}"
+        f"{'median gap':>10} {'largest':>8} {'ratio':>5} {'p99':>4} {'ctl':>4} | {'tok/s 8':>7} {'tok/s 64':>8} | "
+        f"{'long alone':>10} {'beside':>7}"
     ]
     for r in results:
         s = r["stream"]
         lines.append(
             f"{r['policy']:>7} {r['budget']:>6} {r['prompt_chunk'] or '-':>5} | {r['short_alone_ms']:>9.0f}ms {r['short_beside_long_ms']:>9.0f}ms "
             f"{r['short_ratio']:>5.1f} | {s['median_gap_ms']:>8.1f}ms {s['largest_gap_ms']:>6.0f}ms "
-            f"{s['ratio']:>5.1f} | {r['tok_s_8']:>7.1f} {r['tok_s_64']:>8.1f} | {r['long_alone_ms']:>8.0f}ms"
+            f"{s['ratio']:>5.1f} {s['p99_ratio']:>4.1f} {r['control']['ratio']:>4.1f} | {r['tok_s_8']:>7.1f} "
+            f"{r['tok_s_64']:>8.1f} | {r['long_alone_ms']:>8.0f}ms {s['long_first_token_beside_stream_ms'] / 1000:>6.1f}s"
         )
     return "\n".join(lines)
 
@@ -203,7 +228,9 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--configs", default=CONFIGS, help="policy:budget[:prompt_chunk], comma-separated (chunk: the budget)"
+        "--configs",
+        default=CONFIGS,
+        help="policy:budget[:prompt_chunk[:whole_prompt]], comma-separated (chunk: the budget)",
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
@@ -220,8 +247,10 @@ def main() -> None:
     results = []
     with torch.inference_mode():
         for config in args.configs.split(","):
-            policy, budget, *chunk = config.split(":")
-            results.append(measure(model, policy, int(budget), int(chunk[0]) if chunk else None, args))
+            policy, budget, chunk, whole = (config.split(":") + [None, None])[:4]
+            results.append(
+                measure(model, policy, int(budget), chunk and int(chunk), whole and int(whole), args)
+            )
             print(table(results[-1:]).splitlines()[-1], flush=True)
     print(table(results))
     if args.out:

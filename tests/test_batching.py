@@ -70,7 +70,16 @@ def new_engine(tiny_model):
     engines = []
 
     def build(**options) -> BatchedEngine:
-        options = {"stop_ids": (), "context_length": 1024, "slots": 4, "chunk_size": CHUNK, **options}
+        # The `budget` policy: its decode steps and prompt forwards are separate calls, which
+        # these tests watch and break (`mixed`, one forward for both, is test_stall_free's).
+        options = {
+            "stop_ids": (),
+            "context_length": 1024,
+            "slots": 4,
+            "chunk_size": CHUNK,
+            "policy": "budget",
+            **options,
+        }
         engine = BatchedEngine(tiny_model, **options)
         engines.append(engine)
         assert engine.wait_ready(30), "warm-up finishes"
@@ -377,7 +386,7 @@ def test_failed_prefill_fails_only_that_request(new_engine, prompts, references,
     first = next(iter(running))
     real = packed.prefill
 
-    def failing(*args):
+    def failing(*args, **options):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
 
     monkeypatch.setattr(packed, "prefill", failing)

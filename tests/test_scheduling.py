@@ -86,6 +86,7 @@ class Steps:
             self.tokens.setdefault(s.handle.id, []).append(self.step)
         for s, take in rows:
             s.prefilled += take
+            s.chunked = not s.decoding  # as the engine marks it
             if s.decoding:
                 self.first_token[s.handle.id] = self.step
         return rows
@@ -153,14 +154,42 @@ def test_a_decoding_slot_takes_no_prompt_budget():
     assert [(s.index, take) for s, take in rows] == [(1, 20)]
 
 
+def takes(rows: list[tuple[Slot, int]]) -> list[int]:
+    return [take for _, take in rows]
+
+
 def test_a_long_prompt_takes_one_chunk_a_step_however_big_the_budget():
     """`prompt_chunk` bounds a step while a long prompt goes in; short prompts (up to four
     chunks) go whole beside it, and many arriving together fill the budget in arrival order."""
-    long, short = slot(0, 3000), slot(1, 100)
-    rows = budget_rows([long, short], budget=512, prompt_chunk=32)
+    long, short, stream = slot(0, 3000), slot(1, 100), slot(9, 5, prefilled=5)
+    rows = budget_rows([stream, long, short], budget=512, prompt_chunk=32)
     assert [(s.index, take) for s, take in rows] == [(0, 32), (1, 100)]
-    assert [take for _, take in budget_rows([slot(0, 129)], 512, 32)] == [32], "129 is long: a chunk"
-    assert [take for _, take in budget_rows([slot(0, 128)], 512, 32)] == [128], "128 is short: whole"
+    assert takes(budget_rows([stream, slot(0, 129)], 512, 32)) == [32], "129 is long: a chunk"
+    assert takes(budget_rows([stream, slot(0, 128)], 512, 32)) == [128], "128 is short: whole"
+    assert takes(budget_rows([slot(0, 3000)], 512, 32)) == [128], "no stream: a short prompt's size a step"
+    assert takes(budget_rows([slot(0, 3000)], 512, 32, whole=200)) == [200]
     crowd = [slot(i, 40) for i in range(30)]
     rows = budget_rows(crowd, budget=512, prompt_chunk=32)
     assert [(s.index, take) for s, take in rows] == [(i, 40) for i in range(12)] + [(12, 32)]
+
+
+def test_a_chunked_prompt_goes_on_in_chunks_while_streams_decode():
+    """Its short rest does not go whole: that step would be longer for every stream. With no
+    stream left, the rest goes whole."""
+    stream, long = slot(0, 5, prefilled=5), slot(1, 100, prefilled=90)
+    long.chunked = True
+    assert takes(budget_rows([stream, long], 512, 4)) == [4]
+    assert takes(budget_rows([long], 512, 4)) == [10]
+    fresh = slot(2, 10)  # a new chat of the same length goes whole beside the stream
+    assert takes(budget_rows([stream, fresh], 512, 4)) == [10]
+
+
+def test_a_long_prompt_beside_a_stream_goes_in_one_chunk_a_step_to_its_end():
+    stream, long = slot(0, 5, prefilled=5), slot(1, 1000)
+    sizes = []
+    while not long.decoding:
+        ((_, take),) = budget_rows([stream, long], 512, 16)
+        sizes.append(take)
+        long.prefilled += take
+        long.chunked = not long.decoding
+    assert sizes == [16] * 62 + [8], "no step carries more than a chunk of it"

@@ -181,7 +181,7 @@ def test_short_chat_and_running_stream_keep_moving_during_a_long_prefill(ring_en
     (the ring of 32 entries wraps in the long prompt and in the stream)."""
     model = ring_model()
     stream_prompt, long_prompt, short_prompt = make_prompt(20), make_prompt(300, 1), make_prompt(5, 2)
-    engine = ring_engine(model, policy=policy)
+    engine = ring_engine(model, policy=policy, prompt_chunk=16)
     log = StepLog(engine, monkeypatch)
     stream = engine.submit(stream_prompt, greedy(60))
     first = next(iter(stream))

@@ -64,7 +64,8 @@ CHUNK_SIZE = 512  # the token budget of a step (fcfs: prompt tokens prefilled pe
 # bounds how long a step is while a long prompt goes in. On a CPU a prompt token costs about what
 # a decode row does, so the chunk is small (chosen by bench/scheduling.py); on a GPU a step's
 # weights cost the same for a few hundred tokens as for one, so it is the whole budget.
-PROMPT_CHUNK = {"cpu": 16}
+PROMPT_CHUNK = {"cpu": 4}
+WHOLE_PROMPT = {"cpu": 64}
 ProgressCallback = Callable[[str, "float | None"], None]
 
 
@@ -84,15 +85,16 @@ class BatchedEngine(RequestQueue):
         compile_step: bool = False,
         on_progress: ProgressCallback | None = None,
         prefix_cache: str = "private",
-        policy: str = "budget",
+        policy: str | None = None,
         prompt_chunk: int | None = None,
         step_options: StepOptions | None = None,
+        whole_prompt: int | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         if prompt_chunk is not None and prompt_chunk < 1:
             raise ValueError(f"prompt_chunk must be positive, got {prompt_chunk}")
-        if policy not in POLICIES:
+        if policy is not None and policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         super().__init__()
         self.weights = hf_weights.weights_from_hf(model)
@@ -100,12 +102,18 @@ class BatchedEngine(RequestQueue):
         self.stop_ids = frozenset(stop_ids)
         self.context_length = context_length
         self.chunk_size = chunk_size
-        self.policy = policy
         self.prompt_chunk = min(chunk_size, prompt_chunk or PROMPT_CHUNK.get(self.device.type, chunk_size))
+        # The longest prompt that goes in whole, in one step (None: `scheduling.WHOLE_CHUNKS` chunks).
+        self.whole_prompt = whole_prompt or (
+            WHOLE_PROMPT.get(self.device.type) if prompt_chunk is None else None
+        )
         # Ring entries per slot (see kv_cache): fewer than the context when the window allows.
         self.cache_len = kv_cache.cache_length(context_length, self.weights.shape.sliding_window, chunk_size)
         self.capacity = slots or device.default_slots(self.device, self.weights, self.cache_len)
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        # With graphs the decode step is a graph of its own (`budget`); without, nothing is lost
+        # by riding in the prompt chunks' forward (`mixed`; bench/scheduling.py measures both).
+        self.policy = policy or ("budget" if self.use_graphs else "mixed")
         self.compile_step = compile_step  # with graphs only: see `decode_step.DecodeGraphs`
         # Which decode-step variant runs (step_options.py): the device check's choice by default.
         self.step_options = step_options or defaults_for(self.device.type)
@@ -272,7 +280,7 @@ class BatchedEngine(RequestQueue):
             self._decode()
             return
         # 4) + 5) one token for every decoding slot, then prompt chunks in the rest of the budget
-        rows = budget_rows(self._active_slots(), self.chunk_size, self.prompt_chunk)
+        rows = budget_rows(self._active_slots(), self.chunk_size, self.prompt_chunk, self.whole_prompt)
         if self.policy == "mixed" and rows and any(s.decoding for s in self._active_slots()):
             self._mixed_step(rows)
             return
@@ -350,7 +358,7 @@ class BatchedEngine(RequestQueue):
         if not rows:
             return
         try:
-            logits = self._prefill_forward(rows)  # [N, V]
+            logits = self._prefill_forward(rows)  # [D, V]: the chunks that end their prompt
         except Exception as exc:  # the requests in this forward only
             self._fail([slot for slot, _ in rows], exc)
             return
@@ -358,25 +366,26 @@ class BatchedEngine(RequestQueue):
 
     def _prefilled(self, rows: list[tuple[Slot, int]], logits: torch.Tensor) -> None:
         """These chunks are in the cache: count them, and stream the first token of every
-        prompt that is now whole (logits [N, V], one row per chunk)."""
+        prompt that is now whole (logits [D, V], one row per such prompt, in `rows` order)."""
         padded_to = max(take for _, take in rows) if self.policy == "fcfs" else 0  # fcfs pads rows
         for slot, take in rows:
             slot.wrote(slot.prefilled + max(take, padded_to))
             slot.prefilled += take
+            slot.chunked = not slot.decoding
             self.table.prompt_tokens_prefilled += take
-        done = [index for index, (slot, _) in enumerate(rows) if slot.decoding]
-        if done:
-            finished = [rows[index][0] for index in done]
+        finished = [slot for slot, _ in rows if slot.decoding]
+        if finished:
             try:
-                self._first_tokens(finished, logits[done])
+                self._first_tokens(finished, logits)
             except Exception as exc:  # the requests whose first token this was
                 self._fail(finished, exc)
 
     def _prefill_forward(self, rows: list[tuple[Slot, int]]) -> torch.Tensor:
-        chunks = self._chunks(rows)
+        """The forward of these chunks; the logits of those that end their prompt, [D, V]."""
+        chunks, ending = self._chunks(rows), ends_prompt(rows)
         if self.policy == "fcfs":
-            return mistral.prefill(self.weights, self.cache, chunks, self.staging.to_device)
-        return packed.prefill(self.weights, self.cache, chunks, self.staging.to_device)[0]
+            return mistral.prefill(self.weights, self.cache, chunks, self.staging.to_device)[ending]
+        return packed.prefill(self.weights, self.cache, chunks, self.staging.to_device, logits_for=ending)[0]
 
     @staticmethod
     def _chunks(rows: list[tuple[Slot, int]]) -> list[mistral.PromptChunk]:
@@ -495,7 +504,7 @@ class BatchedEngine(RequestQueue):
             )
             chunks = self._chunks(rows)
             prompt_logits, logits = packed.prefill(
-                self.weights, self.cache, chunks, self.staging.to_device, decode_rows
+                self.weights, self.cache, chunks, self.staging.to_device, decode_rows, ends_prompt(rows)
             )
             all_greedy, top_k_bound = eager_shortcuts([s.handle.params for s in decoding])
             tokens = packed.sample_decode_rows(
@@ -566,6 +575,11 @@ class BatchedEngine(RequestQueue):
         slot.handle.deliver(TokenEvent(token=token, logits=logits, logprobs=logprobs))
         if slot.generated == slot.handle.params.max_new_tokens:
             self._release(slot, "length")
+
+
+def ends_prompt(rows: list[tuple[Slot, int]]) -> list[int]:
+    """The indices of the rows whose chunk is the last of its prompt (checked before the forward)."""
+    return [index for index, (slot, take) in enumerate(rows) if slot.prefilled + take == slot.prompt_len]
 
 
 def wants_logprobs(slots: list[Slot]) -> bool:

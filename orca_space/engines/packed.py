@@ -18,6 +18,7 @@ Shapes as in `mistral.py`; N packed prompt tokens, R prompt rows.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -81,10 +82,15 @@ def prefill(
     chunks: list[PromptChunk],
     to_device: ToDevice | None = None,
     decode_rows: DecodeRows | None = None,
+    logits_for: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Prompt chunks (each in its own slot) in one packed forward, with `decode_rows` if given.
 
     Returns (logits [R, V] at each chunk's last token, the decode rows' logits [B, V] or None).
+    `logits_for`: only these chunks' logits (the engine's: the chunks that end their prompt),
+    [len(logits_for), V]. The output layer is a third of a small model's weights and a
+    sixteenth of Mistral 7B's: a chunk in the middle of a prompt has no use for it, and the rows
+    that do (the decode rows' too) share one product, so the layer is read once a step.
     `to_device` moves the index lists to the device (the engine passes its pinned staging).
     """
     shape = weights.shape
@@ -116,8 +122,9 @@ def prefill(
             x, layer, shape, (cos, signed_sin), rows, decode_context, cache.k[index], cache.v[index]
         )
     batch = 0 if decode_rows is None else decode_rows.tokens.shape[0]
-    prompt_logits = logits_of(weights, x[0, batch:][last])
-    return prompt_logits, (logits_of(weights, x[0, :batch]) if batch else None)
+    wanted = x[0, batch:][last if logits_for is None else last[list(logits_for)]]
+    logits = logits_of(weights, torch.cat([x[0, :batch], wanted]) if batch else wanted)
+    return logits[batch:], (logits[:batch] if batch else None)
 
 
 def prompt_row(

@@ -43,6 +43,7 @@ class Slot:
     generated: int = 0  # tokens sampled so far, a final stop token included
     last_token: int = 0  # the latest sampled token: the next decode step's input
     sampled: list[int] = field(default_factory=list)  # every token sampled, a final stop included
+    chunked: bool = False  # a chunk of its prompt went in and more is left: it goes on in chunks
 
     @property
     def prompt_len(self) -> int:
@@ -103,11 +104,20 @@ def prefill_rows(
     return rows
 
 
-def budget_rows(slots: list[Slot], budget: int, prompt_chunk: int | None = None) -> list[tuple[Slot, int]]:
+def budget_rows(
+    slots: list[Slot], budget: int, prompt_chunk: int | None = None, whole: int | None = None
+) -> list[tuple[Slot, int]]:
     """Which prompts to prefill this step, and how many tokens of each, under a step's token
     `budget`. A long prompt takes at most `prompt_chunk` tokens a step (default: the budget); a
-    short one, up to `WHOLE_CHUNKS` chunks, goes whole. Rows in arrival order; each take is at
-    most the budget, which the ring allows (see `kv_cache.cache_length`).
+    short one, of at most `whole` tokens (default: `WHOLE_CHUNKS` chunks), goes whole. Rows in
+    arrival order; each take is at most the budget, which the ring allows (see
+    `kv_cache.cache_length`).
+
+    While no stream decodes there is no step to keep short but a newcomer's wait: a long prompt
+    then takes up to `whole` tokens a step (on a GPU, where the chunk is the budget, nothing
+    changes; on a CPU, a lone long prompt goes in several times faster). While streams decode,
+    a prompt already in chunks takes at most a chunk a step to its end: its short rest going
+    whole would make one step of every stream that much longer.
 
     Every decoding slot spends one token of the budget first; the room left goes to prompts:
     1) the oldest prompt goes whole if short, else takes a chunk, at most a quarter of the room
@@ -127,23 +137,28 @@ def budget_rows(slots: list[Slot], budget: int, prompt_chunk: int | None = None)
     if not prompts:
         return []
     cap = min(budget, prompt_chunk or budget)
-    short = min(budget, WHOLE_CHUNKS * cap)  # a prompt with no more left than this goes whole
+    short = min(budget, whole or WHOLE_CHUNKS * cap)  # a prompt with no more left than this goes whole
     decoding = sum(s.decoding for s in slots)
+    if not decoding:
+        cap = max(cap, short)
     room = max(budget - decoding, budget // 4, 1)
     takes = {slot.handle.id: 0 for slot in prompts}
 
     def rest(slot: Slot) -> int:
         return slot.prompt_len - slot.prefilled - takes[slot.handle.id]
 
+    def goes_whole(slot: Slot, room: int) -> bool:
+        return rest(slot) <= min(short, room) and not (decoding and slot.chunked)
+
     oldest = prompts[0]
-    whole = rest(oldest)
-    takes[oldest.handle.id] = whole if whole <= min(short, room) else min(whole, cap, max(room // 4, 1))
+    left = rest(oldest)
+    takes[oldest.handle.id] = left if goes_whole(oldest, room) else min(left, cap, max(room // 4, 1))
     room -= takes[oldest.handle.id]
     for slot in prompts[1:]:
-        whole = rest(slot)
-        if whole <= min(room, short):
-            takes[slot.handle.id] = whole
-            room -= whole
+        if goes_whole(slot, room):
+            left = rest(slot)
+            takes[slot.handle.id] = left
+            room -= left
     for slot in prompts:
         more = max(0, min(rest(slot), room, cap - takes[slot.handle.id]))
         takes[slot.handle.id] += more
