@@ -114,13 +114,15 @@ def test_a_running_stream_decodes_in_every_step_of_a_long_prefill():
 
 
 def test_arrival_order_is_kept_among_equal_prompts():
-    """Three equal prompts and room for two: the two oldest go first; two equal long prompts:
-    the older finishes first."""
+    """Three equal prompts and room for two: the two oldest go first, the third whole in the next
+    step (not a chunk of the room left, which would keep it in chunks to its end); two equal long
+    prompts: the older finishes first."""
     steps = Steps(budget=200)
     first, second, third = (steps.arrive(90) for _ in range(3))
     rows = steps.run()
-    assert [(s.index, take) for s, take in rows] == [(0, 90), (1, 90), (2, 20)]
+    assert [(s.index, take) for s, take in rows] == [(0, 90), (1, 90)]
     assert first.decoding and second.decoding and not third.decoding
+    assert [(s.index, take) for s, take in steps.run()] == [(2, 90)]
     steps = Steps()
     older, younger = steps.arrive(1000), steps.arrive(1000)
     while not younger.decoding:
@@ -170,7 +172,7 @@ def test_a_long_prompt_takes_one_chunk_a_step_however_big_the_budget():
     assert takes(budget_rows([slot(0, 3000)], 512, 32, whole=200)) == [200]
     crowd = [slot(i, 40) for i in range(30)]
     rows = budget_rows(crowd, budget=512, prompt_chunk=32)
-    assert [(s.index, take) for s, take in rows] == [(i, 40) for i in range(12)] + [(12, 32)]
+    assert [(s.index, take) for s, take in rows] == [(i, 40) for i in range(12)], "the 13th waits to go whole"
 
 
 def test_a_chunked_prompt_goes_on_in_chunks_while_streams_decode():

@@ -124,8 +124,9 @@ def budget_rows(
        (at least one token): it always finishes, however many short prompts keep arriving;
     2) every other short prompt that fits the room left goes whole, in arrival order: a short
        chat's first token does not wait for a long prompt ahead of it;
-    3) what room is still left goes to the unfinished prompts, oldest first, each up to a chunk
-       in all (a long prompt alone takes one chunk a step).
+    3) what room is still left goes to the unfinished long prompts, oldest first, each up to a
+       chunk in all (a long prompt alone takes one chunk a step); a short prompt that did not
+       fit waits to go whole in a later step rather than start in chunks.
     `prompt_chunk` bounds how long a step with a long prompt in it is, whatever the budget: a
     short chat arriving meanwhile waits for that step, then shares the next. A short prompt
     makes one step longer, once; a long one would make every step of a running stream longer.
@@ -160,6 +161,8 @@ def budget_rows(
             takes[slot.handle.id] = left
             room -= left
     for slot in prompts:
+        if not (takes[slot.handle.id] or slot.chunked) and rest(slot) <= short:
+            continue  # a short prompt waits for the next step to go whole, not in chunks from here on
         more = max(0, min(rest(slot), room, cap - takes[slot.handle.id]))
         takes[slot.handle.id] += more
         room -= more
