@@ -3,16 +3,17 @@
     python bench/scheduling.py --out bench/results/DATE-scheduling-cpu.json [--quick]
 
 Engine only (no HTTP: the web layer adds the same to every policy), on the CPU, with a random
-Mistral from `small_model.py` (`--size`: `mid` is the hidden-512, 8-layer model the issue measured;
-on a busy 2-core machine its 3,000-token prefill takes about 30 s, so the committed run uses
-`small`), 64 slots, greedy. For each configuration (a policy and its token budget, `--configs`):
+Mistral from `small_model.py` (`--size mid` is the hidden-512, 8-layer model the issue measured),
+64 slots, greedy. For each configuration (a policy, its token budget, its prompt chunk and the
+longest prompt that goes whole: `--configs`):
 
 - a short chat's first-token time alone, and while a long prompt prefills (the short one arrives
   `--lag` ms after the long one), median of `--repeats`;
-- a running stream's largest gap between tokens once a long prompt arrives, against its median
-  gap before it arrived;
+- a running stream's largest gap between tokens (and its 99th percentile) from the moment a
+  long prompt arrives until that prompt is in, against its median gap before it arrived; the
+  same stream with no long prompt (the control: the machine's own stalls);
 - tokens per second in all at 8 and 64 streams arriving together (prefill included);
-- and what it costs the long prompt itself: its first-token time alone.
+- and what it costs the long prompt itself: its first-token time alone, and beside the stream.
 
 `fcfs` is the policy before (a 512-token chunk a step, oldest prompt first, padded rows);
 `budget` runs decode (a CUDA graph on GPU) then packed prompt chunks in the rest of the budget,

@@ -17,7 +17,8 @@ capture and replay both happen there, and callers only ever touch the queue. Eac
    more than `prompt_chunk` tokens, packed into one forward without padding
    (`scheduling.budget_rows`, `packed.prefill`). A long prompt
    costs the other streams one bounded chunk per step, and a short chat's first token does not
-   wait for it to end. `policy="mixed"` runs 4) and 5) as one eager forward; `policy="fcfs"` is
+   wait for it to end. `policy="mixed"` (the default without CUDA graphs) runs 4) and 5) as one
+   eager forward; `policy="fcfs"` is
    the policy before (prefill first, oldest prompt first, rows padded: `scheduling.prefill_rows`),
    kept for `bench/scheduling.py` to compare against.
 
@@ -60,11 +61,15 @@ from .warmup import WarmUpAbandoned, WarmUpFailed, capture_every_shape, stage, t
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 512  # the token budget of a step (fcfs: prompt tokens prefilled per iteration)
-# The most prompt tokens one prompt takes in a step (`scheduling.budget_rows`), by device: it
-# bounds how long a step is while a long prompt goes in. On a CPU a prompt token costs about what
-# a decode row does, so the chunk is small (chosen by bench/scheduling.py); on a GPU a step's
-# weights cost the same for a few hundred tokens as for one, so it is the whole budget.
+# The most prompt tokens one prompt takes in a step while streams decode (`scheduling.budget_rows`),
+# by device: it bounds how long a step is while a long prompt goes in. On a CPU even one prompt
+# token beside a decode row costs a large share of a step (a matrix product of 2 rows takes 2x
+# one of 1 there), so the chunk is small: with 4 tokens a stream's largest gap was 2.2x its median
+# in bench/scheduling.py, where 16 gave 2.8x. On a GPU a step's weights cost the same for a few
+# hundred tokens as for one, so it is the whole budget.
 PROMPT_CHUNK = {"cpu": 4}
+# The longest prompt that goes in whole, in one step, by device (default: four chunks). A new
+# chat's first token should not wait for 16 steps of 4 tokens on a CPU.
 WHOLE_PROMPT = {"cpu": 64}
 ProgressCallback = Callable[[str, "float | None"], None]
 

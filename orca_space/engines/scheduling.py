@@ -4,15 +4,17 @@ slots, so they are tested without a model.
 
 Two policies choose the prompt tokens of a step (`POLICIES`; the engine's `policy`):
 
-- `budget` (the default; vLLM V1's scheduler and Sarathi-Serve's "stall-free batching"): a step
+- `budget` (the default where the decode step is a CUDA graph; vLLM V1's scheduler and
+  Sarathi-Serve's "stall-free batching"): a step
   has a budget of tokens. Every decoding stream spends one of it first, so it gets a token in
   every step; prompt chunks fill the rest (`budget_rows`), packed without padding
   (`packed.prefill`). A long prompt is cut into chunks, so no step is longer than the budget
   allows, and a short prompt that arrives meanwhile is prefilled whole in the next step beside
   the long one's chunk, instead of after it ends.
-- `mixed`: the same rows, with the decode tokens in the same (eager) forward as the prompt chunks
-  (`packed.prefill` with decode rows): the weights are read once a step, but on CUDA the decode
-  step is no longer a captured graph whenever a prompt is in.
+- `mixed` (the default where it is not: a CPU, or CUDA without graphs): the same rows, with the
+  decode tokens in the same (eager) forward as the prompt chunks (`packed.prefill` with decode
+  rows): the weights are read once a step, but on CUDA the decode step is no longer a captured
+  graph whenever a prompt is in.
 - `fcfs` (the policy before issue 31, kept to compare against in `bench/scheduling.py`): up to
   `chunk_size` prompt tokens a step, oldest prompt first, rows padded to the longest
   (`prefill_rows`), so a short prompt waits for a long one ahead of it to finish.
