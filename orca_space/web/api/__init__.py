@@ -3,8 +3,9 @@
 `openai_api.py` serves `/v1` and `/health` (routes, admission, translation into the chat
 service, errors), `openai_answers.py` writes the answers (whole or streamed, `n` choices),
 `openai_schema.py` checks requests and shapes responses (pydantic models, no I/O), with
-`openai_completions.py` for text completions and `openai_logprobs.py` for log-probabilities;
-`mcp_tool.py` registers the one MCP tool.
+`openai_completions.py` for text completions and `openai_logprobs.py` for log-probabilities,
+`api_errors.py` words the chat service's refusals for API callers; `mcp_tool.py` registers the
+one MCP tool.
 
 May import: the guards in `web/` and the layers below `web/`; never `web/page/` or
 `web/server.py`.

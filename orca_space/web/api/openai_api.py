@@ -46,6 +46,7 @@ from ..admission import Admission, Refused, request_client
 from . import openai_completions as completions
 from . import openai_schema as schema
 from . import tool_calls
+from .api_errors import error_param, in_api_words, too_long_message
 from .openai_answers import (
     Answer,
     answer_pieces,
@@ -193,7 +194,8 @@ def prepare(
     try:
         chat = encode_conversation(service, conversation, raw)
     except PromptTooLong as exc:
-        message = too_long_message(exc, service, rules, request.new_tokens is not None and limit_name)
+        sent_limit = limit_name if request.new_tokens is not None else None
+        message = too_long_message(exc, service, rules, sent_limit)
         raise ApiError(message, param="messages", code="context_length_exceeded") from None
     except ValueError as exc:
         param = error_param(str(exc), conversation, limit_name)
@@ -209,26 +211,6 @@ def prepare(
         )
     chat = with_default_limit(chat, request, context, DEFAULT_MAX_TOKENS)
     return replace(chat, params=replace(chat.params, constraint=constraint))
-
-
-def too_long_message(exc: PromptTooLong, service: ChatService, rules: OutputRules, limit_name) -> str:
-    """The refusal in the API's words: what the prompt takes (the tools' part of it, which a
-    front end adds without its user knowing), what the reply needs, and what to change."""
-    context = service.limits.context_length
-    reply = context - exc.budget
-    tools = ""
-    fixes = ["fewer or shorter messages"]
-    if suffix := rules.system_suffix():
-        tokens = len(service.encoder.encode_message("system", suffix))
-        tools = f" ({len(rules.tools)} tools' descriptions take about {tokens:,} of them)"
-        fixes.append("fewer tools")
-    if limit_name:
-        fixes.append(f"a lower {limit_name}")
-    choices = ", ".join(fixes[:-1]) + " or " + fixes[-1] if len(fixes) > 1 else fixes[0]
-    return (
-        f"the prompt takes {exc.needed:,} tokens{tools} and the reply needs room for {reply:,} at least; "
-        f"the context holds {context:,}. Send {choices}"
-    )
 
 
 def encode_conversation(service: ChatService, conversation: Conversation, raw: dict) -> PreparedChat:
@@ -275,22 +257,6 @@ def prepare_text(service: ChatService, request: CompletionRequest) -> PreparedCh
             request.new_tokens[0] if message.startswith("max_new_tokens") and request.new_tokens else "prompt"
         )
         raise ApiError(in_api_words(message, param), param=param) from None
-
-
-def in_api_words(message: str, param: str) -> str:
-    """The chat service's "max_new_tokens (600) must be below the context length" under the name
-    the client sent: "max_tokens (600) ..." (or max_completion_tokens)."""
-    internal = "max_new_tokens"
-    return param + message[len(internal) :] if message.startswith(internal) else message
-
-
-def error_param(message: str, conversation: Conversation, limit_name: str) -> str:
-    """The OpenAI field that a chat service error is about (its messages start with the name)."""
-    if message.startswith("max_new_tokens"):
-        return limit_name
-    if message.startswith("message "):
-        return f"messages[{conversation.message_index}].content"
-    return "messages"
 
 
 # -- routes ---------------------------------------------------------------------------------------
