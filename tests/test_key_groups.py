@@ -61,7 +61,11 @@ def run(windowed, monkeypatch, cost: key_groups.StepCost, pad_batches: bool, **s
     """Every request at once, the long one first (slot 0); returns the replies and, per eager
     launch, (kv_len, positions of the rows that decode in it)."""
     model, prompts, news, _ = windowed
-    engine = BatchedEngine(model, (), context_length=1024, slots=4, chunk_size=64)
+    # `budget`: decode steps of their own, which key groups split (a mixed step is one forward);
+    # 16-token chunks, so that the long prompt decodes while the short ones still do
+    engine = BatchedEngine(
+        model, (), context_length=1024, slots=4, chunk_size=64, policy="budget", prompt_chunk=16
+    )
     launches: list[tuple[int, list[int]]] = []
     real_step = engine.eager_step
 

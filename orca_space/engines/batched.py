@@ -42,7 +42,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from . import capture, decode_step, device, hf_weights, key_groups, kv_cache, mistral, packed
+from . import capture, decode_step, device, hf_weights, key_groups, kv_cache
+from .prompt_steps import PromptSteps
 from .requests import (
     NON_FINITE_MESSAGE,
     RequestHandle,
@@ -51,10 +52,11 @@ from .requests import (
     TokenLogprobs,
     describe_failure,
 )
-from .sampling import NON_FINITE, LogprobRows
+from .sampling import NON_FINITE
 from .scheduling import POLICIES, Slot, budget_rows, eager_shortcuts, prefill_rows
 from .slots import MoveFailed, SlotTable
 from .step_options import StepOptions, defaults_for
+from .step_results import recorded_logits, token_logprobs, wants_logprobs
 from .token_masks import GRAMMAR_REFUSED, TokenMasks
 from .warmup import WarmUpAbandoned, WarmUpFailed, capture_every_shape, stage, time_replays
 
@@ -74,7 +76,7 @@ WHOLE_PROMPT = {"cpu": 64}
 ProgressCallback = Callable[[str, "float | None"], None]
 
 
-class BatchedEngine(RequestQueue):
+class BatchedEngine(PromptSteps, RequestQueue):
     """Serves many requests at once from a slot-indexed static KV cache; see the module docstring."""
 
     returns_logprobs = True  # for requests whose params ask (`SamplingParams.logprobs`)
@@ -358,75 +360,6 @@ class BatchedEngine(RequestQueue):
         for handle in [*waiting, *active]:
             handle.finish("error", reason)
 
-    # -- prefill --
-    def _prefill(self, rows: list[tuple[Slot, int]]) -> None:
-        if not rows:
-            return
-        try:
-            logits = self._prefill_forward(rows)  # [D, V]: the chunks that end their prompt
-        except Exception as exc:  # the requests in this forward only
-            self._fail([slot for slot, _ in rows], exc)
-            return
-        self._prefilled(rows, logits)
-
-    def _prefilled(self, rows: list[tuple[Slot, int]], logits: torch.Tensor) -> None:
-        """These chunks are in the cache: count them, and stream the first token of every
-        prompt that is now whole (logits [D, V], one row per such prompt, in `rows` order)."""
-        padded_to = max(take for _, take in rows) if self.policy == "fcfs" else 0  # fcfs pads rows
-        for slot, take in rows:
-            slot.wrote(slot.prefilled + max(take, padded_to))
-            slot.prefilled += take
-            slot.chunked = not slot.decoding
-            self.table.prompt_tokens_prefilled += take
-        finished = [slot for slot, _ in rows if slot.decoding]
-        if finished:
-            try:
-                self._first_tokens(finished, logits)
-            except Exception as exc:  # the requests whose first token this was
-                self._fail(finished, exc)
-
-    def _prefill_forward(self, rows: list[tuple[Slot, int]]) -> torch.Tensor:
-        """The forward of these chunks; the logits of those that end their prompt, [D, V]."""
-        chunks, ending = self._chunks(rows), ends_prompt(rows)
-        if self.policy == "fcfs":
-            return mistral.prefill(self.weights, self.cache, chunks, self.staging.to_device)[ending]
-        return packed.prefill(self.weights, self.cache, chunks, self.staging.to_device, logits_for=ending)[0]
-
-    @staticmethod
-    def _chunks(rows: list[tuple[Slot, int]]) -> list[mistral.PromptChunk]:
-        return [
-            mistral.PromptChunk(
-                slot.index, slot.prefilled, slot.handle.prompt_ids[slot.prefilled : slot.prefilled + take]
-            )
-            for slot, take in rows
-        ]
-
-    def _first_tokens(self, slots: list[Slot], logits: torch.Tensor) -> None:
-        """These prompts are in: sample every first token from their last logits [N, V] in one
-        sampler run (`decode_step.sample_first_tokens`), and stream them."""
-        tokens, logprobs = decode_step.sample_first_tokens(
-            self.buffers,
-            logits,
-            [slot.index for slot in slots],
-            [slot.handle.prompt_ids for slot in slots],
-            eager_shortcuts([slot.handle.params for slot in slots]),
-            self.staging.to_device,
-            keep_logprobs=wants_logprobs(slots),
-            allowed=self.masks.first_masks([slot.handle for slot in slots], self.device),
-        )
-        recorded = self._recorded_logits(slots, lambda i, slot: logits[i])
-        asked = token_logprobs(slots, logprobs, range(len(slots)))
-        for slot, token in zip(slots, tokens):
-            self._accept(slot, token, recorded.get(slot.index), asked.get(slot.index))
-
-    def _recorded_logits(self, slots: list[Slot], logits_of: Callable) -> dict[int, torch.Tensor]:
-        """slot index -> this step's logits on the CPU, for the requests that record them."""
-        return {
-            slot.index: logits_of(i, slot).to("cpu", torch.float32, copy=True)
-            for i, slot in enumerate(slots)
-            if slot.handle.record_logits
-        }
-
     # -- decode --
     def _decode(self) -> None:
         rows = [s for s in self._slots if s is not None and s.decoding]
@@ -437,7 +370,7 @@ class BatchedEngine(RequestQueue):
             for group in self._key_groups(rows):
                 tokens = self._run_decode_step(group.batch, group.kv_len, group.rows)
                 ours = [slot for slot in rows if slot.index in group.rows]
-                recorded = self._recorded_logits(ours, lambda i, slot: self.buffers.logits[slot.index])
+                recorded = recorded_logits(ours, lambda i, slot: self.buffers.logits[slot.index])
                 asked = token_logprobs(ours, self.buffers.logprobs, [slot.index for slot in ours])
                 for slot in ours:
                     results[slot.index] = (
@@ -496,41 +429,6 @@ class BatchedEngine(RequestQueue):
         )
         return kv_len, masked
 
-    def _mixed_step(self, rows: list[tuple[Slot, int]]) -> None:
-        """`policy="mixed"`: every decoding slot's token and the prompt chunks `rows` in one eager
-        forward (`packed.prefill` with decode rows), then the decode rows' sampling as the decode
-        step does it. A failure fails every request in the forward."""
-        decoding = [s for s in self._slots if s is not None and s.decoding]
-        batch = max(s.index for s in decoding) + 1
-        try:
-            kv_len, masked = self._decode_inputs(batch)
-            decode_rows = packed.DecodeRows(
-                self.buffers.tokens[:batch], self.buffers.positions[:batch], kv_len
-            )
-            chunks = self._chunks(rows)
-            prompt_logits, logits = packed.prefill(
-                self.weights, self.cache, chunks, self.staging.to_device, decode_rows, ends_prompt(rows)
-            )
-            all_greedy, top_k_bound = eager_shortcuts([s.handle.params for s in decoding])
-            tokens = packed.sample_decode_rows(
-                self.buffers,
-                logits,
-                batch,
-                all_greedy=all_greedy,
-                top_k_bound=top_k_bound,
-                keep_logits=any(s.handle.record_logits for s in decoding),
-                keep_logprobs=wants_logprobs(decoding),
-                apply_mask=masked,
-            )
-            recorded = self._recorded_logits(decoding, lambda i, slot: self.buffers.logits[slot.index])
-            asked = token_logprobs(decoding, self.buffers.logprobs, [slot.index for slot in decoding])
-        except Exception as exc:
-            self._fail([*decoding, *(slot for slot, _ in rows)], exc)
-            return
-        for slot in decoding:
-            self._accept(slot, tokens[slot.index], recorded.get(slot.index), asked.get(slot.index))
-        self._prefilled(rows, prompt_logits)
-
     def eager_step(
         self,
         batch: int,
@@ -580,26 +478,3 @@ class BatchedEngine(RequestQueue):
         slot.handle.deliver(TokenEvent(token=token, logits=logits, logprobs=logprobs))
         if slot.generated == slot.handle.params.max_new_tokens:
             self._release(slot, "length")
-
-
-def ends_prompt(rows: list[tuple[Slot, int]]) -> list[int]:
-    """The indices of the rows whose chunk is the last of its prompt (checked before the forward)."""
-    return [index for index, (slot, take) in enumerate(rows) if slot.prefilled + take == slot.prompt_len]
-
-
-def wants_logprobs(slots: list[Slot]) -> bool:
-    return any(slot.handle.params.logprobs is not None for slot in slots)
-
-
-def token_logprobs(slots: list[Slot], rows: LogprobRows | None, indices) -> dict[int, TokenLogprobs]:
-    """slot index -> its token's log-probabilities, for the requests that ask: read from `rows`
-    (row `indices[i]` is `slots[i]`'s) in one copy to the host, and only when someone asks."""
-    if rows is None or not wants_logprobs(slots):
-        return {}
-    index = list(indices)
-    chosen, values, ids = (t[index].tolist() for t in (rows.chosen, rows.top_values, rows.top_ids))
-    asked = {}
-    for i, slot in enumerate(slots):
-        if (count := slot.handle.params.logprobs) is not None:
-            asked[slot.index] = TokenLogprobs(chosen[i], tuple(zip(ids[i][:count], values[i][:count])))
-    return asked
