@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -395,7 +396,17 @@ def test_another_site_cannot_frame_the_page(page, app):
     framer = page.context.new_page()
     with framing_site(app) as site:
         framer.goto(site)
-        assert framer.frames[1].url == "chrome-error://chromewebdata/", (
-            f"another site framed the app: {framer.frames[1].url}"
-        )
+        url = committed_frame_url(framer)
+        assert url == "chrome-error://chromewebdata/", f"another site framed the app: {url}"
     framer.close()
+
+
+def committed_frame_url(framer, timeout_s: float = 30.0) -> str:
+    """The frame's URL once it has one: on a busy machine the refused frame's error page may
+    commit after the parent's load (CI once read '' right after `goto`)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if len(framer.frames) > 1 and framer.frames[1].url not in ("", "about:blank"):
+            return framer.frames[1].url
+        framer.wait_for_timeout(100)
+    return framer.frames[1].url if len(framer.frames) > 1 else "(no frame)"
