@@ -33,6 +33,9 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 VIEWPORT = {"width": 1280, "height": 900}
+# Playwright's `expect` waits 5 s by default, its own setting beside the pages' 30 s: on a busy
+# machine a page that loads after a login took longer. Every browser test imports this module.
+expect.set_options(timeout=30_000)
 
 FIRST_MESSAGE = "Tell me a story about an orca who learns to surf."
 SECOND_MESSAGE = "谢谢！🐋🌊 Now tell it again in 日本語, please, with emoji 😊"
