@@ -31,12 +31,30 @@ class LoadStatus:
     message: str = "Starting…"
     fraction: float | None = None  # of the download, when known
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _on_settled: list[Callable[[LoadStatus], None]] = field(default_factory=list, repr=False)
 
     def update(self, phase: Phase, message: str, fraction: float | None = None) -> None:
         with self._lock:
             self.phase, self.message, self.fraction = phase, message, fraction
+            listeners, self._on_settled = (self._on_settled, []) if self.settled else ([], self._on_settled)
         level = logging.ERROR if phase == "failed" else logging.INFO
         log.log(level, "%s%s", message, "" if fraction is None else f" ({fraction:.0%})")
+        for listener in listeners:
+            listener(self)
+
+    def when_settled(self, listener: Callable[[LoadStatus], None]) -> None:
+        """Call `listener(self)` once the load is ready or failed: at once if it is, else in the
+        thread that settles it, before anyone could act on the news (a poll could miss it: a
+        client that saw /healthz ready and stopped the server within the poll's interval)."""
+        with self._lock:
+            if not self.settled:
+                self._on_settled.append(listener)
+                return
+        listener(self)
+
+    @property
+    def settled(self) -> bool:
+        return self.phase in ("ready", "failed")
 
     @property
     def ready(self) -> bool:

@@ -76,3 +76,21 @@ def test_tiny_checkpoint_loads_on_cpu_and_is_labelled_demo(tiny_dir):
     status = wait_done(runtime.status)
     assert status.ready and runtime.demo and runtime.service is not None
     runtime.engine.close()
+
+
+def test_the_ready_news_is_told_before_anyone_can_act_on_it():
+    """`when_settled` listeners run in the thread that settles the load, inside `update`: the
+    console's "Ready to chat" line is written before /healthz can say ready (a poll every 0.5 s
+    once missed it: the test client stopped the server sooner)."""
+    status, heard = LoadStatus(), []
+    status.when_settled(lambda s: heard.append((s.phase, s.ready)))
+    status.update("loading", "Loading...")
+    assert heard == [], "not settled yet"
+    status.update("ready", "Ready.")
+    assert heard == [("ready", True)], "told at once, in update"
+    status.when_settled(lambda s: heard.append("late"))
+    assert heard[-1] == "late", "a listener that comes after the news hears it at once"
+    failed = LoadStatus()
+    failed.when_settled(lambda s: heard.append(s.failed))
+    failed.update("failed", "No GPU.")
+    assert heard[-1] is True

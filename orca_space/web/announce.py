@@ -9,13 +9,12 @@ failed), said again with the address, so the last line of the console says wheth
 from __future__ import annotations
 
 import logging
-import threading
 
+from ..loading import LoadStatus
 from ..runtime import ChatRuntime
 from ..settings import Settings
 
 log = logging.getLogger(__name__)
-READY_POLL_S = 0.5  # how often the announcer looks at the load status (a sleep, not a spin)
 EVERY_ADDRESS = ("0.0.0.0", "::")
 
 
@@ -27,17 +26,15 @@ def page_url(settings: Settings) -> str:
 
 
 def announce_start(runtime: ChatRuntime, settings: Settings) -> None:
-    """Say where the page is now, and (from a daemon thread) when the model is ready there."""
+    """Say where the page is now, and (from the loading thread, as it finishes) when the model is
+    ready there."""
     url = page_url(settings)
     if not runtime.status.ready:
         log.info("The page is at %s; the model is still loading (the page shows how far).", url)
-    threading.Thread(target=announce_ready, args=(runtime, url), name="announce-ready", daemon=True).start()
+    runtime.status.when_settled(lambda status: announce_settled(status, url))
 
 
-def announce_ready(runtime: ChatRuntime, url: str, poll_s: float = READY_POLL_S) -> None:
-    status = runtime.status
-    while not (status.ready or status.failed):
-        threading.Event().wait(poll_s)
+def announce_settled(status: LoadStatus, url: str) -> None:
     if status.ready:
         log.info("Ready to chat: open %s", url)
     else:
