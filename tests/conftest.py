@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny checkpoint (built once per run), its tokenizer, model and encoder."""
+"""Shared fixtures: the tiny checkpoint (built once per run), its tokenizer, model and encoder,
+and batched engines on it, closed after each test."""
 
 from __future__ import annotations
 
@@ -32,6 +33,26 @@ def tiny_model(tiny_dir):
     from orca_space.loading import load_model
 
     return load_model(tiny_dir, "cpu")
+
+
+@pytest.fixture()
+def make_engine(request):
+    """Builds `BatchedEngine`s (the tiny model unless `model` is given; no stop ids unless given),
+    each warmed up, all closed after the test. Test modules wrap it with their own defaults."""
+    from orca_space.engines.batched import BatchedEngine
+
+    engines = []
+
+    def build(model=None, **options) -> BatchedEngine:
+        model = model if model is not None else request.getfixturevalue("tiny_model")
+        engine = BatchedEngine(model, **{"stop_ids": (), **options})
+        engines.append(engine)
+        assert engine.wait_ready(30), "warm-up finishes"
+        return engine
+
+    yield build
+    for engine in engines:
+        engine.close()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -66,28 +66,15 @@ def references(tiny_model, prompts):
 
 
 @pytest.fixture()
-def new_engine(tiny_model):
-    engines = []
-
+def new_engine(make_engine):
     def build(**options) -> BatchedEngine:
         # The `budget` policy: its decode steps and prompt forwards are separate calls, which
         # these tests watch and break (`mixed`, one forward for both, is test_stall_free's).
-        options = {
-            "stop_ids": (),
-            "context_length": 1024,
-            "slots": 4,
-            "chunk_size": CHUNK,
-            "policy": "budget",
-            **options,
-        }
-        engine = BatchedEngine(tiny_model, **options)
-        engines.append(engine)
-        assert engine.wait_ready(30), "warm-up finishes"
-        return engine
+        return make_engine(
+            **{"context_length": 1024, "slots": 4, "chunk_size": CHUNK, "policy": "budget", **options}
+        )
 
-    yield build
-    for engine in engines:
-        engine.close()
+    return build
 
 
 def record_calls(monkeypatch, engine: BatchedEngine) -> list[tuple]:

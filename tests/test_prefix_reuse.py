@@ -39,19 +39,11 @@ END_OF_TURN = [32000, 13]  # <|im_end|>\n, as a next turn's prompt has after the
 
 
 @pytest.fixture()
-def engine_for(tiny_model):
-    engines = []
+def engine_for(make_engine):
+    def build(model=None, **options) -> BatchedEngine:
+        return make_engine(model, **{"context_length": 1024, "slots": 4, "chunk_size": 64, **options})
 
-    def build(model=tiny_model, **options) -> BatchedEngine:
-        options = {"stop_ids": (), "context_length": 1024, "slots": 4, "chunk_size": 64, **options}
-        engine = BatchedEngine(model, **options)
-        engines.append(engine)
-        assert engine.wait_ready(30)
-        return engine
-
-    yield build
-    for engine in engines:
-        engine.close()
+    return build
 
 
 def reused(engine: BatchedEngine) -> int:

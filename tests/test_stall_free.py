@@ -126,18 +126,11 @@ class StepLog:
 
 
 @pytest.fixture()
-def ring_engine():
-    engines = []
-
+def ring_engine(make_engine):
     def build(model, **options) -> BatchedEngine:
-        engine = BatchedEngine(model, (), **{"context_length": 1024, "slots": 4, "chunk_size": 16, **options})
-        engines.append(engine)
-        assert engine.wait_ready(30)
-        return engine
+        return make_engine(model, **{"context_length": 1024, "slots": 4, "chunk_size": 16, **options})
 
-    yield build
-    for engine in engines:
-        engine.close()
+    return build
 
 
 def submit_during_prefill(
