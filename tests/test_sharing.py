@@ -233,6 +233,23 @@ def test_an_unwritable_place_is_a_clear_error(tmp_path):
         LinkStore(blocked / DB_FILENAME).create("x")
 
 
+def test_the_first_share_waits_for_a_writer_on_the_fresh_file_instead_of_failing(tmp_path):
+    """Switching a fresh file to WAL reads it, then upgrades to a write; SQLite refuses that
+    upgrade at once (SQLITE_BUSY, no busy handler: a reader waiting on a writer could deadlock)
+    while another connection is writing, as when 20 sessions share first at once (CI saw one fail)."""
+    path = tmp_path / DB_FILENAME
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN IMMEDIATE")  # another process's first share, mid-migration
+    release = threading.Timer(0.3, lambda: writer.execute("ROLLBACK"))
+    release.start()
+    try:
+        link = LinkStore(path, busy_timeout_s=5).create("first")
+    finally:
+        release.join()
+        writer.close()
+    assert LinkStore(path).get(link.id).snapshot == "first"
+
+
 def test_twenty_links_at_once_from_separate_connections_are_all_readable(tmp_path):
     """As 20 sessions sharing at the same moment on a fresh file: each thread its own store
     object (own connections, own first-use schema check), started together."""

@@ -282,9 +282,27 @@ class LinkStore:
                 log.error("%s has schema version %d; this app knows %d", self.path, version, SCHEMA_VERSION)
                 raise StoreUnavailable(NEWER_SCHEMA)
             if version < SCHEMA_VERSION:
-                db.execute("PRAGMA journal_mode = WAL")  # kept in the file, for every connection after
+                self._use_wal(db)
                 self._migrate(db)
             self._schema_ready = True
+
+    def _use_wal(self, db: sqlite3.Connection) -> None:
+        """Switch the file to WAL (kept in the file, for every connection after). The switch
+        reads the file, then upgrades to a write; SQLite refuses that upgrade at once with
+        SQLITE_BUSY, without its busy handler, while another connection writes (20 sessions
+        sharing first on a fresh file): so wait here, as the handler would, up to its timeout."""
+        deadline = time.monotonic() + self._busy_timeout_s
+        pause = 0.001
+        while True:
+            try:
+                db.execute("PRAGMA journal_mode = WAL").fetchone()
+                return
+            except sqlite3.OperationalError as exc:
+                busy = (getattr(exc, "sqlite_errorname", "") or "").startswith("SQLITE_BUSY")
+                if not busy or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         db.execute("BEGIN IMMEDIATE")
