@@ -23,7 +23,8 @@ from orca_space.ratelimit import RateLimiter
 from orca_space.runtime import ChatRuntime
 from orca_space.settings import api_requests_per_minute, parse_settings
 from orca_space.web.admission import Admission
-from orca_space.web.api.openai_api import DEFAULT_MAX_TOKENS, OpenAIApi
+from orca_space.web.api.openai_api import OpenAIApi
+from orca_space.web.api.openai_requests import DEFAULT_MAX_TOKENS
 from tests.helpers import running_app
 from tests.test_openai_api import CannedBackend, in_process_client
 from tests.test_openai_translation import RecordingEngine

@@ -12,7 +12,7 @@ from ...history import PromptTooLong
 from .output_rules import OutputRules
 
 if TYPE_CHECKING:
-    from .openai_api import Conversation
+    from .openai_requests import Conversation
 
 
 def too_long_message(

@@ -274,7 +274,7 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: StrictBool | None = None
     top_logprobs: Any = None
     # vLLM's: a conversation that ends with an assistant message is continued either way; these
-    # say so explicitly, and a contradiction is refused (see `openai_api.to_conversation`).
+    # say so explicitly, and a contradiction is refused (see `openai_requests.to_conversation`).
     continue_final_message: StrictBool | None = None
     add_generation_prompt: StrictBool | None = None
 
