@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from . import capture, decode_step, device, hf_weights, key_groups, kv_cache
+from .decode_launches import DecodeSteps
 from .prompt_steps import PromptSteps
 from .requests import (
     NON_FINITE_MESSAGE,
@@ -53,10 +54,9 @@ from .requests import (
     describe_failure,
 )
 from .sampling import NON_FINITE
-from .scheduling import POLICIES, Slot, budget_rows, eager_shortcuts, prefill_rows
+from .scheduling import POLICIES, Slot, budget_rows, prefill_rows
 from .slots import MoveFailed, SlotTable
 from .step_options import StepOptions, defaults_for
-from .step_results import recorded_logits, token_logprobs, wants_logprobs
 from .token_masks import GRAMMAR_REFUSED, TokenMasks
 from .warmup import WarmUpAbandoned, WarmUpFailed, capture_every_shape, stage, time_replays
 
@@ -76,7 +76,7 @@ WHOLE_PROMPT = {"cpu": 64}
 ProgressCallback = Callable[[str, "float | None"], None]
 
 
-class BatchedEngine(PromptSteps, RequestQueue):
+class BatchedEngine(DecodeSteps, PromptSteps, RequestQueue):
     """Serves many requests at once from a slot-indexed static KV cache; see the module docstring."""
 
     returns_logprobs = True  # for requests whose params ask (`SamplingParams.logprobs`)
@@ -359,100 +359,6 @@ class BatchedEngine(PromptSteps, RequestQueue):
         self.masks.clear()
         for handle in [*waiting, *active]:
             handle.finish("error", reason)
-
-    # -- decode --
-    def _decode(self) -> None:
-        rows = [s for s in self._slots if s is not None and s.decoding]
-        if not rows:
-            return
-        results: dict[int, tuple] = {}
-        try:
-            for group in self._key_groups(rows):
-                tokens = self._run_decode_step(group.batch, group.kv_len, group.rows)
-                ours = [slot for slot in rows if slot.index in group.rows]
-                recorded = recorded_logits(ours, lambda i, slot: self.buffers.logits[slot.index])
-                asked = token_logprobs(ours, self.buffers.logprobs, [slot.index for slot in ours])
-                for slot in ours:
-                    results[slot.index] = (
-                        tokens[slot.index],
-                        recorded.get(slot.index),
-                        asked.get(slot.index),
-                    )
-        except Exception as exc:  # every request in the step
-            self._fail(rows, exc)
-            return
-        for slot in rows:
-            self._accept(slot, *results[slot.index])
-
-    def _key_groups(self, rows: list[Slot]) -> list[key_groups.KeyGroup]:
-        """One launch, or two when one long chat would make every row read its keys (key_groups.py)."""
-        positions = {slot.index: slot.prompt_len + slot.generated - 1 for slot in rows}  # slot.next_position
-        if self.step_cost is None:
-            self.step_cost = key_groups.step_cost(self.weights, self.cache)
-        return key_groups.key_groups(positions, self.cache_len, self._step_batch, self.step_cost)
-
-    def _step_batch(self, rows: int) -> int:
-        """The batch a step over slots [0, rows) runs at: a captured size with graphs."""
-        return decode_step.batch_bucket(rows, self.batch_sizes) if self.pad_batches else rows
-
-    def _run_decode_step(self, batch: int, kv_len: int, live: tuple[int, ...]) -> list[int]:
-        """Fill rows [0, batch) of the input buffers (`live` decoding, the others riding along),
-        run the step over `kv_len` keys, read the sampled tokens back."""
-        masked = self._decode_inputs(batch, live)[1]
-        if self.graphs is not None:
-            self.graphs.replay(batch, kv_len)
-        else:
-            decoding = [self._slots[index] for index in live]
-            keep_logits = any(s.handle.record_logits for s in decoding)
-            shortcuts = eager_shortcuts([s.handle.params for s in decoding])
-            self.eager_step(batch, kv_len, *shortcuts, keep_logits, wants_logprobs(decoding), masked)
-        return self.buffers.next[:batch].tolist()  # the one host sync per launch
-
-    def _decode_inputs(self, batch: int, live: tuple[int, ...] | None = None) -> tuple[int, bool]:
-        """Fill rows [0, batch) of the decode input buffers (tokens, positions and the grammar
-        masks) for the decoding slots among them (those in `live`, if given); returns the key
-        length they need and whether any of them is constrained. Other rows ride along at
-        position -1 (see `mistral.step_context`)."""
-        tokens, positions = [0] * batch, [-1] * batch
-        decoding_rows: list = [None] * batch
-        for index in range(batch):
-            slot = self._slots[index]
-            if slot is not None and slot.decoding and (live is None or index in live):
-                position = positions[index] = slot.prompt_len + slot.generated - 1  # slot.next_position
-                tokens[index] = slot.last_token
-                slot.high_water = max(slot.high_water, position + 1)
-                decoding_rows[index] = slot.handle
-        kv_len = kv_cache.kv_bucket(max(positions) + 1, self.cache_len)
-        masked = self.masks.step_mask(decoding_rows, self.buffers.allowed)
-        self.staging.copy_into(
-            [self.buffers.tokens[:batch], self.buffers.positions[:batch]], [tokens, positions]
-        )
-        return kv_len, masked
-
-    def eager_step(
-        self,
-        batch: int,
-        kv_len: int,
-        all_greedy: bool,
-        top_k_bound: int | None,
-        keep_logits: bool = False,
-        keep_logprobs: bool = False,
-        apply_mask: bool = False,
-    ) -> None:
-        """The eager decode step (CPU, or CUDA without graphs); tests patch this to inject faults."""
-        decode_step.decode_and_sample(
-            self.weights,
-            self.cache,
-            self.buffers,
-            batch,
-            kv_len,
-            all_greedy,
-            top_k_bound,
-            keep_logits,
-            keep_logprobs,
-            apply_mask,
-            self.step_options,
-        )
 
     def _accept(
         self,

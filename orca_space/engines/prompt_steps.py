@@ -2,10 +2,10 @@
 every prompt that is now whole, and (`policy="mixed"`) the decode rows riding in the same forward.
 
 `PromptSteps` is a part of `BatchedEngine` (batched.py), kept apart so that each file reads as
-one concern: batched.py runs the loop, admits requests and runs the decode step; this module
-runs what `scheduling.budget_rows` (or `prefill_rows` for `fcfs`) chose for prompts. It uses the
-engine's weights, cache, buffers, staging and grammar masks, and its `_fail` and `_accept`.
-A failed forward fails the requests in it, and only those.
+one concern: batched.py runs the loop and admits requests, decode_launches.py runs the decode
+step, and this module runs what `scheduling.budget_rows` (or `prefill_rows` for `fcfs`) chose
+for prompts. It uses the engine's weights, cache, buffers, staging and grammar masks, and its
+`_fail` and `_accept`. A failed forward fails the requests in it, and only those.
 """
 
 from __future__ import annotations
