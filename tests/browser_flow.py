@@ -159,6 +159,8 @@ def chat_in_browser(
     stop.click()
     expect(page.locator(SUBMIT_BUTTON), "no submit button after stop").to_be_visible(timeout=15_000)
     expect(box, "the textbox is still disabled after stop").to_be_enabled(timeout=15_000)
+    # The page's redraw after a reply lands with the note that says it was stopped.
+    expect(page.locator(REPLY_STATS).nth(0)).to_contain_text("stopped")
     stopped = reply.inner_text()
     time.sleep(1.0)
     assert reply.inner_text() == stopped, "the reply kept changing after stop"

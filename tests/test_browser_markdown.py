@@ -325,8 +325,10 @@ def test_markdown_code_tables_and_latex_still_render(page, tmp_path):
     expect(reply.locator("p > code")).to_have_text("<div>")
     expect(reply.locator(".katex")).to_have_count(2)
     expect(reply.locator("pre code")).to_have_text(CODE + "\n")
+    page.evaluate("navigator.clipboard.writeText('')")
     reply.locator(".copy_code_button").click()
-    assert page.evaluate("navigator.clipboard.readText()") == CODE, "the copy button copies the code exactly"
+    # The copy is an async clipboard write: wait for it rather than read right after the click.
+    page.wait_for_function("async (code) => (await navigator.clipboard.readText()) === code", arg=CODE)
     assert drawn[1]["drawn"] == []
 
 

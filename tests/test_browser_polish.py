@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -171,7 +172,10 @@ def test_a_users_message_shows_as_typed_and_comes_back_as_typed(page, tmp_path):
     chat_and_wait(page, TYPED, max_new_tokens=8)
     body = page.locator(USER_BODY).first
     # (A verbatim block's text ends with a line break, which draws no line: typed_message.py.)
-    assert body.inner_text() == TYPED + "\n", "the message on screen is not what was typed"
+    # Waited for: a message with a formula delimiter is drawn once KaTeX has loaded.
+    expect(body, "the message on screen is not what was typed").to_have_text(
+        re.compile("^" + re.escape(TYPED + "\n") + "$"), use_inner_text=True
+    )
     rendered = body.locator("b, s, strong, img, .katex")
     assert rendered.count() == 0, (
         f"typed markup was rendered: {rendered.evaluate_all('(e) => e.map((x) => x.outerHTML)')}"

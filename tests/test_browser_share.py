@@ -107,9 +107,12 @@ def expect_texts(page, selector: str, wanted: list[str]) -> None:
 def test_share_open_read_only_continue_and_delete(app_url, person):
     sharer = person()
     open_page(sharer, app_url)
-    chat_and_wait(sharer, "Tell me about orcas.", max_new_tokens=8)
-    chat_and_wait(sharer, "And about **dolphins**, with $x^2$?", max_new_tokens=8)
-    chat_and_wait(sharer, "One more, please.", max_new_tokens=8)
+    typed = ["Tell me about orcas.", "And about **dolphins**, with $x^2$?", "One more, please."]
+    for message in typed:
+        chat_and_wait(sharer, message, max_new_tokens=8)
+    # Read once every message is drawn (one with a `$` waits for KaTeX): none may still be empty.
+    expect_texts(sharer, USER_MESSAGES, typed)
+    expect(sharer.locator(BOT_MESSAGES).filter(has_text=re.compile(r"\S"))).to_have_count(3)
     asked, answered = texts(sharer, USER_MESSAGES), texts(sharer, BOT_MESSAGES)
     open_panel(sharer, PANEL_LABEL)
     link, token = create_link(sharer)

@@ -111,10 +111,12 @@ def test_requests_are_served_in_turn_with_separate_answers(engine, encoder):
 
 def test_queued_request_knows_its_place(tiny_model, encoder, prompt):
     engine = BatchedEngine(tiny_model, encoder.controls.stop_ids, context_length=512, slots=1)
+    assert engine.wait_ready(30), engine.stats().failure
     first = engine.submit(prompt, SamplingParams(max_new_tokens=300, temperature=1.0))
     second = engine.submit(prompt, GREEDY)
-    deadline = time.monotonic() + 2
-    while engine.stats().active == 0 and time.monotonic() < deadline:
+    deadline = time.monotonic() + 30
+    while engine.stats().active == 0:
+        assert time.monotonic() < deadline, "the first request was never admitted"
         time.sleep(0.001)
     assert engine.position(second) == 1 and engine.stats().queued == 1
     first.cancel()
