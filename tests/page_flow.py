@@ -6,7 +6,9 @@ what it needs with the page's default timeout and returns what it saw.
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 from playwright.sync_api import expect
 
@@ -81,6 +83,19 @@ def last_stats(page) -> str:
 
 def open_panel(page, name: str) -> None:
     page.get_by_role("button", name=name).click()
+
+
+def exported(page, folder: Path) -> dict:
+    """The chat as the browser holds it (and sends it back each turn), through the JSON export:
+    the replies as the server sent them, not as drawn (a reply's Markdown is drawn a moment after
+    its text arrives, so a read of the drawing right after a reply ends can be a step behind)."""
+    if not page.locator("#import-json").is_visible():
+        open_panel(page, EXPORT_PANEL)
+    with page.expect_download() as download:
+        page.locator("#export-json").click()
+    saved = folder / "export.json"
+    download.value.save_as(saved)
+    return json.loads(saved.read_text())
 
 
 def box_of(page, selector: str) -> dict:

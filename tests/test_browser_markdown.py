@@ -31,7 +31,7 @@ from playwright.sync_api import expect
 
 from tests.browser_flow import BOT_MESSAGES, require_chromium
 from tests.helpers import demo_home, running_app
-from tests.page_flow import EXPORT_PANEL, open_page, open_panel
+from tests.page_flow import EXPORT_PANEL, exported, open_page, open_panel
 
 pytestmark = pytest.mark.browser
 
@@ -202,14 +202,6 @@ def draw(page, folder: Path, messages: list[dict]) -> list[dict]:
     return page.evaluate(DRAWN_JS, [MARK, MARKDOWN_TAGS])[:-1]
 
 
-def exported(page, folder: Path) -> list[dict]:
-    with page.expect_download() as download:
-        page.locator("#export-json").click()
-    saved = folder / "export.json"
-    download.value.save_as(saved)
-    return json.loads(saved.read_text())["messages"]
-
-
 def fetched_for_messages(page) -> list[str]:
     return [url for url in page.requests if MARK in url] + page.evaluate("window.violations")
 
@@ -252,9 +244,9 @@ def test_property_no_message_draws_an_element_or_fetches(page, tmp_path_factory,
     folder = tmp_path_factory.mktemp("draw")
     drawn = draw(page, folder, messages)
     assert_nothing_drawn(page, messages, drawn)
-    assert [m["content"] for m in exported(page, folder)][:-1] == [m["content"] for m in messages], (
-        "the chat came back from the browser changed: the model would not get what was written"
-    )
+    assert [m["content"] for m in exported(page, folder)["messages"]][:-1] == [
+        m["content"] for m in messages
+    ], "the chat came back from the browser changed: the model would not get what was written"
 
 
 # The shapes issue 27 found drawn as HTML, each a reply (where the old regexes and marked disagreed

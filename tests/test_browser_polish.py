@@ -36,6 +36,7 @@ from tests.page_flow import (
     EXPORT_PANEL,
     PROMPT_PANEL,
     chat_and_wait,
+    exported,
     open_page,
     open_panel,
     wait_until_settled,
@@ -144,16 +145,6 @@ def page(browser, app):
 def show_export_panel(page) -> None:
     if not page.locator("#import-json").is_visible():
         open_panel(page, EXPORT_PANEL)
-
-
-def exported(page, tmp_path: Path) -> dict:
-    """The chat as the browser holds it (and sends it back each turn), through the JSON export."""
-    show_export_panel(page)
-    with page.expect_download() as download:
-        page.locator("#export-json").click()
-    saved = tmp_path / "export.json"
-    download.value.save_as(saved)
-    return json.loads(saved.read_text())
 
 
 def import_file(page, path: Path) -> None:

@@ -14,6 +14,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -45,6 +46,7 @@ from tests.page_flow import (
     chat_and_wait,
     click_last,
     edit_last_message,
+    exported,
     last_stats,
     open_page,
     open_panel,
@@ -252,24 +254,26 @@ def v1_session(url: str, messages: list[str]) -> list[str]:
     return replies
 
 
-def page_replies(page) -> list[str]:
-    return page.locator(BOT_MESSAGES).all_inner_texts()
+def page_replies(page, folder: Path) -> list[str]:
+    """The replies as the page holds them (its export), not as drawn: a reply's Markdown is
+    drawn a moment after it ends, and a read of the drawing can be a step behind."""
+    return [m["content"] for m in exported(page, folder)["messages"] if m["role"] == "assistant"]
 
 
-def page_session_alone(browser, url: str, messages: list[str]) -> list[str]:
-    """The same page conversation with nothing else running: its replies as shown."""
+def page_session_alone(browser, url: str, messages: list[str], folder: Path) -> list[str]:
+    """The same page conversation with nothing else running: its replies."""
     context = browser.new_context(viewport=VIEWPORT)
     try:
         page = context.new_page()
         greedy_page(page, url)
         for message in messages:
             chat_and_wait(page, message)
-        return page_replies(page)
+        return page_replies(page, folder)
     finally:
         context.close()
 
 
-def test_many_sessions_at_once_each_answer_as_if_alone_and_keep_plain_states(short_app, browser):
+def test_many_sessions_at_once_each_answer_as_if_alone_and_keep_plain_states(short_app, browser, tmp_path):
     """Two page sessions, two `/chat` and two `/v1` conversations at once, greedy; each session's
     replies equal a replay of it alone, the engine ends idle, and every state gradio keeps for
     these sessions is plain data it can hash."""
@@ -293,15 +297,16 @@ def test_many_sessions_at_once_each_answer_as_if_alone_and_keep_plain_states(sho
                     expect(page.locator(BOT_MESSAGES)).to_have_count(n + 1, timeout=120_000)
                     wait_until_settled(page, timeout_s=120)
             together = [future.result(timeout=300) for future in api]
-        shown = [page_replies(page) for page in pages]
+        shown = [page_replies(page, tmp_path) for page in pages]
         for page in pages:
             assert_every_message_answered(page)
     finally:
         for context in contexts:
             context.close()
 
-    alone = [page_session_alone(browser, url, messages) for messages in page_messages]
+    alone = [page_session_alone(browser, url, messages, tmp_path) for messages in page_messages]
     alone += [chat_session(url, m) for m in chat_messages] + [v1_session(url, m) for m in v1_messages]
+    assert all(len(replies) == turns for replies in shown + together), "a turn went unanswered"
     assert shown + together == alone, "a session's replies changed because others ran beside it"
     stats = runtime.engine.stats()
     assert stats.active == 0 and stats.queued == 0, f"the engine is not idle afterwards: {stats}"
