@@ -63,7 +63,22 @@ def chat_and_wait(page, message: str, max_new_tokens: int | None = None) -> str:
     # after the message just sent. (Not a count of notes: a chat just opened may still be drawing.)
     page.wait_for_function(NOTE_AFTER_LAST_MESSAGE_JS, timeout=30_000)
     wait_until_settled(page)
-    return page.locator(BOT_MESSAGES).last.inner_text()
+    return drawn_text(page.locator(BOT_MESSAGES).last)
+
+
+def drawn_text(locator, quiet_s: float = 0.25, timeout_s: float = 30.0) -> str:
+    """The element's text once its drawing has stopped changing for `quiet_s`. A reply that has
+    ended is drawn a moment later (gradio draws Markdown asynchronously, a formula once KaTeX has
+    loaded), so a read right after the ending can be a step behind what the page holds."""
+    deadline = time.monotonic() + timeout_s
+    text, since = locator.inner_text(), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        assert time.monotonic() < deadline, f"the text kept changing for {timeout_s} s: {text[-80:]!r}"
+        time.sleep(0.05)
+        now = locator.inner_text()
+        if now != text:
+            text, since = now, time.monotonic()
+    return text
 
 
 def wait_until_settled(page, timeout_s: float = 30.0) -> None:
@@ -183,7 +198,7 @@ def reply_after(page, action, max_new_tokens: int) -> str:
     action()
     expect(page.locator(REPLY_STATS).last).to_contain_text(f"{max_new_tokens} tokens · ", timeout=60_000)
     wait_until_settled(page)
-    return page.locator(BOT_MESSAGES).last.inner_text()
+    return drawn_text(page.locator(BOT_MESSAGES).last)
 
 
 def retry_last(page, max_new_tokens: int) -> str:

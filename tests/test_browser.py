@@ -44,6 +44,7 @@ from tests.page_flow import (
     chat_and_wait,
     contrast,
     covered_message_points,
+    drawn_text,
     last_stats,
     open_page,
     open_panel,
@@ -112,7 +113,7 @@ def test_figures_under_a_reply_and_continue_makes_the_same_reply_longer(demo_url
     expect(page.locator(BOT_MESSAGES).last, f"{first!r} did not grow").to_have_text(
         grown, use_inner_text=True
     )
-    longer = page.locator(BOT_MESSAGES).last.inner_text()
+    longer = drawn_text(page.locator(BOT_MESSAGES).last)
     assert longer.startswith(first.rstrip()) and len(longer) > len(first), (
         f"{first!r} did not grow: {longer!r}"
     )
