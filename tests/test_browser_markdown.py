@@ -319,9 +319,18 @@ def test_markdown_code_tables_and_latex_still_render(page, tmp_path):
     expect(reply.locator("pre code")).to_have_text(CODE + "\n")
     page.evaluate("navigator.clipboard.writeText('')")
     reply.locator(".copy_code_button").click()
-    # The copy is an async clipboard write: wait for it rather than read right after the click.
-    page.wait_for_function("async (code) => (await navigator.clipboard.readText()) === code", arg=CODE)
+    assert_copied(page, CODE)
     assert drawn[1]["drawn"] == []
+
+
+def assert_copied(page, wanted: str, timeout_s: float = 10.0) -> None:
+    """The clipboard comes to hold `wanted`. A copy button's write is asynchronous, so the
+    clipboard is read until it does (or the time is up); `wait_for_function` cannot do this, as
+    an async predicate's promise counts as true at once."""
+    deadline = time.monotonic() + timeout_s
+    while (copied := page.evaluate("navigator.clipboard.readText()")) != wanted:
+        assert time.monotonic() < deadline, f"the copy button copied {copied!r}, not {wanted!r}"
+        time.sleep(0.05)
 
 
 def test_a_users_message_is_named_copied_and_edited_as_typed(page, tmp_path):
@@ -335,7 +344,7 @@ def test_a_users_message_is_named_copied_and_edited_as_typed(page, tmp_path):
     user_buttons = page.locator("#chatbot .icon-button-wrapper:has(button[aria-label=Edit])").last
     page.evaluate("navigator.clipboard.writeText('')")
     user_buttons.locator("button[aria-label='Copy message']").click()
-    page.wait_for_function("async (typed) => (await navigator.clipboard.readText()) === typed", arg=typed)
+    assert_copied(page, typed)
     user_buttons.locator("button[aria-label=Edit]").click()
     expect(page.locator("#chatbot textarea.edit-textarea")).to_have_value(typed)
     open_page(page, page.url)  # out of edit mode, for the tests after this one
