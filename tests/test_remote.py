@@ -347,13 +347,19 @@ def test_closing_the_stream_stops_generation_on_the_server(serve, tiny_dir):
 
     async def read_some_then_close() -> tuple[float, float]:
         stream = backend.stream_reply(HELLO, LONG)
+        arrived = []
         for _ in range(20):
             await anext(stream)
+            arrived.append(time.monotonic())
         busy = await asyncio.to_thread(serve.cpu_used_over, 1.0)  # still generating, unread
         await stream.aclose()  # what gradio does on stop or a closed tab
+        # A leaked reply would run on for about this long at the pace the server kept; a loaded
+        # machine slows both that and the server's noticing the close, so the wait for quiet
+        # scales with it, at a third of the leak so that a leak still shows.
+        leak_s = (arrived[-1] - arrived[4]) / 15 * (LONG.max_new_tokens - 20)
         # Measured while this loop still runs: asyncio.run's own clean-up would close a
         # leaked stream at the end and hide the leak.
-        idle = await asyncio.to_thread(serve.cpu_once_quiet)
+        idle = await asyncio.to_thread(serve.cpu_once_quiet, min(max(4.0, leak_s / 3), 20.0))
         return busy, idle
 
     busy, idle = run(read_some_then_close())
