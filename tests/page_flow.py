@@ -100,12 +100,16 @@ def open_panel(page, name: str) -> None:
     page.get_by_role("button", name=name).click()
 
 
+def show_export_panel(page) -> None:
+    if not page.locator("#import-json").is_visible():
+        open_panel(page, EXPORT_PANEL)
+
+
 def exported(page, folder: Path) -> dict:
     """The chat as the browser holds it (and sends it back each turn), through the JSON export:
     the replies as the server sent them, not as drawn (a reply's Markdown is drawn a moment after
     its text arrives, so a read of the drawing right after a reply ends can be a step behind)."""
-    if not page.locator("#import-json").is_visible():
-        open_panel(page, EXPORT_PANEL)
+    show_export_panel(page)
     with page.expect_download() as download:
         page.locator("#export-json").click()
     saved = folder / "export.json"

@@ -33,12 +33,12 @@ from tests.browser_flow import (
 from tests.helpers import ROOT, demo_home, running_app
 from tests.page_flow import (
     ENGINE_PANEL,
-    EXPORT_PANEL,
     PROMPT_PANEL,
     chat_and_wait,
     exported,
     open_page,
     open_panel,
+    show_export_panel,
     wait_until_settled,
 )
 
@@ -140,11 +140,6 @@ def page(browser, app):
     page = new_page(browser, app[0])
     yield page
     page.context.close()
-
-
-def show_export_panel(page) -> None:
-    if not page.locator("#import-json").is_visible():
-        open_panel(page, EXPORT_PANEL)
 
 
 def import_file(page, path: Path) -> None:
